@@ -1,0 +1,272 @@
+"""Configuration: one TOML file turned into a validated, immutable ``Config``.
+
+Every error is collected and reported at once, each with the key path (and
+the line in the rules text where that applies) and the reason. Nothing here
+touches the network; the engine, the data plane and ops read the result.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` lists every problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__("\n".join(f"{source}: {e}" for e in errors))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Route(_Frozen):
+    """An extra prefix reached through an interface (for example a public DMZ)."""
+
+    prefix: ipaddress.IPv4Network
+    via: ipaddress.IPv4Address | None = None
+
+
+class Interface(_Frozen):
+    name: str = ""
+    mode: Literal["tun", "tap"] = "tun"
+    address: ipaddress.IPv4Interface
+    mtu: int = Field(1500, ge=576, le=65535)
+    netns: str | None = None
+    persistent: bool = False
+    # After moving the device to `netns`, enslave it to this bridge there (TAP mode).
+    bridge: str | None = None
+    offload: bool = True
+    mac: str | None = None
+    routes: tuple[Route, ...] = ()
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+            raise ValueError("MAC address must look like 02:00:00:00:00:01")
+        return v.lower()
+
+
+class LanInterface(Interface):
+    name: str = "masqd-lan"
+
+
+class WanInterface(Interface):
+    name: str = "masqd-wan"
+    gateway: ipaddress.IPv4Address | None = None
+    # Where the WAN address comes from: "config", "interface:<ifname>[@netns]" or "control".
+    address_source: str = "config"
+    dynaddr_mode: Literal["rewrite", "rewrite-all", "flush"] = "rewrite-all"
+
+
+class Timeouts(_Frozen):
+    """Seconds. Defaults meet RFC 4787 / 5382 / 5508 / 7857."""
+
+    tcp_established: float = Field(7440.0, gt=0)
+    tcp_transitory: float = Field(240.0, gt=0)
+    tcp_fin: float = Field(240.0, gt=0)
+    tcp_rst: float = Field(240.0, gt=0)
+    udp: float = Field(300.0, gt=0)
+    icmp: float = Field(60.0, gt=0)
+    other: float = Field(300.0, gt=0)
+
+
+LINUX22_TIMEOUTS = Timeouts(
+    tcp_established=900.0, tcp_transitory=120.0, tcp_fin=120.0, tcp_rst=120.0, udp=300.0, icmp=60.0
+)
+
+
+class Masquerade(_Frozen):
+    profile: Literal["rfc", "linux-2.2"] = "rfc"
+    ports: tuple[int, int] | None = None  # None: from profile
+    inbound_filtering: Literal[
+        "endpoint-independent", "address-dependent", "address-and-port-dependent"
+    ] = "address-dependent"
+    port_preservation: bool = True
+    hairpinning: bool = True
+    max_entries: int = Field(1_048_576, ge=16)
+    timeouts: Timeouts | None = None  # None: from profile
+    # IP fragments reassembly: bounded memory and time.
+    defrag_timeout: float = Field(30.0, gt=0)
+    defrag_max_datagrams: int = Field(1024, ge=1)
+    defrag_max_bytes: int = Field(4 * 1024 * 1024, ge=65536)
+    mss_clamp: bool = True
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is None:
+            return v
+        lo, hi = v
+        if not (1 <= lo <= hi <= 65535):
+            raise ValueError("ports must be [low, high] with 1 <= low <= high <= 65535")
+        return v
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        if self.ports is not None:
+            return self.ports
+        return (61000, 65095) if self.profile == "linux-2.2" else (1024, 65535)
+
+    @property
+    def effective_timeouts(self) -> Timeouts:
+        if self.timeouts is not None:
+            return self.timeouts
+        return LINUX22_TIMEOUTS if self.profile == "linux-2.2" else Timeouts()
+
+
+class Firewall(_Frozen):
+    input_policy: Literal["ACCEPT", "DENY", "REJECT"] = "ACCEPT"
+    forward_policy: Literal["ACCEPT", "DENY", "REJECT", "MASQ"] = "MASQ"
+    output_policy: Literal["ACCEPT", "DENY", "REJECT"] = "ACCEPT"
+    # ipchains / ipfwadm / ipmasqadm / ipportfw / ipfwd lines, as in the HOWTO.
+    rules: str = ""
+    rules_file: str | None = None
+    # Interface names used in rule lines -> "lan" / "wan".
+    aliases: dict[str, Literal["lan", "wan"]] = Field(
+        default_factory=lambda: {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
+    )
+    log_rate: float = Field(10.0, gt=0)  # -l log events per second, burst the same
+
+
+class IPsec(_Frozen):
+    enabled: bool = True
+    pending_lifetime: float = Field(120.0, gt=0)  # ESP INIT
+    pending_retries: int = Field(5, ge=0)
+    squelch_time: float = Field(30.0, ge=0)
+    table_lifetime: float = Field(1800.0, gt=0)
+    guess_max_hosts: int = Field(5, ge=1)
+    guess_min_left: float = Field(300.0, ge=0)
+    parallel_sessions: bool = False
+    max_spis_per_remote: int = Field(64, ge=1)
+
+
+class PPTP(_Frozen):
+    enabled: bool = True
+    port: int = Field(1723, ge=1, le=65535)
+    call_setup_timeout: float = Field(120.0, gt=0)
+    call_timeout: float = Field(900.0, gt=0)
+    call_clear_timeout: float = Field(30.0, gt=0)
+    max_calls_per_server: int = Field(4096, ge=1)
+
+
+class PortForward(_Frozen):
+    proto: Literal["tcp", "udp"]
+    # "wan" (follows the WAN address) or a literal address
+    listen: str = "wan"
+    port: int = Field(ge=1, le=65535)
+    to: ipaddress.IPv4Address
+    to_port: int = Field(ge=1, le=65535)
+    pref: int = Field(10, ge=1)
+
+
+class ProtoForward(_Frozen):
+    proto: int = Field(ge=0, le=255)
+    to: ipaddress.IPv4Address
+
+
+class Forwarding(_Frozen):
+    portfw: tuple[PortForward, ...] = ()
+    protofw: tuple[ProtoForward, ...] = ()
+
+
+class Metrics(_Frozen):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9598"
+    path: str = "/metrics"
+
+
+class Logging(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    rate_per_event: float = Field(5.0, gt=0)
+
+
+class Control(_Frozen):
+    socket: str = "/run/masqd/masqd.sock"
+
+
+class Capture(_Frozen):
+    lan: str | None = None  # pcap file path
+    wan: str | None = None
+
+
+class Config(_Frozen):
+    lan: LanInterface
+    wan: WanInterface
+    masquerade: Masquerade = Masquerade()
+    firewall: Firewall = Firewall()
+    ipsec: IPsec = IPsec()
+    pptp: PPTP = PPTP()
+    forwarding: Forwarding = Forwarding()
+    metrics: Metrics = Metrics()
+    logging: Logging = Logging()
+    control: Control = Control()
+    capture: Capture = Capture()
+    expire_interval: float = Field(1.0, gt=0)
+    source: str = "<string>"
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.lan.address.network.overlaps(self.wan.address.network):
+            raise ValueError("lan.address and wan.address networks overlap")
+        if self.wan.gateway is not None and self.wan.gateway not in self.wan.address.network:
+            raise ValueError("wan.gateway is not inside the wan.address network")
+        return self
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    try:
+        cfg = Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(source, _format_errors(exc)) from None
+    # Rules are parsed here so that a config with a bad rule line is refused whole.
+    from masqd.firewall import validate_config_rules  # local import: firewall imports config types
+
+    errors = validate_config_rules(cfg)
+    if errors:
+        raise ConfigError(source, errors)
+    return cfg
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Build a Config from TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"TOML syntax: {exc}"]) from None
+    return from_dict(data, source)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), ["not UTF-8 text"]) from None
+    return loads(text, str(p))

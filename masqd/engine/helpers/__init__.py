@@ -1,0 +1,1 @@
+"""masqd.engine.helpers."""
