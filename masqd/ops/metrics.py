@@ -1,0 +1,436 @@
+"""Prometheus metrics: export the engine's plain counters at scrape time.
+
+The data plane never calls prometheus_client per packet (``.inc()`` takes a
+lock). The engine counts in a plain ``dict[str, int]``; ops keeps its own few
+counters in :class:`OpsCounters`. At scrape time :class:`MasqdCollector` reads
+both and turns each name into a metric family by the rules in
+:data:`COUNTER_RULES` (first match wins). A name no rule knows is still exported,
+as ``masqd_engine_counter_total{name="..."}``, so nothing the engine counts is
+lost when it grows a counter before this table does.
+
+The HTTP endpoint is a small asyncio server running in the data plane's own
+loop, so a scrape reads the engine from the only thread that writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# --------------------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``pattern`` (full match on an engine counter name) -> family + labels.
+
+    Label values come from the pattern's named groups, and ``fixed`` adds
+    constant labels. ``kind`` is "counter" or "gauge".
+    """
+
+    pattern: re.Pattern[str]
+    family: str
+    doc: str
+    labels: tuple[str, ...]
+    kind: str = "counter"
+    fixed: tuple[tuple[str, str], ...] = ()
+
+
+def _r(
+    pattern: str,
+    family: str,
+    doc: str,
+    labels: tuple[str, ...] = (),
+    kind: str = "counter",
+    fixed: tuple[tuple[str, str], ...] = (),
+) -> Rule:
+    return Rule(re.compile(pattern), family, doc, labels + tuple(k for k, _ in fixed), kind, fixed)
+
+
+_IF = r"(?P<interface>lan|wan)"
+_DIR = r"(?P<direction>rx|tx)"
+_PROTO = r"(?P<protocol>[a-z0-9]+)"
+
+#: Engine counter name -> metric. Counters are exported with ``_total``.
+COUNTER_RULES: tuple[Rule, ...] = (
+    _r(rf"{_DIR}_{_IF}_{_PROTO}_packets", "masqd_packets", "Packets by interface, direction and protocol.",
+       ("direction", "interface", "protocol")),
+    _r(rf"{_DIR}_{_IF}_{_PROTO}_bytes", "masqd_bytes", "Bytes (IPv4 packet length) by interface, direction and protocol.",
+       ("direction", "interface", "protocol")),
+    _r(rf"{_DIR}_{_IF}_packets", "masqd_packets", "Packets by interface, direction and protocol.",
+       ("direction", "interface"), fixed=(("protocol", "all"),)),
+    _r(rf"{_DIR}_{_IF}_bytes", "masqd_bytes", "Bytes (IPv4 packet length) by interface, direction and protocol.",
+       ("direction", "interface"), fixed=(("protocol", "all"),)),
+    _r(r"drop_(?P<reason>[a-z0-9_]+)", "masqd_drops", "Packets dropped, by reason.", ("reason",)),
+    _r(r"(?:masq_)?entries_(?P<protocol>[a-z0-9]+)_(?P<state>[a-z0-9_]+)", "masqd_masq_entries",
+       "Masquerade entries by protocol and state.", ("protocol", "state"), kind="gauge"),
+    _r(r"(?:masq_)?entries_(?P<protocol>[a-z0-9]+)", "masqd_masq_entries",
+       "Masquerade entries by protocol and state.", ("protocol",), kind="gauge", fixed=(("state", "all"),)),
+    _r(r"(?:masq_)?(?P<event>created|expired|closed|moved)_(?P<protocol>[a-z0-9]+)", "masqd_masq_entry_events",
+       "Masquerade entry life events by protocol.", ("event", "protocol")),
+    _r(r"(?:masq_)?entries_(?P<event>created|expired|closed|moved)", "masqd_masq_entry_events",
+       "Masquerade entry life events by protocol.", ("event",), fixed=(("protocol", "all"),)),
+    _r(r"(?:port_)?pool_(?P<protocol>[a-z0-9]+)_used", "masqd_port_pool_used_ports",
+       "WAN ports in use, by protocol.", ("protocol",), kind="gauge"),
+    _r(r"(?:port_)?pool_(?P<protocol>[a-z0-9]+)_size", "masqd_port_pool_size_ports",
+       "WAN ports in the pool, by protocol.", ("protocol",), kind="gauge"),
+    _r(r"(?:port_)?pool_exhausted(?:_(?P<protocol>[a-z0-9]+))?", "masqd_port_pool_exhausted",
+       "Allocations refused because the port pool was exhausted.", ("protocol",)),
+    _r(r"esp_(?P<event>pending|blocked|learned|guessed|spi0|expired|established|retries|[a-z0-9_]+)",
+       "masqd_esp_events", "ESP masquerade events (pending = initial packet sent, blocked = temporarily "
+       "blocked, learned = reply SPI paired, guessed = new inbound SPI sent to a recent re-keyer).", ("event",)),
+    _r(r"isakmp_(?P<event>[a-z0-9_]+)", "masqd_isakmp_events", "ISAKMP/IKE masquerade events.", ("event",)),
+    _r(r"ah_(?P<event>[a-z0-9_]+)", "masqd_ah_events", "AH packets refused (cannot be masqueraded).", ("event",)),
+    _r(r"pptp_calls?_(?P<event>[a-z0-9_]+)", "masqd_pptp_calls", "PPTP call events (setup, established, cleared, ...).",
+       ("event",)),
+    _r(r"pptp_(?P<event>[a-z0-9_]+)", "masqd_pptp_events", "PPTP control/GRE events.", ("event",)),
+    _r(r"gre_(?P<event>[a-z0-9_]+)", "masqd_gre_events", "GRE data-channel events.", ("event",)),
+    _r(r"(?:fw_|rule_)?(?P<chain>input|forward|output)_(?P<verdict>accept|deny|reject|masq)",
+       "masqd_chain_verdicts", "Firewall verdicts by chain.", ("chain", "verdict")),
+    _r(r"(?:wan_)?(?:address|addr)_changes?", "masqd_wan_address_changes",
+       "WAN address changes applied.", ()),
+    _r(r"portfw_(?P<event>[a-z0-9_]+)", "masqd_portfw_events", "Inbound port-forward events.", ("event",)),
+    _r(r"protofw_(?P<event>[a-z0-9_]+)", "masqd_protofw_events", "Inbound protocol-forward events.", ("event",)),
+    _r(r"defrag_(?P<event>[a-z0-9_]+)", "masqd_defrag_events", "IP reassembly events.", ("event",)),
+    _r(r"frag(?:ment)?s?_(?P<event>[a-z0-9_]+)", "masqd_fragment_events", "IP fragmentation events.", ("event",)),
+    _r(r"icmp_(?P<event>[a-z0-9_]+)", "masqd_icmp_events",
+       "ICMP events (errors translated, echo answered, unreachables sent...).", ("event",)),
+    _r(r"hairpin(?:_(?P<event>[a-z0-9_]+))?", "masqd_hairpin_events", "Hairpinned packets.", ("event",)),
+)
+
+GENERIC_COUNTER = "masqd_engine_events"
+GENERIC_DOC = "Engine counters that have no dedicated metric family yet, by engine name."
+
+_COUNTER_SUFFIXES = ("_total",)
+
+
+def _family_name(rule: Rule) -> str:
+    return rule.family
+
+
+def classify(name: str) -> tuple[Rule | None, dict[str, str]]:
+    """Map an engine counter name to (rule, labels); (None, {"name": name}) if unknown."""
+    for rule in COUNTER_RULES:
+        m = rule.pattern.fullmatch(name)
+        if m is None:
+            continue
+        labels = {k: (v if v is not None else "all") for k, v in m.groupdict().items()}
+        labels.update(dict(rule.fixed))
+        return rule, labels
+    return None, {"name": name}
+
+
+# --------------------------------------------------------------------------- ops-side state
+
+
+@dataclass
+class LoopLatency:
+    """Event-loop scheduling latency, recorded by a periodic probe into fixed buckets."""
+
+    buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    counts: list[int] = field(default_factory=list)
+    total: int = 0
+    sum: float = 0.0
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+
+    def observe(self, seconds: float) -> None:
+        self.total += 1
+        self.sum += seconds
+        self.last = seconds
+        for i, b in enumerate(self.buckets):
+            if seconds <= b:
+                self.counts[i] += 1
+                break
+
+
+@dataclass
+class OpsCounters:
+    """Counters that ops itself owns (the engine's are in ``engine.counters``)."""
+
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    last_reload_ok: bool = True
+    last_reload_time: float = 0.0
+    wan_address_set: int = 0
+    control_requests: dict[str, int] = field(default_factory=dict)
+    control_errors: dict[str, int] = field(default_factory=dict)
+    log_emitted: dict[str, int] = field(default_factory=dict)
+    log_suppressed: dict[str, int] = field(default_factory=dict)
+    capture_packets: dict[str, int] = field(default_factory=dict)
+    loop_latency: LoopLatency = field(default_factory=LoopLatency)
+    started: float = field(default_factory=time.time)
+
+    def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+# --------------------------------------------------------------------------- collector
+
+
+def _as_int_map(obj: Any) -> Mapping[str, int | float]:
+    if obj is None:
+        return {}
+    if callable(obj):
+        obj = obj()
+    if isinstance(obj, Mapping):
+        # dict() of a dict is one C call under the GIL: a consistent snapshot.
+        return dict(obj)
+    return {}
+
+
+def _entry_summary(engine: Any) -> dict[tuple[str, str], int] | None:
+    """(protocol, state) -> count, from ``engine.table_summary()`` or ``engine.table()``."""
+    summary = getattr(engine, "table_summary", None)
+    if callable(summary):
+        got = summary()
+        if isinstance(got, Mapping):
+            out: dict[tuple[str, str], int] = {}
+            for k, v in got.items():
+                if isinstance(k, tuple) and len(k) == 2:
+                    out[(str(k[0]), str(k[1]))] = int(v)
+            return out
+    table = getattr(engine, "table", None)
+    if not callable(table):
+        return None
+    counts: dict[tuple[str, str], int] = {}
+    for e in table():
+        key = (str(e.get("proto", "unknown")).lower(), str(e.get("state", "") or "none").lower())
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class MasqdCollector:
+    """prometheus_client collector over an engine object and :class:`OpsCounters`.
+
+    ``engine_ref`` returns the current engine (or None before start) so a
+    collector registered once follows an engine replaced by the run loop.
+    """
+
+    def __init__(
+        self,
+        engine_ref: Callable[[], Any],
+        ops: OpsCounters,
+        extra_gauges: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        self._engine_ref = engine_ref
+        self._ops = ops
+        self._extra = extra_gauges
+
+    def describe(self) -> Iterable[Metric]:  # no up-front description: names depend on the engine
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine_ref()
+        families: dict[str, Metric] = {}
+        label_names: dict[str, tuple[str, ...]] = {}
+
+        def fam(rule_family: str, doc: str, labels: tuple[str, ...], kind: str) -> Metric:
+            m = families.get(rule_family)
+            if m is None:
+                if kind == "gauge":
+                    m = GaugeMetricFamily(rule_family, doc, labels=list(labels))
+                else:
+                    m = CounterMetricFamily(rule_family, doc, labels=list(labels))
+                families[rule_family] = m
+                label_names[rule_family] = labels
+            return m
+
+        def add(rule_family: str, doc: str, labels: dict[str, str], value: float, kind: str) -> None:
+            names = tuple(sorted(labels))
+            m = fam(rule_family, doc, names, kind)
+            if label_names[rule_family] != names:
+                # Same family reached with another label set: fill missing labels with "all".
+                want = label_names[rule_family]
+                labels = {k: labels.get(k, "all") for k in want}
+            m.add_metric([labels[k] for k in label_names[rule_family]], value)  # type: ignore[attr-defined]
+
+        seen_entries = False
+        if engine is not None:
+            counters = _as_int_map(getattr(engine, "counters", None))
+            for name, value in sorted(counters.items()):
+                rule, labels = classify(name)
+                if rule is None:
+                    add(GENERIC_COUNTER, GENERIC_DOC, labels, float(value), "counter")
+                    continue
+                if rule.family == "masqd_masq_entries":
+                    seen_entries = True
+                add(rule.family, rule.doc, labels, float(value), rule.kind)
+            gauges = _as_int_map(getattr(engine, "gauges", None))
+            for name, value in sorted(gauges.items()):
+                rule, labels = classify(name)
+                if rule is None:
+                    add("masqd_engine_state", "Engine gauges without a dedicated family, by engine name.",
+                        labels, float(value), "gauge")
+                else:
+                    if rule.family == "masqd_masq_entries":
+                        seen_entries = True
+                    add(rule.family, rule.doc, labels, float(value), "gauge")
+            if not seen_entries:
+                summary = _entry_summary(engine)
+                if summary is not None:
+                    for (proto, state), n in sorted(summary.items()):
+                        add("masqd_masq_entries", "Masquerade entries by protocol and state.",
+                            {"protocol": proto, "state": state}, float(n), "gauge")
+                    if not summary:
+                        families.setdefault(
+                            "masqd_masq_entries",
+                            GaugeMetricFamily("masqd_masq_entries", "Masquerade entries by protocol and state.",
+                                              labels=["protocol", "state"]),
+                        )
+            for attr, metric in (("wan_ip", "masqd_wan_address_info"),):
+                ip = getattr(engine, attr, None)
+                if isinstance(ip, int) and ip:
+                    addr = ".".join(str((ip >> s) & 255) for s in (24, 16, 8, 0))
+                    add(metric, "Current WAN address (value 1).", {"address": addr}, 1.0, "gauge")
+        if self._extra is not None:
+            for name, value in sorted(self._extra().items()):
+                add(name, "Data-plane gauge.", {}, float(value), "gauge")
+
+        yield from families.values()
+        yield from self._ops_metrics()
+
+    def _ops_metrics(self) -> Iterator[Metric]:
+        o = self._ops
+        r = CounterMetricFamily("masqd_reloads", "Configuration reloads by result.", labels=["result"])
+        r.add_metric(["success"], o.reloads_ok)
+        r.add_metric(["failure"], o.reloads_failed)
+        yield r
+        g = GaugeMetricFamily("masqd_config_last_reload_successful", "1 if the last reload attempt succeeded.")
+        g.add_metric([], 1.0 if o.last_reload_ok else 0.0)
+        yield g
+        g = GaugeMetricFamily("masqd_config_last_reload_timestamp_seconds",
+                              "Unix time of the last successful (re)load.")
+        g.add_metric([], o.last_reload_time)
+        yield g
+        c = CounterMetricFamily("masqd_control_requests", "Control socket requests by command.",
+                                labels=["command"])
+        for k, v in sorted(o.control_requests.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("masqd_control_errors", "Control socket requests refused, by reason.",
+                                labels=["reason"])
+        for k, v in sorted(o.control_errors.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("masqd_log_events", "Log events emitted, by event name.", labels=["event"])
+        for k, v in sorted(o.log_emitted.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("masqd_log_events_suppressed",
+                                "Log events suppressed by the rate limiter, by event name.", labels=["event"])
+        for k, v in sorted(o.log_suppressed.items()):
+            c.add_metric([k], v)
+        yield c
+        c = CounterMetricFamily("masqd_capture_packets", "Packets written to pcap captures.",
+                                labels=["interface"])
+        for k, v in sorted(o.capture_packets.items()):
+            c.add_metric([k], v)
+        yield c
+        lat = o.loop_latency
+        acc = 0
+        buckets: list[tuple[str, float]] = []
+        for b, n in zip(lat.buckets, lat.counts, strict=True):
+            acc += n
+            buckets.append((repr(b), float(acc)))
+        buckets.append(("+Inf", float(lat.total)))
+        h = HistogramMetricFamily("masqd_loop_lag_seconds",
+                                  "Event-loop scheduling lag measured by a periodic probe.",
+                                  buckets=buckets, sum_value=lat.sum)
+        yield h
+        g = GaugeMetricFamily("masqd_start_time_seconds", "Unix time masqd started.")
+        g.add_metric([], o.started)
+        yield g
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv4 or [IPv6]) -> (host, port); ValueError with a reason."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics.listen {listen!r}: expected HOST:PORT")
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"metrics.listen {listen!r}: port out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, p
+
+
+class MetricsServer:
+    """A minimal asyncio HTTP/1.0 server: GET <path> -> exposition text; /healthz -> ok."""
+
+    def __init__(self, registry: CollectorRegistry, path: str = "/metrics") -> None:
+        self.registry = registry
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self.scrapes = 0
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        return str(sock[0]), int(sock[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5.0)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                return
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split()
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                await self._reply(writer, 405, b"method not allowed\n", "text/plain")
+                return
+            target = parts[1].split("?", 1)[0]
+            if target == self.path:
+                self.scrapes += 1
+                body = generate_latest(self.registry)
+                await self._reply(writer, 200, body if parts[0] == "GET" else b"", CONTENT_TYPE_LATEST)
+            elif target in ("/healthz", "/-/healthy"):
+                await self._reply(writer, 200, b"ok\n", "text/plain")
+            else:
+                await self._reply(writer, 404, b"not found\n", "text/plain")
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "")
+        head = (
+            f"HTTP/1.0 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer.write(head + body)
+        await writer.drain()
+
+
+def make_registry(collector: MasqdCollector) -> CollectorRegistry:
+    """A private registry holding only masqd's collector (no process/platform noise)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)  # type: ignore[arg-type]
+    return reg

@@ -1,0 +1,323 @@
+"""The ops runtime: one object the run loop starts once, owning every ops service.
+
+``ops = await start_ops(engine, cfg, config_path=...)`` starts, inside the
+running loop: the metrics HTTP endpoint, the control socket, the SIGHUP
+handler, the periodic drain of engine events into the log, a loop-lag probe,
+and the pcap capture configured in ``[capture]``. ``await ops.stop()`` undoes
+all of it. The data plane's per-packet contract is only::
+
+    if ops.capture.active:
+        ops.capture.record("lan" | "wan", packet_or_frame)
+
+Hooks the data plane may pass: ``on_reload(cfg)`` (after the engine took the
+new config), ``set_wan_address(iface_addr)`` (replaces the default, which
+calls ``engine.set_wan_address``), ``extra_gauges()`` (data-plane gauges for
+metrics) and ``now`` (the engine's clock, default ``time.monotonic``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from masqd.ops import control as control_mod
+from masqd.ops.control import ControlServer, RequestError
+from masqd.ops.logging import EngineEventLogger, configure, get_logger
+from masqd.ops.metrics import (
+    MasqdCollector,
+    MetricsServer,
+    OpsCounters,
+    make_registry,
+    parse_listen,
+)
+from masqd.ops.pcap import Capture
+from masqd.ops.reload import Reloader
+
+DRAIN_INTERVAL = 0.1
+LAG_INTERVAL = 0.25
+
+_FILTER_KEYS = ("proto", "lan", "wan", "remote", "state")
+
+
+def parse_filter(text: str) -> dict[str, str]:
+    """``"proto=tcp lan=10.0.0.2"`` (or a bare protocol word) -> field -> value.
+
+    Address values match an entry's field exactly or its address part (before
+    the ':port'). Raises RequestError on an unknown key.
+    """
+    out: dict[str, str] = {}
+    for tok in text.split():
+        key, sep, val = tok.partition("=")
+        if not sep:
+            key, val = "proto", tok
+        key = key.strip().lower()
+        if key not in _FILTER_KEYS:
+            raise RequestError(f"flush filter: unknown field {key!r} (use {', '.join(_FILTER_KEYS)})")
+        if not val:
+            raise RequestError(f"flush filter: {key} needs a value")
+        out[key] = val.lower() if key in ("proto", "state") else val
+    return out
+
+
+def entry_matches(entry: Mapping[str, Any], flt: Mapping[str, str]) -> bool:
+    for key, want in flt.items():
+        have = str(entry.get(key, "")).lower() if key in ("proto", "state") else str(entry.get(key, ""))
+        if key in ("proto", "state"):
+            if have != want:
+                return False
+        elif have != want and have.rsplit(":", 1)[0] != want:
+            return False
+    return True
+
+
+class Ops:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        engine: Any,
+        cfg: Any,
+        *,
+        config_path: str | Path | None = None,
+        now: Callable[[], float] = time.monotonic,
+        on_reload: Callable[[Any], None] | None = None,
+        set_wan_address: Callable[[ipaddress.IPv4Interface], None] | None = None,
+        extra_gauges: Callable[[], Mapping[str, float]] | None = None,
+        install_signal_handlers: bool = True,
+        control_socket: str | None = None,
+        metrics_listen: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.now = now
+        self.counters = OpsCounters()
+        self.log = get_logger("masqd")
+        self.events = EngineEventLogger(cfg.logging.rate_per_event, self.counters)
+        self.capture = Capture(self.counters)
+        self.collector = MasqdCollector(lambda: self.engine, self.counters, extra_gauges)
+        self.registry = make_registry(self.collector)
+        self.metrics: MetricsServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.control: ControlServer | None = None
+        self._on_reload = on_reload
+        self._set_wan = set_wan_address
+        self._signals = install_signal_handlers
+        self._control_path = control_socket or cfg.control.socket
+        self._metrics_listen = metrics_listen or cfg.metrics.listen
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reloader = Reloader(config_path, cfg, self._apply, self.counters, self.log)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if cfg.metrics.enabled:
+            host, port = parse_listen(self._metrics_listen)
+            self.metrics = MetricsServer(self.registry, cfg.metrics.path)
+            self.metrics_address = await self.metrics.start(host, port)
+            self.log.info("metrics_listening", address=f"{self.metrics_address[0]}:{self.metrics_address[1]}",
+                          path=cfg.metrics.path)
+        self.control = ControlServer(self._control_path, self.handlers(), self.counters, self.log)
+        await self.control.start()
+        self.log.info("control_listening", socket=self._control_path)
+        for side in ("lan", "wan"):
+            path = getattr(cfg.capture, side)
+            if path:
+                self.capture.start(side, path, getattr(cfg, side).mode)
+                self.log.info("capture_started", iface=side, path=path)
+        loop = asyncio.get_running_loop()
+        if self._signals:
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        self._tasks.append(asyncio.create_task(self._drain_loop(), name="masqd-ops-drain"))
+        self._tasks.append(asyncio.create_task(self._lag_loop(), name="masqd-ops-lag"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._signals:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        self.drain()
+        self.events.flush_suppressed()
+        self.capture.stop()
+        if self.control is not None:
+            await self.control.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+
+    def drain(self) -> int:
+        """Log what the engine recorded since the last call (also called by the run loop if it likes)."""
+        return self.events.drain(self.engine)
+
+    async def _drain_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(DRAIN_INTERVAL)
+            try:
+                self.drain()
+                ticks += 1
+                if ticks % 10 == 0:
+                    self.capture.flush()
+                if ticks % 50 == 0:
+                    self.events.flush_suppressed()
+            except Exception as exc:  # logging must never take the router down
+                self.log.error("ops_drain_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _lag_loop(self) -> None:
+        lat = self.counters.loop_latency
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_INTERVAL)
+            lat.observe(max(0.0, time.monotonic() - t0 - LAG_INTERVAL))
+
+    # ------------------------------------------------------------------ reload
+
+    def _sighup(self) -> None:
+        self.log.info("sighup_received")
+        self.reloader.reload()
+
+    def _apply(self, cfg: Any) -> None:
+        self.engine.reload(cfg)
+        self.cfg = cfg
+        self.events.set_rate(cfg.logging.rate_per_event)
+        if self._on_reload is not None:
+            self._on_reload(cfg)
+
+    # ------------------------------------------------------------------ control handlers
+
+    def handlers(self) -> dict[str, control_mod.Handler]:
+        return {
+            "ping": self._h_ping,
+            "table": self._h_table,
+            "stats": self._h_stats,
+            "rules": self._h_rules,
+            "flush": self._h_flush,
+            "wan-address": self._h_wan_address,
+            "reload": self._h_reload,
+            "capture": self._h_capture,
+        }
+
+    def _h_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "uptime": time.time() - self.counters.started}
+
+    def _h_table(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        entries = list(self.engine.table())
+        flt = req.get("filter")
+        if flt:
+            if not isinstance(flt, str):
+                raise RequestError("table: 'filter' must be a string")
+            f = parse_filter(flt)
+            entries = [e for e in entries if entry_matches(e, f)]
+        return entries
+
+    def _h_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        c = self.counters
+        wan = getattr(self.engine, "wan_ip", None)
+        return {
+            "counters": dict(getattr(self.engine, "counters", {})),
+            "entries": len(self.engine.table()),
+            "wan_address": str(ipaddress.IPv4Address(wan)) if isinstance(wan, int) else None,
+            "reloads": {"success": c.reloads_ok, "failure": c.reloads_failed},
+            "control_errors": dict(c.control_errors),
+            "log_suppressed": dict(c.log_suppressed),
+            "capture": self.capture.status(),
+        }
+
+    def _h_rules(self, req: dict[str, Any]) -> Any:
+        rules = getattr(self.engine, "rules", None)
+        if callable(rules):
+            return rules()
+        return [line for line in self.cfg.firewall.rules.splitlines() if line.strip()]
+
+    def _h_flush(self, req: dict[str, Any]) -> dict[str, Any]:
+        flt = req.get("filter") or ""
+        if not isinstance(flt, str):
+            raise RequestError("flush: 'filter' must be a string")
+        f = parse_filter(flt)
+        flush = getattr(self.engine, "flush", None)
+        if not callable(flush):
+            raise RequestError("flush: this engine cannot remove entries", "unsupported")
+        n = flush(lambda e: entry_matches(e, f))
+        self.log.info("table_flushed", filter=flt or "all", removed=n)
+        return {"removed": n}
+
+    def _h_wan_address(self, req: dict[str, Any]) -> dict[str, Any]:
+        action = req.get("action", "set")
+        if action != "set":
+            raise RequestError("wan-address: only action 'set' exists")
+        raw = req.get("address")
+        if not isinstance(raw, str) or not raw:
+            raise RequestError("wan-address set: needs 'address' (A.B.C.D or A.B.C.D/LEN)")
+        try:
+            if "/" not in raw:
+                raw = f"{raw}/{self.cfg.wan.address.network.prefixlen}"
+            addr = ipaddress.IPv4Interface(raw)
+        except ValueError as exc:
+            raise RequestError(f"wan-address set: {exc}") from None
+        if addr.ip.is_multicast or addr.ip.is_unspecified or addr.ip == addr.network.broadcast_address:
+            raise RequestError(f"wan-address set: {addr.ip} cannot be a host address")
+        if addr.network.overlaps(self.cfg.lan.address.network):
+            raise RequestError(f"wan-address set: {addr} overlaps the LAN network")
+        if self._set_wan is not None:
+            self._set_wan(addr)
+        else:
+            self.engine.set_wan_address(addr, self.now())
+        self.counters.wan_address_set += 1
+        self.log.info("wan_address_set", address=str(addr), by="control")
+        return {"address": str(addr)}
+
+    def _h_reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        res = self.reloader.reload()
+        if not res.ok:
+            raise RequestError("reload refused, running configuration kept:\n" + "\n".join(
+                f"{res.source}: {e}" for e in res.errors), "reload_failed")
+        return res.as_dict()
+
+    def _h_capture(self, req: dict[str, Any]) -> Any:
+        action = req.get("action", "status")
+        if action == "status":
+            return self.capture.status()
+        iface = req.get("iface")
+        if action == "stop":
+            if iface is not None and iface not in ("lan", "wan"):
+                raise RequestError("capture stop: iface must be lan or wan")
+            done = self.capture.stop(iface)
+            for k, n in done.items():
+                self.log.info("capture_stopped", iface=k, packets=n)
+            return done
+        if action != "start":
+            raise RequestError("capture: action must be start, stop or status")
+        if iface not in ("lan", "wan"):
+            raise RequestError("capture start: iface must be lan or wan")
+        path = req.get("path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("capture start: needs 'path'")
+        try:
+            w = self.capture.start(iface, path, getattr(self.cfg, iface).mode)
+        except OSError as exc:
+            raise RequestError(f"capture start: cannot write {path}: {exc.strerror or exc}") from None
+        self.log.info("capture_started", iface=iface, path=path)
+        return {"iface": iface, "path": path, "linktype": w.linktype}
+
+
+async def start_ops(engine: Any, cfg: Any, **kw: Any) -> Ops:
+    """Create and start the ops services in the running loop; ``await ops.stop()`` at exit."""
+    ops = Ops(engine, cfg, **kw)
+    await ops.start()
+    return ops
+
+
+def setup_logging(cfg: Any) -> str:
+    """Configure structlog from ``cfg.logging``; returns "json" or "console"."""
+    return configure(cfg.logging.level, cfg.logging.format)

@@ -1,0 +1,165 @@
+"""Control socket: protocol, every command against a fake engine, refusals counted."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from masqd.ops import control
+from masqd.ops.control import ControlError, format_table, request
+from masqd.ops.runtime import Ops, entry_matches, parse_filter
+
+from .conftest import make_cfg
+from .fake_engine import FakeEngine
+
+
+def run_with_ops(tmp_path: Path, body: Callable[[Ops, str], Any], engine: FakeEngine | None = None,
+                 **kw: Any) -> Any:
+    """Start Ops in a loop, run the blocking client ``body`` in a thread, stop Ops."""
+    cfg = make_cfg(tmp_path)
+    eng = engine or FakeEngine()
+
+    async def main() -> Any:
+        ops = Ops(eng, cfg, install_signal_handlers=False, **kw)
+        await ops.start()
+        try:
+            return await asyncio.to_thread(body, ops, cfg.control.socket)
+        finally:
+            await ops.stop()
+
+    return asyncio.run(main())
+
+
+def raw(path: str, payload: bytes) -> list[dict[str, Any]]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    buf = b""
+    while chunk := s.recv(65536):
+        buf += chunk
+    s.close()
+    return [json.loads(x) for x in buf.splitlines()]
+
+
+def test_socket_mode_and_table(tmp_path: Path) -> None:
+    def body(ops: Ops, path: str) -> None:
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+        t = request(path, {"cmd": "table"})
+        assert len(t) == 3 and t[0]["lan"] == "10.0.0.2:1025"
+        t = request(path, {"cmd": "table", "filter": "proto=udp"})
+        assert [e["proto"] for e in t] == ["udp"]
+        txt = format_table(request(path, {"cmd": "table"}))
+        assert "IP masquerading entries: 3" in txt and "TCP" in txt and "198.51.100.1:23" in txt
+
+    run_with_ops(tmp_path, body)
+    assert not (tmp_path / "ctl.sock").exists()  # removed at stop
+
+
+def test_bad_requests_get_clear_errors_and_are_counted(tmp_path: Path) -> None:
+    def body(ops: Ops, path: str) -> dict[str, int]:
+        replies = raw(path, b'not json\n[1,2]\n{"x":1}\n{"cmd":"frobnicate"}\n'
+                            b'{"cmd":"flush","filter":"colour=red"}\n{"cmd":"ping"}\n')
+        assert [r["ok"] for r in replies] == [False, False, False, False, False, True]
+        assert "not valid JSON" in replies[0]["error"]
+        assert "JSON object" in replies[1]["error"]
+        assert "'cmd'" in replies[2]["error"]
+        assert "unknown command 'frobnicate'" in replies[3]["error"] and "table" in replies[3]["error"]
+        assert "unknown field 'colour'" in replies[4]["error"]
+        big = raw(path, b'{"cmd":"ping","pad":"' + b"a" * (control.MAX_LINE + 10) + b'"}\n')
+        assert big[0]["ok"] is False and "longer than" in big[0]["error"]
+        with pytest.raises(ControlError, match="unknown command"):
+            request(path, {"cmd": "nope"})
+        return dict(ops.counters.control_errors)
+
+    errs = run_with_ops(tmp_path, body)
+    assert errs == {"bad_json": 1, "bad_request": 2, "unknown_command": 2, "bad_argument": 1, "too_long": 1}
+
+
+def test_flush_with_filter(tmp_path: Path) -> None:
+    eng = FakeEngine()
+
+    def body(ops: Ops, path: str) -> None:
+        assert request(path, {"cmd": "flush", "filter": "lan=10.0.0.3"}) == {"removed": 1}
+        assert request(path, {"cmd": "flush", "filter": "tcp"}) == {"removed": 1}
+        assert [e["proto"] for e in request(path, {"cmd": "table"})] == ["esp"]
+        assert request(path, {"cmd": "flush"}) == {"removed": 1}
+
+    run_with_ops(tmp_path, body, eng)
+    assert eng.entries == []
+
+
+def test_wan_address_set(tmp_path: Path) -> None:
+    eng = FakeEngine()
+
+    def body(ops: Ops, path: str) -> None:
+        assert request(path, {"cmd": "wan-address", "action": "set", "address": "203.0.113.201"}) == {
+            "address": "203.0.113.201/24"}
+        for bad in ("203.0.113.300", "10.1.2.3/24", "224.0.0.1", "", "0.0.0.0"):
+            with pytest.raises(ControlError, match="wan-address"):
+                request(path, {"cmd": "wan-address", "action": "set", "address": bad})
+        stats = request(path, {"cmd": "stats"})
+        assert stats["wan_address"] == "203.0.113.201"
+        assert stats["counters"]["drop_bad_checksum"] == 2 and stats["entries"] == 3
+
+    run_with_ops(tmp_path, body, eng, now=lambda: 42.0)
+    assert eng.wan_set == [(ipaddress.IPv4Interface("203.0.113.201/24"), 42.0)]
+
+
+def test_capture_start_stop_via_socket(tmp_path: Path) -> None:
+    pcap = tmp_path / "lan.pcap"
+
+    def body(ops: Ops, path: str) -> None:
+        r = request(path, {"cmd": "capture", "action": "start", "iface": "lan", "path": str(pcap)})
+        assert r["linktype"] == 101
+        ops.capture.record("lan", b"\x45" + b"\x00" * 19)
+        assert request(path, {"cmd": "capture", "action": "status"})["lan"]["packets"] == 1
+        assert request(path, {"cmd": "capture", "action": "stop"}) == {"lan": 1}
+        with pytest.raises(ControlError, match="iface"):
+            request(path, {"cmd": "capture", "action": "start", "iface": "dmz", "path": "x"})
+        with pytest.raises(ControlError, match="cannot write"):
+            request(path, {"cmd": "capture", "action": "start", "iface": "wan",
+                           "path": str(tmp_path / "no" / "such" / "dir.pcap")})
+
+    run_with_ops(tmp_path, body)
+    assert pcap.stat().st_size == 24 + 16 + 20
+
+
+def test_second_daemon_refused_while_socket_alive(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+
+    async def main() -> None:
+        a = Ops(FakeEngine(), cfg, install_signal_handlers=False)
+        await a.start()
+        b = Ops(FakeEngine(), cfg, install_signal_handlers=False, metrics_listen="127.0.0.1:0")
+        with pytest.raises(OSError, match="in use"):
+            await b.start()
+        await b.stop()
+        await a.stop()
+        # a stale socket file (daemon gone) is replaced
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(cfg.control.socket)
+        s.close()
+        c = Ops(FakeEngine(), cfg, install_signal_handlers=False)
+        await c.start()
+        await c.stop()
+
+    asyncio.run(main())
+
+
+def test_filter_parsing() -> None:
+    f = parse_filter("proto=TCP remote=198.51.100.1")
+    assert f == {"proto": "tcp", "remote": "198.51.100.1"}
+    e = {"proto": "tcp", "remote": "198.51.100.1:23", "lan": "10.0.0.2:1025"}
+    assert entry_matches(e, f)
+    assert not entry_matches(e, {"lan": "10.0.0.3"})
+    assert entry_matches(e, {"lan": "10.0.0.2:1025"})

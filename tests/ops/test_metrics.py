@@ -1,0 +1,137 @@
+"""Collector mapping, exposition validity (promtool) and the asyncio HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from masqd.ops.metrics import (
+    MasqdCollector,
+    MetricsServer,
+    OpsCounters,
+    classify,
+    make_registry,
+    parse_listen,
+)
+
+from .fake_engine import FakeEngine
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def scrape(engine: object, ops: OpsCounters | None = None) -> str:
+    reg = make_registry(MasqdCollector(lambda: engine, ops or OpsCounters()))
+    return generate_latest(reg).decode()
+
+
+def test_classify_known_names() -> None:
+    rule, labels = classify("rx_lan_tcp_packets")
+    assert rule is not None and rule.family == "masqd_packets"
+    assert labels == {"direction": "rx", "interface": "lan", "protocol": "tcp"}
+    rule, labels = classify("drop_bad_checksum")
+    assert rule is not None and rule.family == "masqd_drops" and labels == {"reason": "bad_checksum"}
+    rule, labels = classify("esp_blocked")
+    assert rule is not None and rule.family == "masqd_esp_events" and labels == {"event": "blocked"}
+    rule, labels = classify("pptp_calls_setup")
+    assert rule is not None and rule.family == "masqd_pptp_calls" and labels == {"event": "setup"}
+
+
+def test_unknown_counter_kept_under_generic_family() -> None:
+    rule, labels = classify("some_new_thing")
+    assert rule is None and labels == {"name": "some_new_thing"}
+    s = samples(scrape(FakeEngine()))
+    assert s[("masqd_engine_events_total", (("name", "some_new_thing"),))] == 7
+
+
+def test_scrape_values_follow_engine_counters() -> None:
+    eng = FakeEngine()
+    s = samples(scrape(eng))
+    key = ("masqd_packets_total", (("direction", "rx"), ("interface", "lan"), ("protocol", "tcp")))
+    assert s[key] == 10
+    assert s[("masqd_bytes_total", (("direction", "tx"), ("interface", "wan"), ("protocol", "tcp")))] == 1400
+    assert s[("masqd_drops_total", (("reason", "bad_checksum"),))] == 2
+    assert s[("masqd_esp_events_total", (("event", "learned"),))] == 3
+    assert s[("masqd_wan_address_changes_total", ())] == 1
+    # entries by protocol and state come from engine.table() when no gauge counter exists
+    assert s[("masqd_masq_entries", (("protocol", "tcp"), ("state", "established")))] == 1
+    assert s[("masqd_masq_entries", (("protocol", "esp"), ("state", "pending")))] == 1
+    assert s[("masqd_wan_address_info", (("address", "203.0.113.200"),))] == 1
+    eng.counters["rx_lan_tcp_packets"] += 5
+    eng.entries.pop(0)
+    s = samples(scrape(eng))
+    assert s[key] == 15
+    assert ("masqd_masq_entries", (("protocol", "tcp"), ("state", "established"))) not in s
+
+
+def test_ops_counters_exported() -> None:
+    ops = OpsCounters()
+    ops.reloads_ok = 3
+    ops.reloads_failed = 1
+    ops.last_reload_ok = False
+    ops.bump(ops.control_errors, "bad_json")
+    ops.loop_latency.observe(0.0007)
+    ops.loop_latency.observe(0.3)
+    s = samples(scrape(FakeEngine(), ops))
+    assert s[("masqd_reloads_total", (("result", "success"),))] == 3
+    assert s[("masqd_reloads_total", (("result", "failure"),))] == 1
+    assert s[("masqd_config_last_reload_successful", ())] == 0
+    assert s[("masqd_control_errors_total", (("reason", "bad_json"),))] == 1
+    assert s[("masqd_loop_lag_seconds_count", ())] == 2
+    assert s[("masqd_loop_lag_seconds_bucket", (("le", "0.001"),))] == 1
+    assert s[("masqd_loop_lag_seconds_bucket", (("le", "+Inf"),))] == 2
+
+
+def test_no_engine_yet_still_scrapes() -> None:
+    text = scrape(None)
+    assert "masqd_reloads_total" in text
+
+
+def test_promtool_check_metrics_passes() -> None:
+    text = scrape(FakeEngine())
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:9598") == ("127.0.0.1", 9598)
+    assert parse_listen("[::1]:9") == ("::1", 9)
+    assert parse_listen(":9598") == ("0.0.0.0", 9598)
+    with pytest.raises(ValueError):
+        parse_listen("localhost")
+
+
+def test_http_endpoint_serves_metrics_in_the_loop() -> None:
+    async def main() -> tuple[int, str, int, int]:
+        reg = make_registry(MasqdCollector(FakeEngine, OpsCounters()))
+        srv = MetricsServer(reg, "/metrics")
+        host, port = await srv.start("127.0.0.1", 0)
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, ""
+
+        code, body = await asyncio.to_thread(get, "/metrics")
+        nf, _ = await asyncio.to_thread(get, "/nope")
+        hz, _ = await asyncio.to_thread(get, "/healthz")
+        await srv.stop()
+        return code, body, nf, hz
+
+    code, body, nf, hz = asyncio.run(main())
+    assert code == 200 and "masqd_packets_total" in body
+    assert nf == 404 and hz == 200
