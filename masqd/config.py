@@ -127,6 +127,9 @@ class Masquerade(_Frozen):
         return LINUX22_TIMEOUTS if self.profile == "linux-2.2" else Timeouts()
 
 
+_DEFAULT_ALIASES: dict[str, Literal["lan", "wan"]] = {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
+
+
 class Firewall(_Frozen):
     input_policy: Literal["ACCEPT", "DENY", "REJECT"] = "ACCEPT"
     forward_policy: Literal["ACCEPT", "DENY", "REJECT", "MASQ"] = "MASQ"
@@ -135,9 +138,7 @@ class Firewall(_Frozen):
     rules: str = ""
     rules_file: str | None = None
     # Interface names used in rule lines -> "lan" / "wan".
-    aliases: dict[str, Literal["lan", "wan"]] = Field(
-        default_factory=lambda: {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
-    )
+    aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=lambda: dict(_DEFAULT_ALIASES))
     log_rate: float = Field(10.0, gt=0)  # -l log events per second, burst the same
 
 

@@ -1,0 +1,76 @@
+"""The narrow interface between the engine core and its protocol helpers.
+
+Modelled on libalias's module records: a helper declares what it works on
+(whole IP protocols such as ESP or GRE, UDP packets between two well-known
+ports such as ISAKMP 500<->500, or TCP sessions to a server port such as PPTP
+1723) and the core calls it only for those packets. Adding a helper touches no
+core file: it is listed in ``masqd.engine.helpers.HELPERS``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from masqd.config import Config
+    from masqd.engine.core import Engine
+    from masqd.engine.nat import Session
+
+
+class Helper:
+    name = "helper"
+    # IP protocols the helper masquerades itself (e.g. 47 GRE, 50 ESP, 51 AH).
+    ip_protocols: tuple[int, ...] = ()
+    # UDP packets whose source and destination ports are both this port (ISAKMP 500).
+    udp_ports: tuple[int, ...] = ()
+    # TCP sessions whose server port is this port get ``tcp_segment`` calls (PPTP 1723).
+    tcp_ports: tuple[int, ...] = ()
+
+    def __init__(self, eng: Engine, cfg: Config) -> None:
+        self.eng = eng
+        self.cfg = cfg
+
+    def enabled(self) -> bool:
+        return True
+
+    # --- packets owned by the helper (ip_protocols / udp_ports) ---------------
+    def masq_out(self, pkt: bytearray, ihl: int, now: float) -> bool:
+        """Masquerade an outbound LAN->WAN packet in place. False: dropped (the helper counted why)."""
+        return False
+
+    def demasq_in(self, pkt: bytearray, ihl: int, now: float) -> list[bytearray] | None:
+        """An inbound WAN packet to the WAN address. None: not the helper's; else the
+        packets (rewritten) to deliver on the LAN; [] when dropped (counted)."""
+        return None
+
+    # --- TCP sessions the helper is attached to (tcp_ports) -------------------
+    def session_created(self, s: Session, now: float) -> None:
+        """A TCP session to one of ``tcp_ports`` was created."""
+
+    def tcp_segment(self, s: Session, pkt: bytearray, ihl: int, outbound: bool, now: float) -> bool:
+        """A segment of an attached session, after address/port translation.
+        May rewrite the payload in place (fixing the TCP checksum incrementally).
+        False: drop it (counted by the helper)."""
+        return True
+
+    def session_closed(self, s: Session) -> None:
+        """An attached session expired or was flushed."""
+
+    # --- housekeeping ----------------------------------------------------------
+    def expire(self, now: float) -> None:
+        pass
+
+    def entries(self, now: float) -> list[dict[str, Any]]:
+        return []
+
+    def wan_changed(self, old: int, new: int, mode: str, now: float) -> None:
+        pass
+
+    def reload(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def flush(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 0
