@@ -1,1 +1,28 @@
-"""masqd.lab."""
+"""Network-namespace lab for the demo, the integration tests, the benchmark and interop.
+
+``Lab(prefix, mode)`` builds the HOWTO's networks (see
+:mod:`masqd.lab.topology`); ``MasqdProcess`` runs masqd inside it.
+"""
+
+from masqd.lab.topology import (
+    FW_LAN,
+    FW_WAN,
+    ISP_REM,
+    ISP_WAN,
+    KFW_LAN,
+    KFW_WAN,
+    LAN2,
+    LAN3,
+    REM2,
+    REM3,
+    SRV1,
+    Lab,
+    LabError,
+    MasqdProcess,
+    stop_process,
+)
+
+__all__ = [
+    "FW_LAN", "FW_WAN", "ISP_REM", "ISP_WAN", "KFW_LAN", "KFW_WAN", "LAN2", "LAN3", "REM2", "REM3",
+    "SRV1", "Lab", "LabError", "MasqdProcess", "stop_process",
+]

@@ -1,0 +1,149 @@
+"""TUN/TAP devices: open one for an interface section, place it, hand back a non-blocking fd.
+
+Placement (config ``netns`` / ``bridge``) is done with pyroute2's synchronous
+API before the event loop starts (its asyncio API does not run under uvloop).
+
+Design decision: the device is *created inside* its target namespace (we
+enter the namespace with setns(2) for the open/TUNSETIFF, then return) rather
+than created here and moved. The fd works the same either way, and this also
+lets masqd attach to a persistent device that already exists there (the lab
+pre-creates the TUN devices of its edge namespaces, with their routes, so a
+masqd restart keeps the kernel side intact). The device never appears in
+masqd's own namespace, so its name cannot collide there.
+
+python-pytun only opens the device; all I/O is done by the data plane with
+``os.read``/``os.write`` on ``fileno()`` (pytun's own read raises pytun.Error
+on EAGAIN instead of BlockingIOError).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from masqd.config import Interface
+
+NETNS_DIR = "/run/netns"
+
+
+class DeviceError(Exception):
+    """A device that cannot be opened or placed; the message says which and why."""
+
+
+def local_mac(name: str, address: str) -> bytes:
+    """A stable locally-administered unicast MAC derived from the interface name and address."""
+    h = bytearray(hashlib.sha256(f"masqd:{name}:{address}".encode()).digest()[:6])
+    h[0] = (h[0] & 0xFC) | 0x02
+    return bytes(h)
+
+
+def parse_mac(text: str) -> bytes:
+    return bytes(int(p, 16) for p in text.split(":"))
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass
+class Device:
+    """An open TUN or TAP device (kernel side placed and up); ``fd`` is non-blocking."""
+
+    name: str
+    mode: str  # "tun" | "tap"
+    mtu: int
+    netns: str | None
+    persistent: bool
+    handle: Any  # the pytun object, kept so the fd stays open
+    fd: int = -1
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        """Close the fd; a non-persistent device disappears with it."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.handle.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _enter(netns: str) -> None:
+    from pyroute2 import netns as pnetns
+
+    if not os.path.exists(os.path.join(NETNS_DIR, netns)):
+        raise DeviceError(f"network namespace {netns!r} does not exist ({NETNS_DIR}/{netns})")
+    pnetns.pushns()
+    try:
+        pnetns.setns(netns, flags=0)
+    except Exception as exc:
+        pnetns.popns()
+        raise DeviceError(f"cannot enter network namespace {netns!r}: {exc}") from None
+
+
+def _leave() -> None:
+    from pyroute2 import netns as pnetns
+
+    pnetns.popns()
+
+
+def _open_pytun(name: str, mode: str) -> Any:
+    import pytun
+
+    flags = (pytun.IFF_TAP if mode == "tap" else pytun.IFF_TUN) | pytun.IFF_NO_PI
+    try:
+        return pytun.TunTapDevice(name=name, flags=flags)
+    except pytun.Error as exc:
+        raise DeviceError(f"cannot open {mode} device {name!r}: {exc}") from None
+
+
+def _configure(name: str, mtu: int, netns: str | None, bridge: str | None) -> None:
+    from pyroute2 import IPRoute
+
+    try:
+        ipr = IPRoute(netns=netns) if netns else IPRoute()
+    except Exception as exc:  # noqa: BLE001
+        raise DeviceError(f"netlink in {netns or 'own namespace'}: {exc}") from None
+    with ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise DeviceError(f"device {name!r} vanished from {netns or 'own namespace'}")
+        kw: dict[str, Any] = {"mtu": mtu, "state": "up"}
+        if bridge:
+            br = ipr.link_lookup(ifname=bridge)
+            if not br:
+                raise DeviceError(f"bridge {bridge!r} not found in {netns or 'own namespace'}")
+            kw["master"] = br[0]
+        try:
+            ipr.link("set", index=idx[0], **kw)
+        except Exception as exc:  # noqa: BLE001
+            raise DeviceError(f"cannot set up {name!r} (mtu {mtu}, bridge {bridge}): {exc}") from None
+
+
+def open_device(iface: Interface) -> Device:
+    """Open (create or attach to) the device of an interface section and place it."""
+    if iface.netns:
+        _enter(iface.netns)
+        try:
+            handle = _open_pytun(iface.name, iface.mode)
+        finally:
+            _leave()
+    else:
+        handle = _open_pytun(iface.name, iface.mode)
+    dev = Device(iface.name, iface.mode, iface.mtu, iface.netns, iface.persistent, handle)
+    try:
+        if iface.persistent:
+            handle.persist(True)
+        _configure(handle.name, iface.mtu, iface.netns, iface.bridge)
+        dev.fd = handle.fileno()
+        flags = fcntl.fcntl(dev.fd, fcntl.F_GETFL)
+        fcntl.fcntl(dev.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    except BaseException:
+        dev.close()
+        raise
+    return dev

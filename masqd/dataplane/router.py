@@ -1,0 +1,313 @@
+"""The running router: two ports (LAN, WAN) around the sans-IO engine in one event loop.
+
+``Port`` holds the only read/write path to a device (``drain`` and
+``send``): a later offload layer (IFF_VNET_HDR, TSO/GRO super-packets) changes
+these two methods and nothing else. Reads go until the fd would block (with a
+cap per wake-up so that one busy side cannot starve the other), writes are
+issued at once (a TUN/TAP write does not block; a failed write is counted and
+the packet dropped).
+
+``Dataplane`` wires the ports to the engine: every IPv4 packet read is given
+to ``engine.process(iface, packet, now)`` and what comes back is written out.
+In TAP mode the port's :class:`~masqd.dataplane.l2.EthernetHost` adds the
+Ethernet layer (ARP, neighbour cache, ICMP host-unreachable when a next hop
+cannot be resolved). Timers call ``engine.expire(now)`` every
+``cfg.expire_interval`` and drive ARP retransmissions.
+
+Non-IPv4 input (IPv6 router solicitations, LLDP, ...) is dropped and counted
+in ``counters["drop_non_ipv4"]``; data-plane counters live in
+``Dataplane.counters`` next to the engine's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from masqd.dataplane.device import Device, format_mac, local_mac, open_device, parse_mac
+from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
+
+if TYPE_CHECKING:
+    from masqd.config import Config, Interface
+
+log = logging.getLogger("masqd.dataplane")
+
+READ_BATCH = 512  # packets per wake-up and port, at most
+BUF_SIZE = 65536 + 14  # largest IPv4 packet plus an Ethernet header
+L2_TICK = 0.25
+
+
+class CaptureTap(Protocol):
+    active: bool
+
+    def record(self, iface: str, packet: bytes | bytearray | memoryview) -> None: ...
+
+
+def _bump(counters: dict[str, int], key: str, n: int = 1) -> None:
+    counters[key] = counters.get(key, 0) + n
+
+
+class Port:
+    """One interface: its device fd, its L2 host (TAP mode), and the read/write path."""
+
+    def __init__(self, iface: str, dev: Device, l2: EthernetHost | None, counters: dict[str, int]) -> None:
+        self.iface = iface
+        self.dev = dev
+        self.fd = dev.fd
+        self.l2 = l2
+        self.counters = counters
+        self.buf = bytearray(BUF_SIZE)
+        self.capture: CaptureTap | None = None
+
+    def drain(self, handle: Callable[[bytearray, float], None], now: float) -> int:
+        """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``."""
+        fd, buf, l2, c = self.fd, self.buf, self.l2, self.counters
+        cap = self.capture if self.capture is not None and self.capture.active else None
+        readv = os.readv
+        n = 0
+        while n < READ_BATCH:
+            try:
+                size = readv(fd, (buf,))
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                _bump(c, f"dp_{self.iface}_read_errors")
+                log.warning("read error on %s: %s", self.iface, exc)
+                break
+            n += 1
+            if cap is not None:
+                cap.record(self.iface, memoryview(buf)[:size])
+            if l2 is not None:
+                pkt = l2.rx(buf[:size], now)
+                if pkt is None:
+                    continue
+            else:
+                if size < 20 or buf[0] >> 4 != 4:
+                    _bump(c, "drop_non_ipv4")
+                    continue
+                pkt = buf[:size]
+            handle(pkt, now)
+        if l2 is not None and l2.out:
+            self.flush_l2()
+        return n
+
+    def send(self, pkt: bytes | bytearray, nexthop: Callable[[str, int], int], now: float) -> None:
+        """Write one IPv4 packet (TAP: behind an Ethernet header, once the next hop is known)."""
+        l2 = self.l2
+        try:
+            if l2 is None:
+                os.write(self.fd, pkt)
+                if self.capture is not None and self.capture.active:
+                    self.capture.record(self.iface, pkt)
+                return
+            nh = nexthop(self.iface, int.from_bytes(pkt[16:20], "big"))
+            hdr = l2.header(nh, pkt, now)
+            if hdr is not None:
+                os.writev(self.fd, (hdr, pkt))
+                if self.capture is not None and self.capture.active:
+                    self.capture.record(self.iface, hdr + bytes(pkt))
+            if l2.out:
+                self.flush_l2()
+        except OSError as exc:
+            _bump(self.counters, f"dp_{self.iface}_write_errors")
+            log.debug("write error on %s: %s", self.iface, exc)
+
+    def flush_l2(self) -> None:
+        """Write the frames the L2 host produced (ARP, packets released from a queue)."""
+        assert self.l2 is not None
+        frames, self.l2.out = self.l2.out, []
+        cap = self.capture if self.capture is not None and self.capture.active else None
+        for frame in frames:
+            try:
+                os.write(self.fd, frame)
+            except OSError:
+                _bump(self.counters, f"dp_{self.iface}_write_errors")
+                continue
+            if cap is not None:
+                cap.record(self.iface, frame)
+
+
+class Dataplane:
+    """The engine between a LAN port and a WAN port, driven by an asyncio loop."""
+
+    def __init__(self, cfg: Config, engine: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.clock = clock
+        self.counters: dict[str, int] = {}
+        self.ports: dict[str, Port] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._started = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    def open(self) -> None:
+        """Open and place both devices (synchronous: call before the loop runs)."""
+        try:
+            for side in ("lan", "wan"):
+                icfg: Interface = getattr(self.cfg, side)
+                dev = open_device(icfg)
+                l2 = None
+                if icfg.mode == "tap":
+                    mac = parse_mac(icfg.mac) if icfg.mac else local_mac(icfg.name, str(icfg.address))
+                    l2 = EthernetHost(side, mac, int(icfg.address.ip), icfg.address.network.prefixlen,
+                                      self.counters)
+                self.ports[side] = Port(side, dev, l2, self.counters)
+                log.info("opened %s device %s (%s, mtu %d%s%s%s)", side, dev.name, dev.mode, dev.mtu,
+                         f", netns {dev.netns}" if dev.netns else "",
+                         f", bridge {icfg.bridge}" if icfg.bridge else "",
+                         f", mac {format_mac(l2.mac)}" if l2 else "")
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Register the readers and timers on ``loop``; announce our addresses (TAP)."""
+        self.loop = loop
+        now = self.clock()
+        for port in self.ports.values():
+            loop.add_reader(port.fd, self._on_readable, port)
+            if port.l2 is not None:
+                port.l2.gratuitous()
+                port.flush_l2()
+        self._started = True
+        self._timers["expire"] = loop.call_later(self.cfg.expire_interval, self._expire)
+        if any(p.l2 is not None for p in self.ports.values()):
+            self._timers["l2"] = loop.call_later(L2_TICK, self._l2_tick)
+        log.debug("data plane started at %.3f", now)
+
+    def stop(self) -> None:
+        """Remove readers and timers (the devices stay open until ``close``)."""
+        self._started = False
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()
+        if self.loop is not None:
+            for port in self.ports.values():
+                try:
+                    self.loop.remove_reader(port.fd)
+                except Exception:  # noqa: BLE001 - loop may be closing
+                    pass
+
+    def close(self) -> None:
+        """Close the devices (non-persistent ones disappear)."""
+        for port in self.ports.values():
+            port.dev.close()
+        self.ports.clear()
+
+    # ------------------------------------------------------------------ packet path
+
+    def _on_readable(self, port: Port) -> None:
+        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self.clock())
+
+    def _handle_lan(self, pkt: bytearray, now: float) -> None:
+        self._route("lan", pkt, now)
+
+    def _handle_wan(self, pkt: bytearray, now: float) -> None:
+        self._route("wan", pkt, now)
+
+    def _route(self, iface: str, pkt: bytes | bytearray, now: float) -> None:
+        try:
+            outs = self.engine.process(iface, pkt, now)
+        except Exception:  # noqa: BLE001 - a bug must cost one packet, not the router
+            _bump(self.counters, "drop_engine_error")
+            if self.counters["drop_engine_error"] <= 10:
+                log.exception("engine failed on a packet from %s", iface)
+            return
+        if outs:
+            ports, nh = self.ports, self.engine.next_hop
+            for oif, out in outs:
+                port = ports.get(oif)
+                if port is None:
+                    _bump(self.counters, "drop_no_port")
+                    continue
+                port.send(out, nh, now)
+
+    # ------------------------------------------------------------------ timers
+
+    def _expire(self) -> None:
+        if not self._started or self.loop is None:
+            return
+        try:
+            self.engine.expire(self.clock())
+        except Exception:  # noqa: BLE001
+            _bump(self.counters, "dp_expire_errors")
+            log.exception("engine.expire failed")
+        self._timers["expire"] = self.loop.call_later(self.cfg.expire_interval, self._expire)
+
+    def _l2_tick(self) -> None:
+        if not self._started or self.loop is None:
+            return
+        now = self.clock()
+        for port in self.ports.values():
+            l2 = port.l2
+            if l2 is None:
+                continue
+            l2.tick(now)
+            if l2.out:
+                port.flush_l2()
+            if l2.unreachable:
+                failed, l2.unreachable = l2.unreachable, []
+                for nexthop, pkt in failed:
+                    # The error speaks for the silent neighbour, as if it came from that
+                    # segment: the engine translates it back to the original sender.
+                    err = icmp_host_unreachable(pkt, nexthop)
+                    if err is not None:
+                        _bump(self.counters, "dp_icmp_host_unreachable")
+                        self._route(port.iface, bytearray(err), now)
+        self._timers["l2"] = self.loop.call_later(L2_TICK, self._l2_tick)
+
+    # ------------------------------------------------------------------ control
+
+    def set_wan_address(self, addr: ipaddress.IPv4Interface) -> None:
+        """A new WAN address: tell the engine, re-address the WAN L2 host and announce it."""
+        now = self.clock()
+        self.engine.set_wan_address(addr, now)
+        port = self.ports.get("wan")
+        if port is not None and port.l2 is not None:
+            port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
+            port.flush_l2()
+
+    def on_reload(self, cfg: Config) -> None:
+        """After the engine took a new config: follow address changes on the L2 hosts."""
+        self.cfg = cfg
+        now = self.clock()
+        for side in ("lan", "wan"):
+            port = self.ports.get(side)
+            icfg = getattr(cfg, side)
+            if port is not None and port.l2 is not None and port.l2.ip != int(icfg.address.ip):
+                port.l2.set_address(int(icfg.address.ip), icfg.address.network.prefixlen, now)
+                port.flush_l2()
+
+    def set_capture(self, tap: CaptureTap | None) -> None:
+        for port in self.ports.values():
+            port.capture = tap
+
+    def all_counters(self) -> dict[str, int]:
+        """Engine counters plus the data plane's own."""
+        out = dict(getattr(self.engine, "counters", {}) or {})
+        for k, v in self.counters.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Table, counters and neighbours: what ``SIGUSR1`` dumps."""
+        now = self.clock()
+        try:
+            table = list(self.engine.table())
+        except Exception as exc:  # noqa: BLE001
+            table = [{"error": str(exc)}]
+        return {
+            "time": time.time(),
+            "table": table,
+            "counters": self.all_counters(),
+            "neighbours": {side: p.l2.table(now) for side, p in self.ports.items() if p.l2 is not None},
+        }
