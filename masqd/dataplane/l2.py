@@ -97,7 +97,7 @@ class EthernetHost:
 
     # ------------------------------------------------------------------ receive
 
-    def rx(self, frame: bytes | bytearray, now: float) -> bytearray | None:
+    def rx(self, frame: bytes | bytearray, now: float) -> bytes | None:
         """One received frame -> the IPv4 packet inside it for the router, or None."""
         if len(frame) < 14:
             _bump(self.counters, "drop_l2_runt")
@@ -109,12 +109,11 @@ class EthernetHost:
                 # flooded unicast for another host, or IP broadcast/multicast: not routed
                 _bump(self.counters, "drop_l2_not_for_us")
                 return None
-            pkt = bytearray(frame[14:])
-            if len(pkt) >= 20:
-                tl = (pkt[2] << 8) | pkt[3]
-                if 20 <= tl < len(pkt):
-                    del pkt[tl:]  # Ethernet padding of short frames
-            return pkt
+            if len(frame) >= 34:
+                tl = (frame[16] << 8) | frame[17]
+                if 20 <= tl < len(frame) - 14:
+                    return bytes(frame[14 : 14 + tl])  # without the padding of short frames
+            return bytes(frame[14:])
         if etype == ETH_ARP:
             if dst != self.mac and dst != BROADCAST:
                 _bump(self.counters, "drop_l2_not_for_us")

@@ -61,18 +61,17 @@ class Port:
         self.fd = dev.fd
         self.l2 = l2
         self.counters = counters
-        self.buf = bytearray(BUF_SIZE)
         self.capture: CaptureTap | None = None
 
-    def drain(self, handle: Callable[[bytearray, float], None], now: float) -> int:
+    def drain(self, handle: Callable[[bytes, float], None], now: float) -> int:
         """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``."""
-        fd, buf, l2, c = self.fd, self.buf, self.l2, self.counters
+        fd, l2, c = self.fd, self.l2, self.counters
         cap = self.capture if self.capture is not None and self.capture.active else None
-        readv = os.readv
+        read = os.read
         n = 0
         while n < READ_BATCH:
             try:
-                size = readv(fd, (buf,))
+                data = read(fd, BUF_SIZE)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -83,17 +82,16 @@ class Port:
                 break
             n += 1
             if cap is not None:
-                cap.record(self.iface, memoryview(buf)[:size])
+                cap.record(self.iface, data)
             if l2 is not None:
-                pkt = l2.rx(buf[:size], now)
+                pkt = l2.rx(data, now)
                 if pkt is None:
                     continue
+                handle(pkt, now)
+            elif len(data) >= 20 and data[0] >> 4 == 4:
+                handle(data, now)
             else:
-                if size < 20 or buf[0] >> 4 != 4:
-                    _bump(c, "drop_non_ipv4")
-                    continue
-                pkt = buf[:size]
-            handle(pkt, now)
+                _bump(c, "drop_non_ipv4")
         if l2 is not None and l2.out:
             self.flush_l2()
         return n
@@ -208,10 +206,10 @@ class Dataplane:
     def _on_readable(self, port: Port) -> None:
         port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self.clock())
 
-    def _handle_lan(self, pkt: bytearray, now: float) -> None:
+    def _handle_lan(self, pkt: bytes, now: float) -> None:
         self._route("lan", pkt, now)
 
-    def _handle_wan(self, pkt: bytearray, now: float) -> None:
+    def _handle_wan(self, pkt: bytes, now: float) -> None:
         self._route("wan", pkt, now)
 
     def _route(self, iface: str, pkt: bytes | bytearray, now: float) -> None:
@@ -262,7 +260,7 @@ class Dataplane:
                     err = icmp_host_unreachable(pkt, nexthop)
                     if err is not None:
                         _bump(self.counters, "dp_icmp_host_unreachable")
-                        self._route(port.iface, bytearray(err), now)
+                        self._route(port.iface, err, now)
         self._timers["l2"] = self.loop.call_later(L2_TICK, self._l2_tick)
 
     # ------------------------------------------------------------------ control
@@ -270,11 +268,14 @@ class Dataplane:
     def set_wan_address(self, addr: ipaddress.IPv4Interface) -> None:
         """A new WAN address: tell the engine, re-address the WAN L2 host and announce it."""
         now = self.clock()
-        self.engine.set_wan_address(addr, now)
+        outs = self.engine.set_wan_address(addr, now) or []
         port = self.ports.get("wan")
         if port is not None and port.l2 is not None:
             port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
             port.flush_l2()
+        for oif, pkt in outs:  # e.g. TCP resets towards the LAN for closed sessions
+            if oif in self.ports:
+                self.ports[oif].send(pkt, self.engine.next_hop, now)
 
     def on_reload(self, cfg: Config) -> None:
         """After the engine took a new config: follow address changes on the L2 hosts."""
@@ -302,7 +303,7 @@ class Dataplane:
         """Table, counters and neighbours: what ``SIGUSR1`` dumps."""
         now = self.clock()
         try:
-            table = list(self.engine.table())
+            table = list(self.engine.table(now))
         except Exception as exc:  # noqa: BLE001
             table = [{"error": str(exc)}]
         return {
