@@ -204,27 +204,41 @@ class MiniLab:
 
     def kernel_router(self) -> None:
         """Reference router in ``{p}-fw``: the kernel's nftables masquerade."""
-        fw = self.ns("fw")
-        self.connect("fw", "eth0", "lan", "10.0.0.1/8")
-        self.connect("fw", "eth1", "wan", "203.0.113.200/24")
-        ip(fw, "route", "add", "default", "via", "203.0.113.1")
-        nsexec(fw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        ruleset = (
-            "table ip masqd_ref {\n"
-            ' ct helper pptp-h { type "pptp" protocol tcp; }\n'
-            ' chain pre { type filter hook prerouting priority 0; tcp dport 1723 ct helper set "pptp-h"; }\n'
-            ' chain post { type nat hook postrouting priority 100; oifname "eth1" masquerade; }\n'
-            "}\n"
-        )
-        subprocess.run(
-            ["ip", "netns", "exec", fw, "nft", "-f", "-"],
-            input=ruleset,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        add_kernel_router(self.sw, self.ns("fw"))
 
     def teardown(self) -> None:
         for name in reversed(self.created):
             del_netns(name)
         self.created.clear()
+
+
+def veth_to_bridge(sw: str, ns: str, ifname: str, port: str, bridge: str, cidr: str) -> None:
+    """veth from namespace ``ns`` (``ifname``, address ``cidr``) to ``bridge`` in ``sw``."""
+    ip(sw, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
+    ip(sw, "link", "set", port, "master", bridge, "up")
+    ip(ns, "addr", "add", cidr, "dev", ifname)
+    ip(ns, "link", "set", ifname, "up")
+
+
+def add_kernel_router(sw: str, fw: str) -> None:
+    """Reference router: masqd's addresses (10.0.0.1, 203.0.113.200) in namespace ``fw``,
+    the kernel forwarding with nftables masquerade (and the PPTP conntrack helper)."""
+    veth_to_bridge(sw, fw, "eth0", "kref-lan", SEGMENTS["lan"], "10.0.0.1/8")
+    veth_to_bridge(sw, fw, "eth1", "kref-wan", SEGMENTS["wan"], "203.0.113.200/24")
+    ip(fw, "route", "add", "default", "via", "203.0.113.1")
+    nsexec(fw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    ruleset = (
+        "table ip masqd_ref {\n"
+        ' ct helper pptp-h { type "pptp" protocol tcp; }\n'
+        " chain pre { type filter hook prerouting priority 0;"
+        ' tcp dport 1723 ct helper set "pptp-h"; }\n'
+        ' chain post { type nat hook postrouting priority 100; oifname "eth1" masquerade; }\n'
+        "}\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", fw, "nft", "-f", "-"],
+        input=ruleset,
+        text=True,
+        check=True,
+        capture_output=True,
+    )

@@ -390,6 +390,7 @@ class Peer:
     dir: Path
     tap: str
     guest: UmlGuest | None = None
+    final: dict[str, str] | None = None  # result kept by stop() (the folder may go away)
 
     def prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -428,6 +429,8 @@ class Peer:
         return self._wait_file("done", timeout)
 
     def result(self) -> dict[str, str]:
+        if self.final is not None:
+            return dict(self.final)
         out: dict[str, str] = {}
         path = self.dir / "result.txt"
         if path.exists():
@@ -444,3 +447,4 @@ class Peer:
     def stop(self) -> None:
         if self.guest is not None:
             self.guest.stop()
+            self.final = self.result()
