@@ -109,6 +109,10 @@ COUNTER_RULES: tuple[Rule, ...] = (
     _r(r"icmp_(?P<event>[a-z0-9_]+)", "masqd_icmp_events",
        "ICMP events (errors translated, echo answered, unreachables sent...).", ("event",)),
     _r(r"hairpin(?:_(?P<event>[a-z0-9_]+))?", "masqd_hairpin_events", "Hairpinned packets.", ("event",)),
+    _r(rf"dp_{_IF}_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
+       "Data-plane events by interface (write errors, ARP, ...).", ("interface", "event")),
+    _r(r"dp_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
+       "Data-plane events by interface (write errors, ARP, ...).", ("event",), fixed=(("interface", "all"),)),
 )
 
 GENERIC_COUNTER = "masqd_engine_events"
@@ -226,11 +230,11 @@ class MasqdCollector:
         self,
         engine_ref: Callable[[], Any],
         ops: OpsCounters,
-        extra_gauges: Callable[[], Mapping[str, float]] | None = None,
+        extra_counters: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._engine_ref = engine_ref
         self._ops = ops
-        self._extra = extra_gauges
+        self._extra = extra_counters
 
     def describe(self) -> Iterable[Metric]:  # no up-front description: names depend on the engine
         return []
@@ -261,8 +265,11 @@ class MasqdCollector:
             m.add_metric([labels[k] for k in label_names[rule_family]], value)  # type: ignore[attr-defined]
 
         seen_entries = False
-        if engine is not None:
-            counters = _as_int_map(getattr(engine, "counters", None))
+        extra = dict(self._extra()) if self._extra is not None else {}
+        if engine is not None or extra:
+            counters = dict(_as_int_map(getattr(engine, "counters", None)))
+            for k, v in extra.items():  # data-plane counters, same naming scheme
+                counters[k] = counters.get(k, 0) + v
             for name, value in sorted(counters.items()):
                 rule, labels = classify(name)
                 if rule is None:
@@ -298,10 +305,6 @@ class MasqdCollector:
                 if isinstance(ip, int) and ip:
                     addr = ".".join(str((ip >> s) & 255) for s in (24, 16, 8, 0))
                     add(metric, "Current WAN address (value 1).", {"address": addr}, 1.0, "gauge")
-        if self._extra is not None:
-            for name, value in sorted(self._extra().items()):
-                add(name, "Data-plane gauge.", {}, float(value), "gauge")
-
         yield from families.values()
         yield from self._ops_metrics()
 

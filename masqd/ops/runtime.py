@@ -11,8 +11,10 @@ all of it. The data plane's per-packet contract is only::
 
 Hooks the data plane may pass: ``on_reload(cfg)`` (after the engine took the
 new config), ``set_wan_address(iface_addr)`` (replaces the default, which
-calls ``engine.set_wan_address``), ``extra_gauges()`` (data-plane gauges for
-metrics) and ``now`` (the engine's clock, default ``time.monotonic``).
+calls ``engine.set_wan_address``), ``extra_counters()`` (the data plane's own
+counters, named like the engine's and exported the same way; ``extra_gauges``
+is accepted as an alias) and ``now`` (the engine's clock, default
+``time.monotonic``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class Ops:
         now: Callable[[], float] = time.monotonic,
         on_reload: Callable[[Any], None] | None = None,
         set_wan_address: Callable[[ipaddress.IPv4Interface], None] | None = None,
-        extra_gauges: Callable[[], Mapping[str, float]] | None = None,
+        extra_counters: Callable[[], Mapping[str, int]] | None = None,
+        extra_gauges: Callable[[], Mapping[str, int]] | None = None,
         install_signal_handlers: bool = True,
         control_socket: str | None = None,
         metrics_listen: str | None = None,
@@ -101,13 +104,14 @@ class Ops:
         self.log = get_logger("masqd")
         self.events = EngineEventLogger(cfg.logging.rate_per_event, self.counters)
         self.capture = Capture(self.counters)
-        self.collector = MasqdCollector(lambda: self.engine, self.counters, extra_gauges)
+        self.collector = MasqdCollector(lambda: self.engine, self.counters, extra_counters or extra_gauges)
         self.registry = make_registry(self.collector)
         self.metrics: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.control: ControlServer | None = None
         self._on_reload = on_reload
         self._set_wan = set_wan_address
+        self._extra = extra_counters or extra_gauges
         self._signals = install_signal_handlers
         self._control_path = control_socket or cfg.control.socket
         self._metrics_listen = metrics_listen or cfg.metrics.listen
@@ -225,7 +229,7 @@ class Ops:
         c = self.counters
         wan = getattr(self.engine, "wan_ip", None)
         return {
-            "counters": dict(getattr(self.engine, "counters", {})),
+            "counters": self._all_counters(),
             "entries": len(self.engine.table()),
             "wan_address": str(ipaddress.IPv4Address(wan)) if isinstance(wan, int) else None,
             "reloads": {"success": c.reloads_ok, "failure": c.reloads_failed},
@@ -233,6 +237,13 @@ class Ops:
             "log_suppressed": dict(c.log_suppressed),
             "capture": self.capture.status(),
         }
+
+    def _all_counters(self) -> dict[str, int]:
+        out = dict(getattr(self.engine, "counters", {}) or {})
+        if self._extra is not None:
+            for k, v in self._extra().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def _h_rules(self, req: dict[str, Any]) -> Any:
         rules = getattr(self.engine, "rules", None)
