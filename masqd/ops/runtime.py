@@ -46,6 +46,7 @@ DRAIN_INTERVAL = 0.1
 LAG_INTERVAL = 0.25
 
 _FILTER_KEYS = ("proto", "lan", "wan", "remote", "state")
+_PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
 
 
 def parse_filter(text: str) -> dict[str, str]:
@@ -216,7 +217,7 @@ class Ops:
         return {"pid": os.getpid(), "uptime": time.time() - self.counters.started}
 
     def _h_table(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        entries = list(self.engine.table())
+        entries = list(self.engine.table(self.now()))
         flt = req.get("filter")
         if flt:
             if not isinstance(flt, str):
@@ -230,7 +231,7 @@ class Ops:
         wan = getattr(self.engine, "wan_ip", None)
         return {
             "counters": self._all_counters(),
-            "entries": len(self.engine.table()),
+            "entries": len(self.engine.table(self.now())),
             "wan_address": str(ipaddress.IPv4Address(wan)) if isinstance(wan, int) else None,
             "reloads": {"success": c.reloads_ok, "failure": c.reloads_failed},
             "control_errors": dict(c.control_errors),
@@ -256,10 +257,21 @@ class Ops:
         if not isinstance(flt, str):
             raise RequestError("flush: 'filter' must be a string")
         f = parse_filter(flt)
-        flush = getattr(self.engine, "flush", None)
-        if not callable(flush):
-            raise RequestError("flush: this engine cannot remove entries", "unsupported")
-        n = flush(lambda e: entry_matches(e, f))
+        extra = sorted(set(f) - {"proto", "lan"})
+        if extra:
+            raise RequestError(f"flush: the engine removes entries by proto and lan only, not {', '.join(extra)}")
+        kw: dict[str, int] = {}
+        if "proto" in f:
+            num = _PROTO_NUMBERS.get(f["proto"], f["proto"])
+            if not str(num).isdigit() or not 0 <= int(num) <= 255:
+                raise RequestError(f"flush: unknown protocol {f['proto']!r}")
+            kw["proto"] = int(num)
+        if "lan" in f:
+            try:
+                kw["lan_ip"] = int(ipaddress.IPv4Address(f["lan"].rsplit(":", 1)[0]))
+            except ValueError:
+                raise RequestError(f"flush: lan={f['lan']!r} is not an IPv4 address") from None
+        n = self.engine.flush(**kw)
         self.log.info("table_flushed", filter=flt or "all", removed=n)
         return {"removed": n}
 

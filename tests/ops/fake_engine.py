@@ -24,6 +24,10 @@ class FakeEngine:
             "pptp_calls_setup": 2,
             "wan_address_changes": 1,
             "some_new_thing": 7,
+            "sessions": 3,
+            "pool_used_tcp": 1,
+            "pool_size": 64512,
+            "frag_queue": 0,
         }
         self.entries: list[dict[str, Any]] = [
             {"proto": "tcp", "lan": "10.0.0.2:1025", "wan": "203.0.113.200:1025",
@@ -39,7 +43,7 @@ class FakeEngine:
         self.lan_ip = int(ipaddress.IPv4Address("10.0.0.1"))
         self.wan_set: list[tuple[ipaddress.IPv4Interface, float]] = []
 
-    def table(self) -> list[dict[str, Any]]:
+    def table(self, now: float | None = None) -> list[dict[str, Any]]:
         return [dict(e) for e in self.entries]
 
     def drain_events(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -54,8 +58,15 @@ class FakeEngine:
         self.wan_ip = int(addr.ip)
         self.wan_set.append((addr, now))
 
-    def flush(self, pred: Any) -> int:
-        keep = [e for e in self.entries if not pred(e)]
+    def flush(self, proto: int | None = None, lan_ip: int | None = None) -> int:
+        names = {6: "tcp", 17: "udp", 1: "icmp", 50: "esp"}
+
+        def hit(e: dict[str, Any]) -> bool:
+            if proto is not None and e["proto"] != names.get(proto):
+                return False
+            return lan_ip is None or e["lan"].split(":")[0] == str(ipaddress.IPv4Address(lan_ip))
+
+        keep = [e for e in self.entries if not hit(e)]
         n = len(self.entries) - len(keep)
         self.entries = keep
         return n

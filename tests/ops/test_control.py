@@ -92,6 +92,10 @@ def test_flush_with_filter(tmp_path: Path) -> None:
         assert request(path, {"cmd": "flush", "filter": "lan=10.0.0.3"}) == {"removed": 1}
         assert request(path, {"cmd": "flush", "filter": "tcp"}) == {"removed": 1}
         assert [e["proto"] for e in request(path, {"cmd": "table"})] == ["esp"]
+        with pytest.raises(ControlError, match="proto and lan only"):
+            request(path, {"cmd": "flush", "filter": "remote=198.51.100.1"})
+        with pytest.raises(ControlError, match="unknown protocol"):
+            request(path, {"cmd": "flush", "filter": "proto=bogus"})
         assert request(path, {"cmd": "flush"}) == {"removed": 1}
 
     run_with_ops(tmp_path, body, eng)

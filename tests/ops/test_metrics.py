@@ -63,6 +63,9 @@ def test_scrape_values_follow_engine_counters() -> None:
     assert s[("masqd_drops_total", (("reason", "bad_checksum"),))] == 2
     assert s[("masqd_esp_events_total", (("event", "learned"),))] == 3
     assert s[("masqd_wan_address_changes_total", ())] == 1
+    assert s[("masqd_port_pool_used_ports", (("protocol", "tcp"),))] == 1
+    assert s[("masqd_port_pool_size_ports", (("protocol", "all"),))] == 64512
+    assert s[("masqd_masq_sessions", ())] == 3
     # entries by protocol and state come from engine.table() when no gauge counter exists
     assert s[("masqd_masq_entries", (("protocol", "tcp"), ("state", "established")))] == 1
     assert s[("masqd_masq_entries", (("protocol", "esp"), ("state", "pending")))] == 1
@@ -135,3 +138,31 @@ def test_http_endpoint_serves_metrics_in_the_loop() -> None:
     code, body, nf, hz = asyncio.run(main())
     assert code == 200 and "masqd_packets_total" in body
     assert nf == 404 and hz == 200
+
+
+def test_real_engine_counters_export_cleanly(tmp_path: object) -> None:
+    """The real engine after some traffic: every counter lands in a family, promtool is happy."""
+    from scapy.all import ICMP, IP, TCP, UDP  # type: ignore[import-untyped]
+
+    from masqd import config
+    from masqd.engine import Engine
+
+    cfg = config.loads('[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "203.0.113.200/24"\n'
+                       'gateway = "203.0.113.1"\n')
+    eng = Engine(cfg)
+    now = 100.0
+    for p in (IP(src="10.0.0.2", dst="198.51.100.1") / TCP(sport=1025, dport=23, flags="S"),
+              IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=500, dport=500),
+              IP(src="10.0.0.3", dst="198.51.100.1") / ICMP(id=9)):
+        eng.process("lan", bytes(p), now)
+    eng.process("wan", b"\x45\x00\x00", now)  # truncated: a counted drop
+    text = scrape(eng)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+    s = samples(text)
+    out_tcp = ("masqd_packets_total", (("direction", "tx"), ("interface", "wan"), ("protocol", "tcp")))
+    assert s[out_tcp] == 1
+    assert sum(v for (n, _), v in s.items() if n == "masqd_drops_total") >= 1
+    assert s[("masqd_masq_sessions", ())] == 3
+    assert sum(v for (n, _), v in s.items() if n == "masqd_masq_entries") == len(eng.table(now))
