@@ -102,7 +102,7 @@ class Engine:
         self._maps: dict[tuple[int, int, int], Mapping] = {}
         self._wheel = TimerWheel()
         self.nsessions = 0
-        self._icmp_tokens = 0.0
+        self._icmp_tokens = 100.0
         self._icmp_last = 0.0
         self._apply(cfg, first=True)
 

@@ -34,7 +34,7 @@ class TimerWheel:
         """Return the items whose deadline has passed; file again those that were refreshed."""
         upto = int(now)
         if self._pos is None:
-            self._pos = upto
+            self._pos = min(self._buckets, default=upto)
         if upto < self._pos:
             return []
         if upto - self._pos <= len(self._buckets):

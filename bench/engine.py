@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""In-process engine benchmark: packets per second through Engine.process.
+
+Prints, for established UDP and TCP flows, ns per packet and packets per
+second with 10 k and 1 M entries in the table, and the RSS cost per entry.
+Other workloads (ESP, GRE, rule sets) register themselves in WORKLOADS.
+Usage: python bench/engine.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from scapy.all import IP, TCP, UDP, raw  # noqa: E402
+
+from masqd.config import loads  # noqa: E402
+from masqd.engine import Engine  # noqa: E402
+
+BASE = """
+[lan]
+address = "10.0.0.1/8"
+[wan]
+address = "203.0.113.200/24"
+gateway = "203.0.113.1"
+[masquerade]
+inbound_filtering = "endpoint-independent"
+max_entries = 4000000
+"""
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fill(eng: Engine, n: int) -> None:
+    """n distinct UDP sessions: up to 40,000 LAN endpoints, each talking to several remote ports
+    (one WAN address has only 64 k ports, so a million sessions share mappings)."""
+    base = bytearray(raw(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=1, dport=53) / b"x"))
+    for i in range(n):
+        j = i % 40_000
+        host = 0x0A010000 + (j >> 12)
+        port = 20000 + (j & 0xFFF)
+        base[12:16] = host.to_bytes(4, "big")
+        base[20:22] = port.to_bytes(2, "big")
+        base[22:24] = (1 + i // 40_000).to_bytes(2, "big")
+        base[10:12] = b"\0\0"
+        eng.process("lan", bytes(base), 1.0)
+
+
+def time_loop(fn: Callable[[], object], n: int) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e9
+
+
+def udp_flow(eng: Engine) -> tuple[Callable[[], object], Callable[[], object]]:
+    out_p = raw(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=5555, dport=53) / (b"q" * 32))
+    o = eng.process("lan", out_p, 1.0)
+    wport = IP(o[0][1])[UDP].sport
+    in_p = raw(IP(src="198.51.100.1", dst="203.0.113.200") / UDP(sport=53, dport=wport) / (b"a" * 32))
+    eng.process("wan", in_p, 1.0)
+    proc = eng.process
+    return (lambda: proc("lan", out_p, 2.0)), (lambda: proc("wan", in_p, 2.0))
+
+
+def tcp_flow(eng: Engine) -> tuple[Callable[[], object], Callable[[], object]]:
+    syn = raw(IP(src="10.0.0.2", dst="198.51.100.1") / TCP(sport=40000, dport=80, flags="S"))
+    o = eng.process("lan", syn, 1.0)
+    wport = IP(o[0][1])[TCP].sport
+    eng.process("wan", raw(IP(src="198.51.100.1", dst="203.0.113.200") / TCP(sport=80, dport=wport, flags="SA")), 1.0)
+    out_p = raw(IP(src="10.0.0.2", dst="198.51.100.1") / TCP(sport=40000, dport=80, flags="A") / (b"d" * 32))
+    in_p = raw(IP(src="198.51.100.1", dst="203.0.113.200") / TCP(sport=80, dport=wport, flags="A") / (b"d" * 32))
+    eng.process("lan", out_p, 1.0)
+    eng.process("wan", in_p, 1.0)
+    proc = eng.process
+    return (lambda: proc("lan", out_p, 2.0)), (lambda: proc("wan", in_p, 2.0))
+
+
+# name -> (extra config, flow builder). Helpers add their own workloads here.
+WORKLOADS: dict[str, tuple[str, Callable[[Engine], tuple[Callable[[], object], Callable[[], object]]]]] = {
+    "udp": ("", udp_flow),
+    "tcp": ("", tcp_flow),
+}
+
+
+def _register_extra() -> None:
+    here = os.path.dirname(__file__)
+    for name in sorted(os.listdir(here)):
+        if name.startswith("workload_") and name.endswith(".py"):
+            ns: dict[str, object] = {}
+            with open(os.path.join(here, name)) as f:
+                exec(compile(f.read(), name, "exec"), ns)  # noqa: S102 - our own bench files
+            extra = ns.get("WORKLOADS")
+            if isinstance(extra, dict):
+                WORKLOADS.update(extra)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="100 k entries instead of 1 M, fewer iterations")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    _register_extra()
+    iters = 50_000 if args.quick else 300_000
+    big = 100_000 if args.quick else 1_000_000
+    res: dict[str, float] = {}
+    for name, (extra, build) in WORKLOADS.items():
+        eng = Engine(loads(BASE + extra))
+        fill(eng, 10_000)
+        out_fn, in_fn = build(eng)
+        res[f"{name}_out_ns_10k"] = time_loop(out_fn, iters)
+        res[f"{name}_in_ns_10k"] = time_loop(in_fn, iters)
+    # 1 M entries: lookup cost and memory
+    eng = Engine(loads(BASE))
+    gc.collect()
+    r0 = rss_bytes()
+    fill(eng, big)
+    gc.collect()
+    r1 = rss_bytes()
+    res["entries"] = eng.counters["sessions"]
+    res["rss_bytes_per_entry"] = (r1 - r0) / max(1, eng.counters["sessions"])
+    out_fn, in_fn = udp_flow(eng)
+    res["udp_out_ns_big"] = time_loop(out_fn, iters)
+    res["udp_in_ns_big"] = time_loop(in_fn, iters)
+    res["big_over_10k"] = res["udp_out_ns_big"] / res["udp_out_ns_10k"]
+    t0 = time.perf_counter()
+    eng.expire(1e6)
+    res["expire_all_s"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({k: round(v, 3) for k, v in res.items()}))
+        return 0
+    print(f"{'workload':<28}{'ns/pkt':>10}{'pkts/s':>14}")
+    for k, v in res.items():
+        if k.endswith(("_ns_10k", "_ns_big")):
+            print(f"{k:<28}{v:>10.0f}{1e9 / v:>14,.0f}")
+    print(f"entries in big table        {int(res['entries']):,}")
+    print(f"RSS per entry               {res['rss_bytes_per_entry']:.0f} bytes")
+    print(f"lookup cost big/10k         {res['big_over_10k']:.2f}x")
+    print(f"expire everything           {res['expire_all_s']:.2f} s")
+    for k in list(res):
+        if k.endswith("_out_ns_10k") and not k.startswith("udp"):
+            print(f"{k[:-11]} vs udp (out)        {res[k] / res['udp_out_ns_10k']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Masquerade of TCP, UDP and ICMP echo: mappings, ports, timeouts, filtering, hairpinning.
+
+Each test names the RFC 4787 / 5382 / 5508 / 7857 requirement it shows where there is one.
+"""
+
+from __future__ import annotations
+
+from scapy.all import ICMP, IP, TCP, UDP
+
+from masqd.engine import Engine
+from tests.engine.conftest import (
+    H2,
+    H3,
+    R2,
+    SRV,
+    WAN_IP,
+    checksums_ok,
+    echo,
+    make_cfg,
+    one,
+    tcp,
+    udp,
+)
+
+
+def test_udp_out_and_reply_back(eng: Engine) -> None:
+    p = one(eng.process("lan", udp(H2, SRV, 4000, 53, b"query"), 0.0), "wan")
+    assert p.src == WAN_IP and p[UDP].dport == 53 and bytes(p[UDP].payload) == b"query"
+    assert checksums_ok(bytes(p))
+    r = one(eng.process("wan", udp(SRV, WAN_IP, 53, p[UDP].sport, b"answer"), 0.1), "lan")
+    assert r.dst == H2 and r[UDP].dport == 4000 and bytes(r[UDP].payload) == b"answer"
+    assert checksums_ok(bytes(r))
+
+
+def test_tcp_handshake_data_and_close(eng: Engine) -> None:
+    s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S", seq=1), 0.0), "wan")
+    port = s[TCP].sport
+    assert checksums_ok(bytes(s))
+    sa = one(eng.process("wan", tcp(SRV, WAN_IP, 80, port, "SA", seq=9, ack=2), 0.1), "lan")
+    assert sa.dst == H2 and sa[TCP].dport == 40000 and checksums_ok(bytes(sa))
+    for i in range(3):  # established: fast path both ways
+        d = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "PA", b"GET /", seq=2 + i), 0.2), "wan")
+        assert checksums_ok(bytes(d)) and d[TCP].sport == port
+        a = one(eng.process("wan", tcp(SRV, WAN_IP, 80, port, "A", b"data", ack=3 + i), 0.3), "lan")
+        assert checksums_ok(bytes(a)) and a.dst == H2
+    row = [r for r in eng.table(1.0) if r["proto"] == "tcp"][0]
+    assert row["state"] == "ESTABLISHED"
+    assert row["expires_in"] > 7400  # RFC 5382 REQ-5: established >= 2 h 4 min
+    one(eng.process("lan", tcp(H2, SRV, 40000, 80, "FA", seq=10), 2.0), "wan")
+    row = [r for r in eng.table(2.0) if r["proto"] == "tcp"][0]
+    assert row["state"] == "FIN_WAIT" and row["expires_in"] <= 240
+
+
+def test_icmp_echo_masquerade_rewrites_identifier_back(eng: Engine) -> None:
+    p = one(eng.process("lan", echo(H2, SRV, ident=77), 0.0), "wan")
+    assert p.src == WAN_IP and checksums_ok(bytes(p))
+    r = one(eng.process("wan", echo(SRV, WAN_IP, ident=p[ICMP].id, reply=True), 0.1), "lan")
+    assert r.dst == H2 and r[ICMP].id == 77 and checksums_ok(bytes(r))
+
+
+def test_rfc4787_req1_endpoint_independent_mapping(eng: Engine) -> None:
+    a = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    b = one(eng.process("lan", udp(H2, R2, 4000, 9999), 0.0), "wan")
+    assert a[UDP].sport == b[UDP].sport
+
+
+def test_port_preservation_when_free_and_distinct_ports_on_conflict(eng: Engine) -> None:
+    a = one(eng.process("lan", udp(H2, SRV, 5000, 53), 0.0), "wan")
+    b = one(eng.process("lan", udp(H3, SRV, 5000, 53), 0.0), "wan")
+    assert a[UDP].sport == 5000
+    assert b[UDP].sport != 5000
+    ra = one(eng.process("wan", udp(SRV, WAN_IP, 53, a[UDP].sport), 0.1), "lan")
+    rb = one(eng.process("wan", udp(SRV, WAN_IP, 53, b[UDP].sport), 0.1), "lan")
+    assert ra.dst == H2 and rb.dst == H3
+
+
+def test_linux22_profile_uses_61000_65095_and_its_timeouts() -> None:
+    eng = Engine(make_cfg('[masquerade]\nprofile = "linux-2.2"\nport_preservation = false\n'))
+    p = one(eng.process("lan", udp(H2, SRV, 5000, 53), 0.0), "wan")
+    assert 61000 <= p[UDP].sport <= 65095
+    one(eng.process("lan", tcp(H2, SRV, 5000, 80, "S"), 0.0), "wan")
+    q = one(eng.process("wan", tcp(SRV, WAN_IP, 80, eng.table(0)[0]["wan"] and
+                                 [r for r in eng.table(0) if r["proto"] == "tcp"][0]["wan"].split(":")[1] and
+                                 int([r for r in eng.table(0) if r["proto"] == "tcp"][0]["wan"].split(":")[1]),
+                                 "SA"), 0.0), "lan")
+    assert q.dst == H2
+    row = [r for r in eng.table(0.0) if r["proto"] == "tcp"][0]
+    assert row["expires_in"] == 900.0
+
+
+def test_no_port_overloading_when_the_pool_is_exhausted() -> None:
+    eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
+    got = set()
+    for i in range(4):
+        p = one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+        got.add(p[UDP].sport)
+    assert got == {20000, 20001, 20002, 20003}
+    assert eng.process("lan", udp(H2, SRV, 7000, 53), 0.0) == []
+    assert eng.counters["drop_pool_exhausted"] == 1
+    # the live mappings still work
+    for i in range(4):
+        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 1.0), "wan")
+    eng.expire(400.0)
+    one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")
+
+
+def test_rfc4787_req5_udp_mapping_lives_five_minutes_and_is_refreshed_by_traffic(eng: Engine) -> None:
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    eng.expire(299.0)
+    assert eng.counters["sessions"] == 1
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 299.0), "wan")
+    eng.expire(500.0)
+    assert eng.counters["sessions"] == 1
+    eng.expire(600.0)
+    assert eng.counters["sessions"] == 0
+    assert eng.counters["pool_used_udp"] == 0 or eng.pool.use(17) == 0
+
+
+def test_rfc5382_transitory_tcp_times_out_after_4_minutes(eng: Engine) -> None:
+    one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
+    eng.expire(239.0)
+    assert eng.counters["sessions"] == 1
+    eng.expire(241.5)
+    assert eng.counters["sessions"] == 0
+
+
+def test_rfc7857_rst_keeps_state_4_minutes(eng: Engine) -> None:
+    s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
+    one(eng.process("wan", tcp(SRV, WAN_IP, 80, s[TCP].sport, "SA"), 0.0), "lan")
+    one(eng.process("lan", tcp(H2, SRV, 40000, 80, "R"), 1.0), "wan")
+    eng.expire(200.0)
+    assert eng.counters["sessions"] == 1
+    eng.expire(242.0)
+    assert eng.counters["sessions"] == 0
+
+
+def test_icmp_query_mapping_lives_60_seconds(eng: Engine) -> None:
+    one(eng.process("lan", echo(H2, SRV), 0.0), "wan")
+    eng.expire(59.0)
+    assert eng.counters["sessions"] == 1
+    eng.expire(61.5)
+    assert eng.counters["sessions"] == 0
+
+
+def test_timeouts_are_configurable() -> None:
+    eng = Engine(make_cfg("[masquerade.timeouts]\nudp = 30\n"))
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    eng.expire(31.5)
+    assert eng.counters["sessions"] == 0
+
+
+def test_expiry_with_a_large_clock_jump(eng: Engine) -> None:
+    for i in range(50):
+        one(eng.process("lan", udp(H2, SRV, 4000 + i, 53), 1e9), "wan")
+    eng.expire(1e9 + 10)
+    assert eng.counters["sessions"] == 50
+    eng.expire(1e9 + 86400 * 30)
+    assert eng.counters["sessions"] == 0
+
+
+def _inbound_after_outbound(filtering: str, src: str, sport: int) -> list:
+    eng = Engine(make_cfg(f'[masquerade]\ninbound_filtering = "{filtering}"\n'))
+    p = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    return eng.process("wan", udp(src, WAN_IP, sport, p[UDP].sport), 0.1)
+
+
+def test_rfc4787_req8_address_dependent_filtering_is_the_default() -> None:
+    assert len(_inbound_after_outbound("address-dependent", SRV, 9999)) == 1
+    assert _inbound_after_outbound("address-dependent", R2, 53) == []
+
+
+def test_rfc4787_req8_endpoint_independent_filtering() -> None:
+    assert len(_inbound_after_outbound("endpoint-independent", R2, 53)) == 1
+
+
+def test_rfc4787_req8_address_and_port_dependent_filtering() -> None:
+    assert _inbound_after_outbound("address-and-port-dependent", SRV, 9999) == []
+    assert len(_inbound_after_outbound("address-and-port-dependent", SRV, 53)) == 1
+
+
+def test_rfc4787_req9_hairpinning_with_external_source() -> None:
+    eng = Engine(make_cfg('[masquerade]\ninbound_filtering = "endpoint-independent"\n'))
+    a = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    h = one(eng.process("lan", udp(H3, WAN_IP, 5000, a[UDP].sport, b"hi"), 0.1), "lan")
+    assert h.dst == H2 and h[UDP].dport == 4000
+    assert h.src == WAN_IP  # external address of the sender, not its LAN address
+    assert h[UDP].sport != 0 and checksums_ok(bytes(h))
+    assert h.ttl == 63
+
+
+def test_packets_in_the_table_show_lan_wan_and_remote(eng: Engine) -> None:
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    (row,) = eng.table(0.0)
+    assert row["lan"] == f"{H2}:4000" and row["wan"] == f"{WAN_IP}:4000" and row["remote"] == f"{SRV}:53"
+    assert row["state"] == "UNREPLIED"
+
+
+def test_tcp_mss_is_clamped_to_the_egress_mtu() -> None:
+    eng = Engine(make_cfg("").__class__.model_validate(
+        {**make_cfg().model_dump(), "wan": {**make_cfg().wan.model_dump(), "mtu": 1400}}))
+    s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S", options=[("MSS", 1460)]), 0.0), "wan")
+    assert dict(s[TCP].options)["MSS"] == 1360
+    assert checksums_ok(bytes(s))
+
+
+def test_stray_rst_creates_no_entry(eng: Engine) -> None:
+    assert eng.process("lan", tcp(H2, SRV, 40000, 80, "R"), 0.0) == []
+    assert eng.counters["sessions"] == 0
+
+
+def test_flush(eng: Engine) -> None:
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    one(eng.process("lan", udp(H3, SRV, 4000, 53), 0.0), "wan")
+    from masqd.wire import ip_int
+
+    assert eng.flush(lan_ip=ip_int(H2)) == 1
+    assert eng.flush() == 1
+    assert eng.counters["sessions"] == 0 and eng.counters["mappings"] == 0
+
+
+def test_reload_keeps_the_table(eng: Engine) -> None:
+    p = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    eng.reload(make_cfg("[masquerade.timeouts]\nudp = 600\n"))
+    r = one(eng.process("wan", udp(SRV, WAN_IP, 53, p[UDP].sport), 1.0), "lan")
+    assert r.dst == H2
+    assert isinstance(IP(bytes(r)), IP)
