@@ -130,6 +130,28 @@ class Masquerade(_Frozen):
 _DEFAULT_ALIASES: dict[str, Literal["lan", "wan"]] = {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
 
 
+class FirewallRule(_Frozen):
+    """One structured rule (``[[firewall.rule]]``), the TOML twin of an ``ipchains -A`` line.
+
+    Strings use the ipchains syntax; a leading ``!`` negates (``proto = "!tcp"``).
+    A chain that is not built in is created on first use.
+    """
+
+    chain: str
+    target: str = ""  # ACCEPT DENY REJECT MASQ RETURN, a user chain, or "" (count only)
+    proto: str = "all"  # tcp udp icmp all, or a number such as 47 or 50
+    src: str = "0.0.0.0/0"
+    sport: str = ""  # "500", "1024:65535", or an ICMP type name
+    dst: str = "0.0.0.0/0"
+    dport: str = ""
+    iface: str = ""  # lan, wan, or a name from aliases
+    syn: bool | None = None  # True: -y; False: ! -y
+    fragment: bool | None = None  # True: -f; False: ! -f
+    log: bool = False
+    bidirectional: bool = False
+    position: int | None = Field(None, ge=1)  # insert at this rule number instead of appending
+
+
 class Firewall(_Frozen):
     input_policy: Literal["ACCEPT", "DENY", "REJECT"] = "ACCEPT"
     forward_policy: Literal["ACCEPT", "DENY", "REJECT", "MASQ"] = "MASQ"
@@ -140,6 +162,8 @@ class Firewall(_Frozen):
     # Interface names used in rule lines -> "lan" / "wan".
     aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=lambda: dict(_DEFAULT_ALIASES))
     log_rate: float = Field(10.0, gt=0)  # -l log events per second, burst the same
+    # Structured rules, applied after rules_file and rules.
+    rule: tuple[FirewallRule, ...] = ()
 
 
 class IPsec(_Frozen):
