@@ -71,7 +71,7 @@ HOSTS: dict[str, tuple[list[tuple[str, str, str]], str | None]] = {
     "rem3": ([("rem", "eth0", f"{REM3}/24")], ISP_REM),
 }
 
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
 
 class LabError(Exception):
@@ -106,7 +106,7 @@ class Lab:
 
     def __init__(self, prefix: str = "mq", mode: str = "tap") -> None:
         if not _PREFIX_RE.match(prefix):
-            raise LabError(f"prefix {prefix!r}: 1-8 lowercase letters/digits, starting with a letter")
+            raise LabError(f"prefix {prefix!r}: 1-10 lowercase letters/digits, starting with a letter")
         if mode not in ("tun", "tap"):
             raise LabError(f"mode {mode!r}: tun or tap")
         self.prefix = prefix
@@ -294,6 +294,32 @@ class Lab:
     def popen(self, role: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in the role's namespace; stop it with ``stop_process`` (by PID)."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns(role), *argv], **kw)
+
+    def tool_server(self, role: str, args: Sequence[str], *, timeout: float = 20.0) -> subprocess.Popen[str]:
+        """Start a :mod:`masqd.lab.nettool` server in ``role``; returns once it is listening."""
+        import select
+
+        proc = self.popen(role, [sys.executable, "-m", "masqd.lab.nettool", "--timeout", str(timeout), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+        line = proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            stop_process(proc)
+            raise LabError(f"nettool {' '.join(args)} in {role} did not start: {line!r}")
+        return proc
+
+    def tool(self, role: str, args: Sequence[str], *, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+        """Run a :mod:`masqd.lab.nettool` client in ``role``: (exit status, its JSON report)."""
+        import json
+
+        cp = self.exec(role, [sys.executable, "-m", "masqd.lab.nettool", "--timeout", str(timeout), *args],
+                       check=False, timeout=timeout + 10)
+        try:
+            report = dict(json.loads(cp.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            report = {"ok": False, "stdout": cp.stdout, "stderr": cp.stderr}
+        return cp.returncode, report
 
     # ------------------------------------------------------------------ masqd
 
