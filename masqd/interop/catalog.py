@@ -20,6 +20,7 @@ from masqd.interop.peers import (
 from masqd.interop.scenario import (
     RouterKind,
     Scenario,
+    masqd_entries,
     natt_checks,
     pptp_checks,
     raw_esp_checks,
@@ -44,7 +45,10 @@ def strongswan_natt(clients: int = 1, router: RouterKind = "masqd") -> Scenario:
         strongswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, STRONGSWAN_SERVER, 2, n)
         for n in range(1, clients + 1)
     ]
-    return Scenario(f"strongswan-natt-x{clients}", tuple(peers), natt_checks(clients), router)
+    checks = natt_checks(clients)
+    if router == "masqd":
+        checks += (masqd_entries("udp", 4500, clients),)
+    return Scenario(f"strongswan-natt-x{clients}", tuple(peers), checks, router)
 
 
 def libreswan_raw_esp(ike: int, clients: int = 1, router: RouterKind = "masqd") -> Scenario:

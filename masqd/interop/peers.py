@@ -364,7 +364,7 @@ def pptp_client(
         + "cp /peer/chap-secrets /etc/ppp/chap-secrets; chmod 600 /etc/ppp/chap-secrets\n"
         + "mark_ready\n"
         + "t0=$(uptime_s)\n"
-        + f'timeout 40 pppd pty "pptp {server} --nolaunchpppd --loglevel 1" name {user}'
+        + f'timeout 25 pppd pty "pptp {server} --nolaunchpppd --loglevel 1" name {user}'
         " remotename pptpd require-mppe-128 refuse-eap noauth nodefaultroute lock nobsdcomp"
         " nodeflate logfile /peer/pppd.log debug updetach maxfail 1"
         " > /peer/initiate.log 2>&1; result tunnel_rc $?\n"

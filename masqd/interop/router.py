@@ -154,6 +154,7 @@ class MasqdRouter:
     run_dir: Path
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    last_snapshot: dict[str, Any] | None = None
 
     @property
     def lan_tap(self) -> str:
@@ -264,6 +265,7 @@ class MasqdRouter:
         out = self.run_dir / "masqd-table.txt"
         try:
             snap = self.snapshot()
+            self.last_snapshot = snap
             out.write_text(json.dumps(snap, indent=1, sort_keys=True) if snap else
                            "masqd wrote no state snapshot\n")  # fmt: skip
         except OSError as exc:

@@ -74,6 +74,7 @@ class ScenarioRun:
     timings: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     kept: bool = False
+    masqd_state: dict[str, Any] | None = None  # masqd's table+counters at the end (masqd router)
 
     @property
     def passed(self) -> bool:
@@ -187,6 +188,31 @@ def masqueraded_by(public_ip: str = FW_WAN_IP, lan: str = "10.0.0.0/8") -> Check
         problems = wan_lacks(f"net {net}", "LAN addresses leaking to the WAN")(run)
         problems += wan_has(f"src host {public_ip}", 1, "masqueraded traffic")(run)
         return problems
+
+    return check
+
+
+def masqd_entries(proto: str, remote_port: int, at_least: int, public_ip: str = FW_WAN_IP) -> Check:
+    """masqd's own table (its state snapshot) holds ``at_least`` entries of ``proto``
+    towards ``remote_port`` from distinct LAN endpoints, mapped to ``public_ip``:
+    masqd (not the kernel) did the masquerade."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        if run.masqd_state is None:
+            return ["no masqd state snapshot (masqd router not used or not answering)"]
+        lans = set()
+        for entry in run.masqd_state.get("table", []):
+            remote = str(entry.get("remote", ""))
+            if (
+                entry.get("proto") == proto
+                and remote.endswith(f":{remote_port}")
+                and str(entry.get("wan", "")).startswith(f"{public_ip}:")
+            ):
+                lans.add(entry.get("lan"))
+        if len(lans) < at_least:
+            return [f"masqd table: {len(lans)} {proto} entries to port {remote_port} "
+                    f"({sorted(map(str, lans))}), wanted >= {at_least}"]  # fmt: skip
+        return []
 
     return check
 
@@ -308,8 +334,9 @@ def run_scenario(
             lab.attach_tap(spec.segment, tap)
             run.peers[spec.name] = Peer(spec, run.run_dir / "peers" / spec.name, tap)
         _play(run, lab)
-        for r_ev in router.evidence():
-            run.evidence.append(r_ev)
+        run.evidence += router.evidence()
+        if isinstance(router, MasqdRouter):
+            run.masqd_state = router.last_snapshot
     except Exception as exc:  # any harness/lab/peer failure becomes a reported problem
         run.problems.append(f"{type(exc).__name__}: {exc}")
         (run.run_dir / "harness-error.txt").write_text(traceback.format_exc())
