@@ -23,6 +23,7 @@ from masqd import firewall as fwmod
 from masqd.config import Config
 from masqd.engine.defrag import Reassembler, fragment
 from masqd.engine.expiry import TimerWheel
+from masqd.engine.forward import Forwarders
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.nat import (
     S_REPLIED,
@@ -37,7 +38,15 @@ from masqd.engine.nat import (
     PortPool,
     Session,
 )
-from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp, ones_sum, word_delta
+from masqd.wire.checksum import (
+    addr_delta,
+    apply_delta,
+    apply_delta_udp,
+    checksum,
+    ones_sum,
+    pseudo_header_sum,
+    word_delta,
+)
 from masqd.wire.ipv4 import (
     ICMP,
     ICMP_ECHO,
@@ -60,6 +69,7 @@ from masqd.wire.ipv4 import (
     UNREACH_PORT,
     Malformed,
     build_icmp,
+    build_ipv4,
     check_ipv4,
     ip_str,
 )
@@ -104,6 +114,7 @@ class Engine:
         self.nsessions = 0
         self._icmp_tokens = 100.0
         self._icmp_last = 0.0
+        self._reset_keys: dict[bytes, float] = {}
         self._apply(cfg, first=True)
 
     # ------------------------------------------------------------------ config
@@ -144,6 +155,10 @@ class Engine:
         self._proto_helpers: dict[int, Helper] = {}
         self._udp_helpers: dict[int, Helper] = {}
         self._tcp_helpers: dict[int, Helper] = {}
+        if first:
+            self.forwarders = Forwarders(self, cfg)
+        else:
+            self.forwarders.configure(cfg)
         for h in self.helpers:
             if not h.enabled():
                 continue
@@ -624,6 +639,22 @@ class Engine:
         self._maps[mk] = m
         return m
 
+    def static_mapping(self, proto: int, lan_ip: int, lan_port: int, wan_port: int) -> Mapping:
+        """A mapping that expiry never frees (port forwards); its WAN port is reserved by the caller."""
+        m = Mapping(proto, lan_ip, lan_port, self.wan_ip, wan_port)
+        m.static = True
+        self._maps.setdefault((proto, lan_ip, lan_port), m)
+        return m
+
+    def drop_mapping(self, m: Mapping) -> None:
+        mk = (m.proto, m.lan_ip, m.lan_port)
+        if self._maps.get(mk) is m:
+            del self._maps[mk]
+        self.pool.release(m.proto, m.wan_port, m)
+
+    def tcp_helper_for(self, port: int) -> Helper | None:
+        return self._tcp_helpers.get(port)
+
     def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0) -> Session | None:
         if self.nsessions >= self.max_sessions:
             self.drop("table_full")
@@ -662,10 +693,7 @@ class Engine:
         if s.helper is not None:
             s.helper.session_closed(s)
         if m.empty() and not m.static:
-            mk = (m.proto, m.lan_ip, m.lan_port)
-            if self._maps.get(mk) is m:
-                del self._maps[mk]
-            self.pool.release(m.proto, m.wan_port, m)
+            self.drop_mapping(m)
 
     def _masq(self, pkt: bytearray, ihl: int, proto: int, src: int, dst: int, sport: int, dport: int,
               flags: int, now: float, out: list[tuple[str, bytes]]) -> Session | None:
@@ -680,6 +708,11 @@ class Engine:
             key = bytes(pkt[12:20]) + bytes(pkt[ihl: ihl + 4])
             s = self._out[proto].get(key)
             if s is None:
+                if proto == TCP and self._reset_keys and key in self._reset_keys:
+                    if not pkt[ihl + 13] & TH_SYN:
+                        self._reset_lan(pkt, ihl, out)
+                        return None
+                    del self._reset_keys[key]
                 if proto == TCP:
                     tfl = pkt[ihl + 13]
                     if tfl & TH_RST or (tfl & TH_FIN and not tfl & TH_ACK):
@@ -719,6 +752,11 @@ class Engine:
                     self._send(WAN, pkt, ihl, out)
                 return None
             self.drop("icmp_type_not_masqueraded")
+            return None
+        if self.forwarders.owns_outbound(proto, src):
+            self.forwarders.masq_out(pkt)
+            self._decrement_ttl(pkt)
+            self._output(WAN, pkt, ihl, out, [], None, True)
             return None
         ph = self._proto_helpers.get(proto)
         if ph is not None:
@@ -949,17 +987,10 @@ class Engine:
     # hooks for the forwarders (port forwarding and protocol forwarding)
     def _portfw_session(self, proto: int, pkt: bytearray, ihl: int, src: int, sport: int, dport: int,
                         now: float) -> Session | None:
-        fwd = getattr(self, "forwarders", None)
-        if fwd is None:
-            return None
-        s: Session | None = fwd.inbound_session(proto, pkt, ihl, src, sport, dport, now)
-        return s
+        return self.forwarders.inbound_session(proto, pkt, ihl, src, sport, dport, now)
 
     def _protofw(self, pkt: bytearray, ihl: int, proto: int, now: float, out: list[tuple[str, bytes]]) -> bool:
-        fwd = getattr(self, "forwarders", None)
-        if fwd is None:
-            return False
-        res = fwd.protocol_inbound(proto, pkt, ihl, now)
+        res = self.forwarders.protocol_inbound(proto, pkt, ihl, now)
         if res is None:
             return False
         self._deliver_helper(res, out)
@@ -1078,9 +1109,10 @@ class Engine:
         self.defrag.expire(now)
         for h in self.helpers:
             h.expire(now)
-        fwd = getattr(self, "forwarders", None)
-        if fwd is not None:
-            fwd.expire(now)
+        self.forwarders.expire(now)
+        if self._reset_keys:
+            for k in [k for k, t in self._reset_keys.items() if t <= now]:
+                del self._reset_keys[k]
 
     # ---------------------------------------------------------------- listing
     def table(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -1110,9 +1142,7 @@ class Engine:
                 })
         for h in self.helpers:
             rows.extend(h.entries(now if now is not None else 0.0))
-        fwd = getattr(self, "forwarders", None)
-        if fwd is not None:
-            rows.extend(fwd.entries(now if now is not None else 0.0))
+        rows.extend(self.forwarders.entries(now if now is not None else 0.0))
         return rows
 
     def sessions(self) -> list[Session]:
@@ -1153,14 +1183,13 @@ class Engine:
             if mode == "rewrite-all" or (mode == "rewrite" and not replied):
                 self._rebind(s, self.wan_ip)
             else:
-                if m.proto == TCP:
-                    out.extend(self._rst_to_lan(s))
+                if m.proto == TCP and len(self._reset_keys) < 65536:
+                    # the LAN host learns at its next segment that the session is gone
+                    self._reset_keys[s.out_key] = now + self.tmo.tcp_transitory
                 self._remove(s)
         for h in self.helpers:
             h.wan_changed(old, self.wan_ip, mode, now)
-        fwd = getattr(self, "forwarders", None)
-        if fwd is not None:
-            fwd.wan_changed(old, self.wan_ip, mode, now)
+        self.forwarders.wan_changed(old, self.wan_ip, mode, now)
         return out
 
     def _rebind(self, s: Session, new_ip: int) -> None:
@@ -1179,15 +1208,22 @@ class Engine:
             in_t[x.in_key] = x
             x.fw = None
 
-    def _rst_to_lan(self, s: Session) -> list[tuple[str, bytes]]:
-        """A TCP RST to the LAN host so that a flushed session ends at once instead of hanging."""
-        m = s.m
-        tcp = bytearray(struct.pack("!HHIIBBHHH", s.rem_port, m.lan_port, 0, 0, 5 << 4, TH_RST, 0, 0, 0))
-        from masqd.wire.checksum import checksum, pseudo_header_sum
-
-        c = checksum(tcp, pseudo_header_sum(s.rem_ip, m.lan_ip, TCP, len(tcp)))
-        _pack_H(tcp, 16, c)
-        from masqd.wire.ipv4 import build_ipv4
-
+    def _reset_lan(self, pkt: bytearray, ihl: int, out: list[tuple[str, bytes]]) -> None:
+        """Answer a LAN segment of a flushed TCP session with a RST (RFC 793 reset generation:
+        seq = the segment's ACK), so the connection ends at once instead of hanging."""
+        tfl = pkt[ihl + 13]
+        sport = (pkt[ihl] << 8) | pkt[ihl + 1]
+        dport = (pkt[ihl + 2] << 8) | pkt[ihl + 3]
+        seq_in = int.from_bytes(pkt[ihl + 4: ihl + 8], "big")
+        ack_in = int.from_bytes(pkt[ihl + 8: ihl + 12], "big")
+        plen = len(pkt) - ihl - ((pkt[ihl + 12] >> 4) << 2)
+        if tfl & TH_ACK:
+            seq, ack, fl = ack_in, 0, TH_RST
+        else:
+            seq, ack, fl = 0, (seq_in + plen + (1 if tfl & TH_SYN else 0)) & 0xFFFFFFFF, TH_RST | TH_ACK
+        src = int.from_bytes(pkt[16:20], "big")
+        dst = int.from_bytes(pkt[12:16], "big")
+        tcp = bytearray(struct.pack("!HHIIBBHHH", dport, sport, seq, ack, 5 << 4, fl, 0, 0, 0))
+        _pack_H(tcp, 16, checksum(tcp, pseudo_header_sum(src, dst, TCP, len(tcp))))
         self._count("tcp_resets_sent")
-        return [(LAN, bytes(build_ipv4(s.rem_ip, m.lan_ip, TCP, bytes(tcp))))]
+        self._send(LAN, build_ipv4(src, dst, TCP, bytes(tcp)), 20, out)
