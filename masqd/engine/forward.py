@@ -79,7 +79,8 @@ class Forwarders:
                     if sv.m.empty():
                         eng.drop_mapping(sv.m)
         self.groups = {}
-        pf = list(cfg.forwarding.portfw) + list(getattr(eng.rules, "portfw", ()))
+        # the ruleset holds the config's structured forwards and those written as rule lines
+        pf = list(eng.rules.portfw)
         for f in pf:
             proto = TCP if f.proto == "tcp" else UDP
             listen = None if f.listen in ("wan", "$WAN", "${4}", "") else int(_ip(f.listen))
@@ -96,7 +97,7 @@ class Forwarders:
                 continue
             eng.pool.take(proto, port, grp)
         self.proto_hosts = {}
-        pr = list(cfg.forwarding.protofw) + list(getattr(eng.rules, "protofw", ()))
+        pr = list(eng.rules.protofw)
         for p in pr:
             self.proto_hosts[p.proto] = int(p.to)
 

@@ -9,6 +9,9 @@ from scapy.all import ESP, GRE, IP, TCP, UDP, raw
 from masqd.engine import Engine
 from tests.engine.conftest import H2, H3, R2, R3, SRV, WAN_IP, checksums_ok, make_cfg, one, tcp, udp
 
+ISAKMP_INIT = b"\x11" * 8 + b"\0" * 8 + b"\x01\x10\x02\x00" + b"\0" * 4 + (28).to_bytes(4, "big")
+ISAKMP_REPLY = b"\x11" * 8 + b"\x22" * 8 + b"\x01\x10\x02\x00" + b"\0" * 4 + (28).to_bytes(4, "big")
+
 PORTFW = """
 [forwarding]
 portfw = [
@@ -35,9 +38,9 @@ def test_portfw_tcp_to_a_private_server_and_replies_masqueraded() -> None:
 
 def test_portfw_udp_500_ipsec_server() -> None:
     eng = Engine(make_cfg(PORTFW))
-    p = one(eng.process("wan", udp(R2, WAN_IP, 500, 500, b"\x11" * 8 + b"\0" * 8 + b"\x01\x10\x02\x00" + b"\0" * 8), 0.0), "lan")
+    p = one(eng.process("wan", udp(R2, WAN_IP, 500, 500, ISAKMP_INIT), 0.0), "lan")
     assert p.dst == H2 and p[UDP].dport == 500
-    r = one(eng.process("lan", udp(H2, R2, 500, 500, b"\x11" * 8 + b"\x22" * 8 + b"\x01\x10\x02\x00" + b"\0" * 8), 0.1), "wan")
+    r = one(eng.process("lan", udp(H2, R2, 500, 500, ISAKMP_REPLY), 0.1), "wan")
     assert r.src == WAN_IP and r[UDP].sport == 500
 
 
