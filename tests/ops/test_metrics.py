@@ -152,7 +152,7 @@ def test_real_engine_counters_export_cleanly(tmp_path: object) -> None:
     eng = Engine(cfg)
     now = 100.0
     for p in (IP(src="10.0.0.2", dst="198.51.100.1") / TCP(sport=1025, dport=23, flags="S"),
-              IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=500, dport=500),
+              IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=5000, dport=53),
               IP(src="10.0.0.3", dst="198.51.100.1") / ICMP(id=9)):
         eng.process("lan", bytes(p), now)
     eng.process("wan", b"\x45\x00\x00", now)  # truncated: a counted drop
