@@ -155,6 +155,8 @@ class Engine:
         self._proto_helpers: dict[int, Helper] = {}
         self._udp_helpers: dict[int, Helper] = {}
         self._tcp_helpers: dict[int, Helper] = {}
+        self._fast_po: dict[int, Any] = {}
+        self._fast_pi: dict[int, Any] = {}
         if first:
             self.forwarders = Forwarders(self, cfg)
         else:
@@ -164,6 +166,11 @@ class Engine:
                 continue
             for p in h.ip_protocols:
                 self._proto_helpers.setdefault(p, h)
+                # optional per-protocol fast paths (established ESP): fast_out/fast_in(data, now)
+                fo, fi = getattr(h, "fast_out", None), getattr(h, "fast_in", None)
+                if fo is not None and fi is not None and self._proto_helpers[p] is h:
+                    self._fast_po.setdefault(p, fo)
+                    self._fast_pi.setdefault(p, fi)
             for p in h.udp_ports:
                 self._udp_helpers.setdefault(p, h)
             for p in h.tcp_ports:
@@ -292,7 +299,8 @@ class Engine:
                 return None
             s = self._out_tcp.get(data[12:24])
         else:
-            return None
+            fp = self._fast_po.get(proto)
+            return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
         if s is None or n > self.wan_mtu or (data[2] << 8 | data[3]) != n:
             return None
         fw = s.fw
@@ -345,7 +353,8 @@ class Engine:
                 return None
             s = self._in_tcp.get(data[12:24])
         else:
-            return None
+            fp = self._fast_pi.get(proto)
+            return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
         if s is None or n > self.lan_mtu or (data[2] << 8 | data[3]) != n:
             return None
         fw = s.fw
@@ -762,6 +771,9 @@ class Engine:
         if ph is not None:
             if ph.masq_out(pkt, ihl, now):
                 self._decrement_ttl(pkt)
+                fe = getattr(ph, "fw_entry", None)
+                if fe is not None:  # the caller outputs it with the chains' hits, cached on the entry
+                    return fe  # type: ignore[no-any-return]
                 self._output(WAN, pkt, ihl, out, [], None, True)
             return None
         self.drop("proto_not_masqueraded")
@@ -971,18 +983,21 @@ class Engine:
         if ph is not None:
             res = ph.demasq_in(pkt, ihl, now)
             if res is not None:
-                self._deliver_helper(res, out)
+                self._deliver_helper(res, out, hits, getattr(ph, "fw_entry", None) if len(res) == 1 else None)
                 return True
         return self._protofw(pkt, ihl, proto, now, out)
 
-    def _deliver_helper(self, pkts: list[bytearray], out: list[tuple[str, bytes]]) -> None:
+    def _deliver_helper(self, pkts: list[bytearray], out: list[tuple[str, bytes]], hits: list[Any] | None = None,
+                        entry: Any = None) -> None:
+        """Send a helper's inbound packets to the LAN; with ``entry`` (an object with a ``fw``
+        slot, like a Session) the input/output chain decision is cached on it for a fast path."""
         for p in pkts:
             ihl = (p[0] & 15) << 2
             if p[8] <= 1:
                 self.drop("ttl_exceeded")
                 continue
             self._decrement_ttl(p)
-            self._output(LAN, p, ihl, out, [], None, False)
+            self._output(LAN, p, ihl, out, list(hits) if entry is not None and hits else [], entry, False)
 
     # hooks for the forwarders (port forwarding and protocol forwarding)
     def _portfw_session(self, proto: int, pkt: bytearray, ihl: int, src: int, sport: int, dport: int,
