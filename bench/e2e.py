@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: masqd against the kernel's own nftables masquerade, same lab, one run.
+
+Both routers sit between the same bridges: masqd in ``{p}-fw`` (10.0.0.1 /
+203.0.113.200) and the kernel in ``{p}-kfw`` (10.0.0.254 / 203.0.113.201,
+nftables masquerade). Each workload runs once through each router by switching
+lan2's default route. Workloads (bounded: ``--seconds`` each):
+
+- iperf3 TCP, 1 and 4 streams, lan2 -> srv1 (Gbit/s received)
+- iperf3 UDP, 64-byte payloads at a fixed offered rate: delivered pps, loss,
+  and masqd's CPU time per forwarded packet (utime+stime from /proc/PID/stat
+  over the packets masqd forwarded; the kernel's forwarding runs in softirq
+  and has no PID to charge, so only masqd's figure is given)
+- ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel
+
+Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from masqd.lab import FW_LAN, KFW_LAN, SRV1, Lab, MasqdProcess, stop_process  # noqa: E402
+
+
+def iperf(lab: Lab, args: list[str], seconds: float) -> dict[str, Any]:
+    cp = lab.exec("lan2", ["iperf3", "-c", SRV1, "-t", str(seconds), "-J", *args], check=False,
+                  timeout=seconds + 30)
+    try:
+        return dict(json.loads(cp.stdout))
+    except ValueError:
+        return {"error": cp.stderr or cp.stdout}
+
+
+def tcp_gbps(lab: Lab, streams: int, seconds: float) -> float:
+    r = iperf(lab, ["-P", str(streams)], seconds)
+    if "end" not in r:
+        print(f"iperf3 TCP failed: {r.get('error')}", file=sys.stderr)
+        return 0.0
+    return float(r["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def udp_small(lab: Lab, pps: int, seconds: float) -> dict[str, float]:
+    size = 64
+    r = iperf(lab, ["-u", "-l", str(size), "-b", str(pps * size * 8)], seconds)
+    if "end" not in r:
+        print(f"iperf3 UDP failed: {r.get('error')}", file=sys.stderr)
+        return {"offered_pps": 0.0, "pps": 0.0, "loss_pct": 100.0, "sent": 0.0}
+    s = r["end"]["sum"]
+    sent = float(s.get("packets", 0))
+    lost = float(s.get("lost_packets", 0))
+    dur = float(s.get("seconds", seconds)) or seconds
+    return {"offered_pps": sent / dur, "pps": (sent - lost) / dur,
+            "loss_pct": float(s.get("lost_percent", 0.0)), "sent": sent}
+
+
+def rtts(lab: Lab, count: int) -> list[float]:
+    out = lab.exec("lan2", ["ping", "-n", "-i", "0.01", "-c", str(count), "-W", "1", SRV1], check=False,
+                   timeout=count * 0.05 + 20).stdout
+    return [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def forwarded(snap: dict[str, Any]) -> int:
+    c = snap["counters"]
+    return int(c.get("rx_lan_udp_packets", 0)) + int(c.get("rx_wan_udp_packets", 0))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    lab = Lab(f"b{os.getpid()}"[:10], mode=args.mode)
+    lab.down()
+    res: dict[str, Any] = {"mode": args.mode, "seconds": args.seconds}
+    m: MasqdProcess | None = None
+    srv = None
+    try:
+        lab.up()
+        lab.kernel_router_up()
+        cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
+        cfg += '\n[logging]\nlevel = "warning"\n'
+        m = lab.start_masqd(cfg)
+        srv = lab.popen("srv1", ["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        for name, gw in (("masqd", FW_LAN), ("kernel", KFW_LAN)):
+            lab.use_gateway("lan2", gw)
+            lab.exec("lan2", ["ping", "-c", "2", "-i", "0.2", "-W", "2", SRV1])  # warm ARP/NAT state
+            res[f"tcp1_{name}_gbps"] = tcp_gbps(lab, 1, args.seconds)
+            res[f"tcp4_{name}_gbps"] = tcp_gbps(lab, 4, args.seconds)
+            if name == "masqd":
+                snap0, cpu0 = m.snapshot(), m.cpu_seconds()
+            u = udp_small(lab, args.udp_pps, args.seconds)
+            if name == "masqd":
+                snap1, cpu1 = m.snapshot(), m.cpu_seconds()
+                fwd = forwarded(snap1) - forwarded(snap0)
+                res["udp_small_masqd_forwarded"] = fwd
+                res["udp_small_cpu_us_per_pkt"] = (cpu1 - cpu0) / fwd * 1e6 if fwd else float("nan")
+                res["masqd_cpu_s_udp"] = cpu1 - cpu0
+            res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
+            res[f"udp_small_{name}_pps"] = u["pps"]
+            res[f"udp_small_{name}_loss_pct"] = u["loss_pct"]
+            r = rtts(lab, args.pings)
+            res[f"rtt_{name}_median_ms"] = statistics.median(r) if r else float("nan")
+            res[f"rtt_{name}_p99_ms"] = pct(r, 99)
+            res[f"rtt_{name}_samples"] = len(r)
+        res["rtt_added_median_ms"] = res["rtt_masqd_median_ms"] - res["rtt_kernel_median_ms"]
+        res["rtt_added_p99_ms"] = res["rtt_masqd_p99_ms"] - res["rtt_kernel_p99_ms"]
+        res["masqd_errors"] = {k: v for k, v in m.snapshot()["counters"].items()
+                               if k.startswith(("dp_", "drop_engine")) and v}
+    finally:
+        if srv is not None:
+            stop_process(srv)
+        if m is not None:
+            m.stop()
+        lab.down()
+    return res
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:6.2f}" if b else "   n/a"
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("TCP 1 stream (Gbit/s)", r["tcp1_masqd_gbps"], r["tcp1_kernel_gbps"], "{:.3f}"),
+        ("TCP 4 streams (Gbit/s)", r["tcp4_masqd_gbps"], r["tcp4_kernel_gbps"], "{:.3f}"),
+        ("UDP 64 B offered (pps)", r["udp_small_masqd_offered_pps"], r["udp_small_kernel_offered_pps"], "{:.0f}"),
+        ("UDP 64 B delivered (pps)", r["udp_small_masqd_pps"], r["udp_small_kernel_pps"], "{:.0f}"),
+        ("UDP 64 B loss (%)", r["udp_small_masqd_loss_pct"], r["udp_small_kernel_loss_pct"], "{:.2f}"),
+        ("RTT median (ms)", r["rtt_masqd_median_ms"], r["rtt_kernel_median_ms"], "{:.3f}"),
+        ("RTT p99 (ms)", r["rtt_masqd_p99_ms"], r["rtt_kernel_p99_ms"], "{:.3f}"),
+    ]
+    out = [f"masqd vs kernel nftables masquerade ({r['mode']} mode, {r['seconds']} s per test)",
+           f"{'workload':<26}{'masqd':>12}{'kernel':>12}{'ratio':>8}"]
+    for name, a, b, fmt in rows:
+        out.append(f"{name:<26}{fmt.format(a):>12}{fmt.format(b):>12}  {ratio(a, b)}")
+    out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
+               f"({r['udp_small_masqd_forwarded']} packets)")
+    out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
+               f"p99 {r['rtt_added_p99_ms']:+.3f} ms")
+    if r.get("masqd_errors"):
+        out.append(f"masqd error counters: {r['masqd_errors']}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="duration of each iperf3 test (max 30)")
+    p.add_argument("--udp-pps", type=int, default=50000, help="offered rate of the small-UDP test")
+    p.add_argument("--pings", type=int, default=300, help="pings at 100 Hz for the RTT figures (max 2000)")
+    p.add_argument("--mode", choices=["tap", "tun"], default="tap")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args()
+    args.seconds = min(max(args.seconds, 1.0), 30.0)
+    args.pings = min(max(args.pings, 10), 2000)
+    if os.geteuid() != 0:
+        print("bench/e2e.py: needs root (network namespaces)", file=sys.stderr)
+        return 1
+    res = run(args)
+    print(json.dumps(res, sort_keys=True) if args.json else table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
