@@ -309,7 +309,7 @@ class Engine:
         m = s.m
         pkt = bytearray(data)
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + s.dip_out
+        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_out
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
         _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
@@ -317,13 +317,13 @@ class Engine:
         if proto == UDP:
             u = pkt[26] << 8 | pkt[27]
             if u:
-                u = (u ^ 0xFFFF) + s.dl4_out
+                u = (u ^ 0xFFFF) + m.dl4_out
                 u = (u & 0xFFFF) + (u >> 16)
                 u = ((u & 0xFFFF) + (u >> 16)) ^ 0xFFFF
                 _pack_H(pkt, 26, u or 0xFFFF)
             k = 7
         else:
-            u = ((pkt[36] << 8 | pkt[37]) ^ 0xFFFF) + s.dl4_out
+            u = ((pkt[36] << 8 | pkt[37]) ^ 0xFFFF) + m.dl4_out
             u = (u & 0xFFFF) + (u >> 16)
             u = (u & 0xFFFF) + (u >> 16)
             _pack_H(pkt, 36, u ^ 0xFFFF)
@@ -363,7 +363,7 @@ class Engine:
         m = s.m
         pkt = bytearray(data)
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + s.dip_in
+        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_in
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
         _pack_H(pkt, 10, c ^ 0xFFFF)
@@ -372,13 +372,13 @@ class Engine:
         if proto == UDP:
             u = pkt[26] << 8 | pkt[27]
             if u:
-                u = (u ^ 0xFFFF) + s.dl4_in
+                u = (u ^ 0xFFFF) + m.dl4_in
                 u = (u & 0xFFFF) + (u >> 16)
                 u = ((u & 0xFFFF) + (u >> 16)) ^ 0xFFFF
                 _pack_H(pkt, 26, u or 0xFFFF)
             i = 7
         else:
-            u = ((pkt[36] << 8 | pkt[37]) ^ 0xFFFF) + s.dl4_in
+            u = ((pkt[36] << 8 | pkt[37]) ^ 0xFFFF) + m.dl4_in
             u = (u & 0xFFFF) + (u >> 16)
             u = (u & 0xFFFF) + (u >> 16)
             _pack_H(pkt, 36, u ^ 0xFFFF)
@@ -638,19 +638,19 @@ class Engine:
         m = self._maps.get(mk)
         if m is not None:
             return m
-        m = Mapping(proto, lan_ip, lan_port, self.wan_ip, 0)
+        m = Mapping(proto, lan_ip, lan_port, self.wan_ip, 0, self.wan_ip_b)
         port = self.pool.allocate(proto, lan_port, m)
         if port is None:
             self.drop("pool_exhausted")
             self.event("warning", "pool_exhausted", proto=PROTO_NAMES.get(proto, proto))
             return None
-        m.wan_port = port
+        m.set_wan(self.wan_ip, self.wan_ip_b, port)
         self._maps[mk] = m
         return m
 
     def static_mapping(self, proto: int, lan_ip: int, lan_port: int, wan_port: int) -> Mapping:
         """A mapping that expiry never frees (port forwards); its WAN port is reserved by the caller."""
-        m = Mapping(proto, lan_ip, lan_port, self.wan_ip, wan_port)
+        m = Mapping(proto, lan_ip, lan_port, self.wan_ip, wan_port, self.wan_ip_b)
         m.static = True
         self._maps.setdefault((proto, lan_ip, lan_port), m)
         return m
@@ -669,9 +669,6 @@ class Engine:
             self.drop("table_full")
             return None
         s = Session(m, rem_ip, rem_port, now, self._timeout_for(m.proto, state))
-        if m.proto == ICMP:  # the ICMP checksum has no pseudo-header: only the identifier changes
-            s.dl4_out = word_delta(m.lan_port, m.wan_port)
-            s.dl4_in = word_delta(m.wan_port, m.lan_port)
         s.state = state
         out_t, in_t = self._out[m.proto], self._in[m.proto]
         old = out_t.get(s.out_key) or in_t.get(s.in_key)
@@ -804,25 +801,25 @@ class Engine:
     def _translate_out(self, s: Session, pkt: bytearray, ihl: int) -> None:
         m = s.m
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + s.dip_out
+        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_out
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
         _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
         proto = m.proto
         if proto == ICMP:
             _pack_H(pkt, ihl + 4, m.wan_port)
-            _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], s.dl4_out))
+            _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], m.dl4_out))
             return
         _pack_H(pkt, ihl, m.wan_port)
         if proto == UDP:
-            _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], s.dl4_out))
+            _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], m.dl4_out))
         else:
-            _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], s.dl4_out))
+            _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], m.dl4_out))
 
     def _translate_in(self, s: Session, pkt: bytearray, ihl: int) -> None:
         m = s.m
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + s.dip_in
+        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_in
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
         _pack_H(pkt, 10, c ^ 0xFFFF)
@@ -830,13 +827,13 @@ class Engine:
         proto = m.proto
         if proto == ICMP:
             _pack_H(pkt, ihl + 4, m.lan_port)
-            _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], s.dl4_in))
+            _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], m.dl4_in))
             return
         _pack_H(pkt, ihl + 2, m.lan_port)
         if proto == UDP:
-            _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], s.dl4_in))
+            _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], m.dl4_in))
         else:
-            _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], s.dl4_in))
+            _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], m.dl4_in))
 
     def _tcp_track(self, s: Session, tfl: int, outbound: bool) -> None:
         st = s.state
@@ -1213,13 +1210,9 @@ class Engine:
         for x in list(m.sessions()):
             if in_t.get(x.in_key) is x:
                 del in_t[x.in_key]
-        m.wan_ip = new_ip
-        m.wan_ip_b = new_ip.to_bytes(4, "big")
+        m.set_wan(new_ip, self.wan_ip_b if new_ip == self.wan_ip else None)
         for x in list(m.sessions()):
             x.rekey()
-            if m.proto == ICMP:
-                x.dl4_out = word_delta(m.lan_port, m.wan_port)
-                x.dl4_in = word_delta(m.wan_port, m.lan_port)
             in_t[x.in_key] = x
             x.fw = None
 

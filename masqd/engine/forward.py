@@ -164,8 +164,7 @@ class Forwarders:
         for g in self.groups.values():
             for sv in g.servers:
                 if sv.m is not None and sv.m.empty():
-                    sv.m.wan_ip = new
-                    sv.m.wan_ip_b = new.to_bytes(4, "big")
+                    sv.m.set_wan(new)
 
     def entries(self, now: float) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []

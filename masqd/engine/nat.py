@@ -26,21 +26,39 @@ TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
 
 
 class Mapping:
-    """LAN endpoint -> WAN port (endpoint-independent)."""
+    """LAN endpoint -> WAN port (endpoint-independent), with the checksum deltas of that rewrite."""
 
-    __slots__ = ("proto", "lan_ip", "lan_port", "lan_ip_b", "wan_ip", "wan_ip_b", "wan_port", "sess", "static", "fwd")
+    __slots__ = ("proto", "lan_ip", "lan_port", "lan_ip_b", "wan_ip", "wan_ip_b", "wan_port", "sess", "static",
+                 "fwd", "dip_out", "dl4_out", "dip_in", "dl4_in")
 
-    def __init__(self, proto: int, lan_ip: int, lan_port: int, wan_ip: int, wan_port: int) -> None:
+    def __init__(self, proto: int, lan_ip: int, lan_port: int, wan_ip: int, wan_port: int,
+                 wan_ip_b: bytes | None = None) -> None:
         self.proto = proto
         self.lan_ip = lan_ip
         self.lan_port = lan_port
         self.lan_ip_b = lan_ip.to_bytes(4, "big")
-        self.wan_ip = wan_ip
-        self.wan_ip_b = wan_ip.to_bytes(4, "big")
-        self.wan_port = wan_port
         self.sess: Any = None  # None, one Session, or dict[Session, None]
         self.static = False  # a port forward's mapping: never freed by expiry
         self.fwd: Any = None  # the PortForward that created it, if any
+        self.wan_port = wan_port
+        self.set_wan(wan_ip, wan_ip_b)
+
+    def set_wan(self, wan_ip: int, wan_ip_b: bytes | None = None, wan_port: int | None = None) -> None:
+        """Bind to a WAN address (and port); recompute the checksum deltas of both directions."""
+        self.wan_ip = wan_ip
+        self.wan_ip_b = wan_ip_b if wan_ip_b is not None else wan_ip.to_bytes(4, "big")
+        if wan_port is not None:
+            self.wan_port = wan_port
+        da = addr_delta(self.lan_ip, wan_ip)
+        dp = word_delta(self.lan_port, self.wan_port)
+        da_r = addr_delta(wan_ip, self.lan_ip)
+        dp_r = word_delta(self.wan_port, self.lan_port)
+        self.dip_out = da + TTL_DELTA
+        self.dip_in = da_r + TTL_DELTA
+        if self.proto == 1:  # the ICMP checksum has no pseudo-header: only the identifier changes
+            self.dl4_out, self.dl4_in = dp, dp_r
+        else:
+            self.dl4_out, self.dl4_in = da + dp, da_r + dp_r
 
     def add(self, s: Session) -> None:
         x = self.sess
@@ -75,13 +93,15 @@ class Mapping:
 
 
 class Session:
-    __slots__ = ("m", "rem_ip", "rem_port", "out_key", "in_key", "dip_out", "dl4_out", "dip_in", "dl4_in",
-                 "expires", "tmo", "state", "helper", "hdata", "fw", "dead", "inbound")
+    """One conversation through a mapping with one remote endpoint.
+
+    The remote address and port are not stored twice: they are read back from
+    ``in_key`` (remote address, WAN address, remote port, WAN port)."""
+
+    __slots__ = ("m", "out_key", "in_key", "expires", "tmo", "state", "helper", "hdata", "fw", "dead", "inbound")
 
     def __init__(self, m: Mapping, rem_ip: int, rem_port: int, now: float, tmo: float) -> None:
         self.m = m
-        self.rem_ip = rem_ip
-        self.rem_port = rem_port
         self.expires = now + tmo
         self.tmo = tmo
         self.state = 0
@@ -90,23 +110,25 @@ class Session:
         self.fw: Any = None
         self.dead = False
         self.inbound = False  # created by an inbound packet (port forward)
-        self.rekey()
+        self._keys(rem_ip.to_bytes(4, "big"), rem_port.to_bytes(2, "big"))
 
-    def rekey(self) -> None:
-        """(Re)compute lookup keys and checksum deltas from the mapping's current addresses."""
+    def _keys(self, rb: bytes, pr: bytes) -> None:
         m = self.m
-        rb = self.rem_ip.to_bytes(4, "big")
-        pr = self.rem_port.to_bytes(2, "big")
         self.out_key = m.lan_ip_b + rb + m.lan_port.to_bytes(2, "big") + pr
         self.in_key = rb + m.wan_ip_b + pr + m.wan_port.to_bytes(2, "big")
-        da = addr_delta(m.lan_ip, m.wan_ip)
-        dp = word_delta(m.lan_port, m.wan_port)
-        self.dip_out = da + TTL_DELTA
-        self.dl4_out = da + dp
-        da_r = addr_delta(m.wan_ip, m.lan_ip)
-        dp_r = word_delta(m.wan_port, m.lan_port)
-        self.dip_in = da_r + TTL_DELTA
-        self.dl4_in = da_r + dp_r
+
+    def rekey(self) -> None:
+        """Recompute the lookup keys from the mapping's current addresses."""
+        k = self.in_key
+        self._keys(k[0:4], k[8:10])
+
+    @property
+    def rem_ip(self) -> int:
+        return int.from_bytes(self.in_key[0:4], "big")
+
+    @property
+    def rem_port(self) -> int:
+        return int.from_bytes(self.in_key[8:10], "big")
 
 
 class PortPool:
