@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from masqd.lab import SRV1, Lab
+from masqd.lab import SRV1, Lab, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +94,27 @@ def test_unresolvable_gateway_gives_host_unreachable(own_lab: LabFactory) -> Non
     assert "Destination Host Unreachable" in out, out
     assert counters.get("arp_wan_failed", 0) >= 1
     assert counters.get("dp_icmp_host_unreachable", 0) >= 1
+
+
+def test_wan_address_change_is_announced_and_used(own_lab: LabFactory) -> None:
+    from masqd.ops.control import request
+
+    lab = own_lab("tap", "w")
+    m = lab.start_masqd()
+    try:
+        request(f"/run/masqd/{lab.prefix}.sock",
+                {"cmd": "wan-address", "action": "set", "address": "203.0.113.202/24"})
+        out = lab.exec("isp", ["ping", "-c", "2", "-i", "0.2", "-W", "2", "203.0.113.202"]).stdout
+        assert " 0% packet loss" in out  # ARP for the new address answered, echo answered
+        old = lab.exec("isp", ["ping", "-c", "1", "-W", "1", "203.0.113.200"], check=False)
+        assert old.returncode != 0
+        server = lab.tool_server("srv1", ["udp-echo", "5600"])
+        try:
+            rc, rep = lab.tool("lan2", ["udp-client", SRV1, "5600", "3"])
+        finally:
+            stop_process(server)
+        assert rc == 0 and [p.split(":")[0] for p in rep["seen_as"]] == ["203.0.113.202"], rep
+        counters = m.snapshot()["counters"]
+        assert counters["arp_wan_gratuitous"] == 2  # at start and on the change
+    finally:
+        m.stop()
