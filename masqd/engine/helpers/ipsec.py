@@ -185,9 +185,15 @@ class IPsecHelper(Helper):
         ic = cfg.ipsec
         for e in self._out.values():
             if e.state == ESTABLISHED:
-                e.tmo = ic.table_lifetime
+                new = ic.table_lifetime
             elif e.state == REPLACED:
-                e.tmo = ic.pending_lifetime
+                new = ic.pending_lifetime
+            else:
+                continue
+            if new < e.tmo:  # the idle clock runs from the last packet with the new lifetime
+                e.expires -= e.tmo - new
+                self._wheel.add(e, e.expires)
+            e.tmo = new
 
     # ------------------------------------------------------------ bookkeeping
     def _warn(self, name: str, key: int, now: float, level: str = "warning", **kw: Any) -> None:
