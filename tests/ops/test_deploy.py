@@ -10,7 +10,13 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from masqd.ops.metrics import COUNTER_RULES, GENERIC_COUNTER, MasqdCollector, OpsCounters, make_registry
+from masqd.ops.metrics import (
+    COUNTER_RULES,
+    GENERIC_COUNTER,
+    MasqdCollector,
+    OpsCounters,
+    make_registry,
+)
 
 from .fake_engine import FakeEngine
 
