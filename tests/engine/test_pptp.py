@@ -412,6 +412,8 @@ def test_fast_path_matches_full_path(eng: Engine) -> None:
     h = helper(eng)
     pkt_in = gre(SRV, WAN_IP, m, b"\xff\x03" + b"z" * 100, seq=7, ack=3)
     pkt_out = gre(H2, SRV, 0x900, b"\xff\x03" + b"q" * 100, seq=9)
+    assert h.fast_in(pkt_in, 1.0) is None  # no firewall decision cached yet: full path
+    assert eng.process("wan", pkt_in, 1.0) and eng.process("lan", pkt_out, 1.0)  # full path caches it
     fast_in = h.fast_in(pkt_in, 1.0)
     fast_out = h.fast_out(pkt_out, 1.0)
     assert fast_in is not None and fast_out is not None

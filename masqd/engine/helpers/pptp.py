@@ -50,8 +50,9 @@ Design decisions:
   Call-Clear-Request, Call-Disconnect-Notify, failed reply, Stop-Control-
   Connection or the end of its control connection; its masqueraded ID is
   free once the entry is gone. GRE of a call refreshes its control session.
-- Established GRE takes a fast path (``fast_out`` / ``fast_in``) when the
-  firewall is policies only, as TCP/UDP do in the core.
+- Established GRE takes a fast path (``fast_out`` / ``fast_in``): like the
+  core's sessions, a call caches the firewall chains' decision (``fw``, filled
+  by the engine through ``fw_entry``) and anything unusual takes the full path.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ import random
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from masqd import firewall as fwmod
 from masqd.engine.expiry import TimerWheel
 from masqd.engine.helpers.base import Helper
 from masqd.wire.checksum import addr_delta, apply_delta, ones_sum, word_delta
@@ -102,7 +102,7 @@ class Call:
     """One PPTP call (one GRE flow pair) between a LAN host and a remote."""
 
     __slots__ = ("conn", "ctl", "lan_ip", "lan_ip_b", "lan_cid", "lan_cid_b", "masq_cid", "rem_ip", "rem_cid",
-                 "state", "expires", "dead", "forwarded", "in_key", "out_key", "dip_out", "dip_in", "up")
+                 "state", "expires", "dead", "forwarded", "in_key", "out_key", "dip_out", "dip_in", "up", "fw")
 
     def __init__(self, conn: Conn, lan_cid: int, masq_cid: int) -> None:
         self.conn = conn
@@ -123,6 +123,7 @@ class Call:
         self.dip_out = 0
         self.dip_in = 0
         self.up = False  # counted in pptp_calls_setup
+        self.fw: Any = None  # firewall decision cache filled by the engine: [gen, out_hits, in_hits]
 
 
 class Stream:
@@ -194,8 +195,7 @@ class PPTPHelper(Helper):
         self._orphans: list[Call] = []  # calls whose control connection ended
         self._wheel = TimerWheel()
         self._rng = random.Random(0x7070)
-        self._fgen = -1
-        self._fok = False
+        self.fw_entry: Call | None = None  # the call of the packet just handled: the engine caches chains on it
         self.reload(cfg)
 
     def reload(self, cfg: Config) -> None:
@@ -620,6 +620,7 @@ class PPTPHelper(Helper):
 
     # ==================================================================== GRE
     def masq_out(self, pkt: bytearray, ihl: int, now: float) -> bool:
+        self.fw_entry = None
         kind = gre_kind(pkt, ihl)
         if kind == PLAIN:
             return self._plain_out(pkt, now)
@@ -632,9 +633,11 @@ class PPTPHelper(Helper):
         pkt[11] = c & 0xFF
         pkt[12:16] = self.eng.wan_ip_b
         self._touch(call, now)
+        self.fw_entry = call
         return True
 
     def demasq_in(self, pkt: bytearray, ihl: int, now: float) -> list[bytearray] | None:
+        self.fw_entry = None
         kind = gre_kind(pkt, ihl)
         if kind == PLAIN:
             return self._plain_in(pkt, now)
@@ -650,6 +653,7 @@ class PPTPHelper(Helper):
         pkt[16:20] = call.lan_ip_b
         pkt[ihl + 6: ihl + 8] = call.lan_cid_b
         self._touch(call, now)
+        self.fw_entry = call
         return [pkt]
 
     def _touch(self, call: Call, now: float) -> None:
@@ -703,16 +707,6 @@ class PPTPHelper(Helper):
         return [pkt]
 
     # --------------------------------------------------------------- fast path
-    def _fast_allowed(self) -> bool:
-        eng = self.eng
-        if self._fgen != eng._gen:
-            r = eng.rules
-            pol = r.policy
-            self._fok = bool(r.trivial and pol["input"] == fwmod.ACCEPT and pol["forward"] == fwmod.MASQ
-                             and pol["output"] == fwmod.ACCEPT)
-            self._fgen = eng._gen
-        return self._fok
-
     def fast_out(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
         """Established enhanced GRE from a LAN host (IPv4 header checked by the core: 20 bytes,
         no fragment, TTL > 1). None: take the full path."""
@@ -724,7 +718,10 @@ class PPTPHelper(Helper):
         n = len(data)
         if (call is None or n > self.eng.wan_mtu or (data[2] << 8 | data[3]) != n
                 or (data[24] << 8 | data[25]) > n - 28 - ((b0 & 0x10) >> 2) - ((b1 & 0x80) >> 5)
-                or (b0 & 0x10 == 0 and (data[24] or data[25])) or not self._fast_allowed()):
+                or (b0 & 0x10 == 0 and (data[24] or data[25]))):
+            return None
+        fw = call.fw
+        if fw is None or fw[0] != self.eng._gen or fw[1] is None:
             return None
         eng = self.eng
         pkt = bytearray(data)
@@ -741,6 +738,9 @@ class PPTPHelper(Helper):
         s = call.ctl
         if s is not None:
             s.expires = now + s.tmo
+        for rl in fw[1]:
+            rl.pkts += 1
+            rl.bytes += n
         eng.rx_pkts[3] += 1
         eng.rx_bytes[3] += n
         eng.tx_pkts[9] += 1
@@ -758,7 +758,10 @@ class PPTPHelper(Helper):
         n = len(data)
         if (call is None or data[16:20] != eng.wan_ip_b or n > eng.lan_mtu or (data[2] << 8 | data[3]) != n
                 or (data[24] << 8 | data[25]) > n - 28 - ((b0 & 0x10) >> 2) - ((b1 & 0x80) >> 5)
-                or (b0 & 0x10 == 0 and (data[24] or data[25])) or not self._fast_allowed()):
+                or (b0 & 0x10 == 0 and (data[24] or data[25]))):
+            return None
+        fw = call.fw
+        if fw is None or fw[0] != eng._gen or fw[2] is None:
             return None
         pkt = bytearray(data)
         pkt[8] -= 1
@@ -775,6 +778,9 @@ class PPTPHelper(Helper):
         s = call.ctl
         if s is not None:
             s.expires = now + s.tmo
+        for rl in fw[2]:
+            rl.pkts += 1
+            rl.bytes += n
         eng.rx_pkts[9] += 1
         eng.rx_bytes[9] += n
         eng.tx_pkts[3] += 1
@@ -840,6 +846,7 @@ class PPTPHelper(Helper):
             return
         for call in self.calls:
             self._deltas(call)
+            call.fw = None
         for e in self.plain_out.values():
             self._deltas(e)
 
