@@ -4,7 +4,7 @@ A role builder returns a `PeerSpec`: the guest image, the segment and address,
 the ``run.sh`` body and the config files it needs. Servers mark ``ready`` once
 their daemon listens; clients bring the tunnel up, ping a host behind the far
 gateway through it, write ``result.txt`` (``tunnel_rc``, ``ping_rc``,
-``ping_received``, ``elapsed``) and mark ``done``. `Peer` writes the files to
+``ping_received``, ``ping_sent``, ``elapsed``) and mark ``done``. `Peer` writes the files to
 the per-peer host folder, starts the guest, waits on those marker files and
 reads the results; nothing is parsed from the console.
 """
@@ -56,8 +56,11 @@ def _prelude(spec_address: str, gateway: str | None) -> str:
 def _client_ping(target: str, source: str | None = None) -> str:
     src = f" -I {source}" if source else ""
     return (
-        f"ping -n -c 5 -i 0.3 -W 2{src} {target} > /peer/ping.log 2>&1; result ping_rc $?\n"
+        # -w: keep sending until 5 replies or 15 s (a first packet may be held back while
+        # another LAN host's IPsec exchange is pending, as SPEC 3 allows).
+        f"ping -n -c 5 -i 0.3 -w 15{src} {target} > /peer/ping.log 2>&1; result ping_rc $?\n"
         "result ping_received \"$(sed -n 's/.* \\([0-9]*\\) received.*/\\1/p' /peer/ping.log)\"\n"
+        "result ping_sent \"$(sed -n 's/^\\([0-9]*\\) packets transmitted.*/\\1/p' /peer/ping.log)\"\n"
     )
 
 

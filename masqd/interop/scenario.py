@@ -42,6 +42,7 @@ from masqd.interop.router import (
 )
 
 RUN_ROOT = Path(os.environ.get("MASQD_INTEROP_RUNS", "/var/tmp/masqd-interop-runs"))
+KEEP_RUNS = 40  # newest run directories kept (failures' evidence); older ones are pruned
 
 RouterKind = Literal["masqd", "kernel", "none"]
 Check = Callable[["ScenarioRun"], list[str]]
@@ -359,7 +360,20 @@ def run_scenario(
     (run.run_dir / "report.txt").write_text(run.report() + "\n")
     if not run.kept:
         shutil.rmtree(run.run_dir, ignore_errors=True)
+    prune_runs(run_root)
     return run
+
+
+def prune_runs(run_root: Path, keep: int = KEEP_RUNS) -> None:
+    """Remove all but the ``keep`` newest run directories."""
+    try:
+        dirs = sorted(
+            (d for d in run_root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime
+        )
+    except OSError:
+        return
+    for old in dirs[: max(0, len(dirs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _play(run: ScenarioRun, lab: LabLike) -> None:
