@@ -104,7 +104,7 @@ COUNTER_RULES: tuple[Rule, ...] = (
        "blocked, learned = reply SPI paired, guessed = new inbound SPI sent to a recent re-keyer).", ("event",)),
     _r(r"isakmp_(?P<event>[a-z0-9_]+)", "masqd_isakmp_events", "ISAKMP/IKE masquerade events.", ("event",)),
     _r(r"ah_(?P<event>[a-z0-9_]+)", "masqd_ah_events", "AH packets refused (cannot be masqueraded).", ("event",)),
-    _r(r"pptp_calls?_(?P<event>[a-z0-9_]+)", "masqd_pptp_calls", "PPTP call events (setup, established, cleared, ...).",
+    _r(r"pptp_calls_(?P<event>[a-z0-9_]+)", "masqd_pptp_calls", "PPTP call events (setup, established, cleared, ...).",
        ("event",)),
     _r(r"pptp_(?P<event>[a-z0-9_]+)", "masqd_pptp_events", "PPTP control/GRE events.", ("event",)),
     _r(r"gre_(?P<event>[a-z0-9_]+)", "masqd_gre_events", "GRE data-channel events.", ("event",)),
