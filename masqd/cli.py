@@ -135,6 +135,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_check, _add_lab, _add_demo]
 
+# Operator commands over the control socket: table, stats, rules, flush, wan-address, reload, capture.
+from masqd.ops.cli import OPS_SUBCOMMANDS  # noqa: E402
+
+_SUBCOMMANDS += OPS_SUBCOMMANDS
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="masqd", description="userspace IPv4 masquerading router")

@@ -237,14 +237,16 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def format_rules(rules: Any) -> str:
-    if isinstance(rules, list):
-        out = []
-        for r in rules:
-            if isinstance(r, dict):
-                hits = r.get("hits", "")
-                out.append(f"{r.get('chain', ''):<10}{str(hits):>10}  {r.get('text', r.get('rule', r))}")
-            else:
-                out.append(str(r))
-        return "\n".join(out)
-    return json.dumps(rules, indent=2, default=str)
+def format_rules(rows: Any) -> str:
+    """Render rule rows like ``ipchains -L -v -n``: chain, number (0 = policy), hits, rule."""
+    if not isinstance(rows, list):
+        return json.dumps(rows, indent=2, default=str)
+    out = [f"{'chain':<10}{'num':>4}{'pkts':>10}{'bytes':>12}  rule"]
+    for r in rows:
+        if not isinstance(r, dict):
+            out.append(str(r))
+            continue
+        pk = "-" if r.get("pkts") is None else str(r["pkts"])
+        by = "-" if r.get("bytes") is None else str(r["bytes"])
+        out.append(f"{str(r.get('chain', '')):<10}{r.get('num', ''):>4}{pk:>10}{by:>12}  {r.get('rule', '')}")
+    return "\n".join(out)

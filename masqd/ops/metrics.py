@@ -316,7 +316,29 @@ class MasqdCollector:
                     addr = ".".join(str((ip >> s) & 255) for s in (24, 16, 8, 0))
                     add(metric, "Current WAN address (value 1).", {"address": addr}, 1.0, "gauge")
         yield from families.values()
+        if engine is not None:
+            yield from self._rule_metrics(engine)
         yield from self._ops_metrics()
+
+    @staticmethod
+    def _rule_metrics(engine: Any) -> Iterator[Metric]:
+        chains = getattr(getattr(engine, "rules", None), "chains", None)
+        if not isinstance(chains, dict):
+            return
+        pk = CounterMetricFamily("masqd_rule_packets", "Packets matched per firewall rule (rule = position "
+                                 "in its chain, 0 = the chain policy); restart at 0 after a reload.",
+                                 labels=["chain", "rule"])
+        by = CounterMetricFamily("masqd_rule_bytes", "Bytes matched per firewall rule (see masqd_rule_packets).",
+                                 labels=["chain", "rule"])
+        for name, ch in chains.items():
+            for i, r in enumerate(getattr(ch, "rules", [])):
+                pk.add_metric([str(name), str(i + 1)], getattr(r, "pkts", 0))
+                by.add_metric([str(name), str(i + 1)], getattr(r, "bytes", 0))
+            if getattr(ch, "policy", None) is not None:
+                pk.add_metric([str(name), "0"], getattr(ch, "pkts", 0))
+                by.add_metric([str(name), "0"], getattr(ch, "bytes", 0))
+        yield pk
+        yield by
 
     def _ops_metrics(self) -> Iterator[Metric]:
         o = self._ops

@@ -80,6 +80,30 @@ def entry_matches(entry: Mapping[str, Any], flt: Mapping[str, str]) -> bool:
     return True
 
 
+_VERDICTS = {0: "ACCEPT", 1: "DENY", 2: "REJECT", 3: "MASQ"}
+
+
+def rule_rows(engine: Any) -> list[dict[str, Any]] | None:
+    """The engine's ruleset as rows (chain, num, rule text, packet/byte hits); None if it has none.
+
+    ``num`` 0 is the chain's policy. Hit counters restart at 0 after a reload (new ruleset).
+    """
+    rs = getattr(engine, "rules", None)
+    chains = getattr(rs, "chains", None)
+    if not isinstance(chains, dict):
+        return None
+    rows: list[dict[str, Any]] = []
+    for name, ch in chains.items():
+        for i, r in enumerate(getattr(ch, "rules", [])):
+            rows.append({"chain": name, "num": i + 1, "rule": str(r), "origin": getattr(r, "origin", ""),
+                         "pkts": getattr(r, "pkts", 0), "bytes": getattr(r, "bytes", 0)})
+        if getattr(ch, "policy", None) is not None:
+            rows.append({"chain": name, "num": 0, "rule": f"policy {_VERDICTS.get(ch.policy, ch.policy)}",
+                         "origin": getattr(ch, "policy_origin", ""),
+                         "pkts": getattr(ch, "pkts", 0), "bytes": getattr(ch, "bytes", 0)})
+    return rows
+
+
 class Ops:
     """See the module docstring."""
 
@@ -247,10 +271,11 @@ class Ops:
         return out
 
     def _h_rules(self, req: dict[str, Any]) -> Any:
-        rules = getattr(self.engine, "rules", None)
-        if callable(rules):
-            return rules()
-        return [line for line in self.cfg.firewall.rules.splitlines() if line.strip()]
+        rows = rule_rows(self.engine)
+        if rows is None:
+            return [{"chain": "", "num": i + 1, "rule": line, "pkts": None, "bytes": None}
+                    for i, line in enumerate(x for x in self.cfg.firewall.rules.splitlines() if x.strip())]
+        return rows
 
     def _h_flush(self, req: dict[str, Any]) -> dict[str, Any]:
         flt = req.get("filter") or ""

@@ -311,3 +311,56 @@ def test_hundred_reloads_under_traffic_lose_no_entry(env: Env) -> None:
             stop_process(p)
     text = _http(lab, "http://127.0.0.1:9598/metrics")
     assert re.search(r'^masqd_reloads_total\{result="success"\} (\d+)', text, re.M)
+
+
+def _masqd(env: Env, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "masqd.cli", *args, "--socket", env.sock],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_table_rules_stats_flush_capture_and_wan_address(env: Env) -> None:
+    lab = env.lab
+    lab.exec("lan2", ["ping", "-c", "2", "-i", "0.2", "-W", "2", SRV1])
+    t = _masqd(env, "table")
+    assert t.returncode == 0 and "IP masquerading entries:" in t.stdout and "ICMP" in t.stdout, t.stderr
+    rows = json.loads(_masqd(env, "table", "--json", "proto=icmp").stdout)
+    assert rows and all(r["proto"] == "icmp" for r in rows)
+    r = _masqd(env, "rules", "list")
+    assert r.returncode == 0 and "policy MASQ" in r.stdout, r.stdout + r.stderr
+    s = json.loads(_masqd(env, "stats", "--json").stdout)
+    assert s["counters"]["tx_wan_icmp_packets"] >= 2 and s["wan_address"] == FW_WAN
+    bad = _masqd(env, "flush", "colour=red")
+    assert bad.returncode == 1 and "unknown field 'colour'" in bad.stderr and "Traceback" not in bad.stderr
+    f = _masqd(env, "flush", "proto=icmp")
+    assert f.returncode == 0 and f.stdout.startswith("removed "), f.stderr
+    assert json.loads(_masqd(env, "table", "--json", "proto=icmp").stdout) == []
+
+    # capture the WAN side while pinging; tshark decodes the Ethernet frames (TAP mode)
+    pcap = env.tmp / "wan.pcap"
+    cap = subprocess.Popen([sys.executable, "-m", "masqd.cli", "capture", "--iface", "wan", "-w", str(pcap),
+                            "--duration", "3", "--socket", env.sock], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    lab.exec("lan2", ["ping", "-c", "3", "-i", "0.2", "-W", "2", SRV1])
+    out, err = cap.communicate(timeout=30)
+    assert cap.returncode == 0 and "packets written" in out, out + err
+    ts = subprocess.run(["tshark", "-r", str(pcap), "-Y", "icmp", "-T", "fields", "-e", "eth.type",
+                         "-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type"], capture_output=True, text=True,
+                        timeout=60)
+    lines = [ln.split("\t") for ln in ts.stdout.splitlines()]
+    assert [FW_WAN, SRV1, "8"] in [x[1:] for x in lines], ts.stdout + ts.stderr  # masqueraded echo request
+    assert [SRV1, FW_WAN, "0"] in [x[1:] for x in lines]  # and its reply, as read from the WAN
+
+    # the WAN address moves; new traffic uses it; then it moves back
+    w = _masqd(env, "wan-address", "set", "203.0.113.201")
+    assert w.returncode == 0 and "203.0.113.201/24" in w.stdout, w.stderr
+    try:
+        srv = lab.tool_server("srv1", ["udp-echo", "5355"])
+        try:
+            rc, rep = lab.tool("lan2", ["udp-client", SRV1, "5355", "3"])
+        finally:
+            stop_process(srv)
+        assert rc == 0 and [p.split(":")[0] for p in rep["seen_as"]] == ["203.0.113.201"], rep
+        assert wait_promql(env, "masqd_wan_address_changes_total", lambda x: x >= 1) >= 1
+    finally:
+        assert _masqd(env, "wan-address", "set", FW_WAN).returncode == 0

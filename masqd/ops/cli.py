@@ -1,0 +1,164 @@
+"""The operator subcommands of ``masqd`` that talk to a running daemon over its control socket.
+
+``masqd table [--json] [FILTER]``, ``masqd stats [--json]``, ``masqd rules list``,
+``masqd flush [FILTER]``, ``masqd wan-address set ADDR``, ``masqd reload``,
+``masqd capture --iface lan|wan -w FILE [--duration S]``. Each finds the socket
+from ``--socket``, else ``$MASQD_SOCKET``, else ``control.socket`` of ``-c CONFIG``,
+else the default ``/run/masqd/masqd.sock``. Errors are one line on stderr and
+exit status 1 (daemon unreachable or request refused) or 2 (usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from masqd.ops.control import ControlError, format_rules, format_stats, format_table, request
+
+DEFAULT_SOCKET = "/run/masqd/masqd.sock"
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if getattr(args, "socket", None):
+        return str(args.socket)
+    env = os.environ.get("MASQD_SOCKET")
+    if env:
+        return env
+    if getattr(args, "config", None):
+        from masqd.config import ConfigError, load
+
+        try:
+            return load(args.config).control.socket
+        except ConfigError as exc:
+            print(f"masqd: {exc.source}: cannot read control.socket: {'; '.join(exc.errors)}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+    return DEFAULT_SOCKET
+
+
+def _call(args: argparse.Namespace, req: dict[str, Any]) -> Any:
+    try:
+        return request(socket_path(args), req, timeout=args.timeout)
+    except ControlError as exc:
+        print(f"masqd: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FAIL) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help=f"control socket (default: $MASQD_SOCKET, -c's, or {DEFAULT_SOCKET})")
+    p.add_argument("-c", "--config", help="read the control socket path from this config")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "table"}
+    if args.filter:
+        req["filter"] = " ".join(args.filter)
+    rows = _call(args, req)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = _call(args, {"cmd": "stats"})
+    print(json.dumps(stats, indent=1, sort_keys=True) if args.json else format_stats(stats))
+    return EXIT_OK
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    rows = _call(args, {"cmd": "rules"})
+    print(json.dumps(rows, indent=1) if args.json else format_rules(rows))
+    return EXIT_OK
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    res = _call(args, {"cmd": "flush", "filter": " ".join(args.filter)})
+    print(f"removed {res['removed']} entries")
+    return EXIT_OK
+
+
+def cmd_wan_address(args: argparse.Namespace) -> int:
+    res = _call(args, {"cmd": "wan-address", "action": "set", "address": args.address})
+    print(f"WAN address now {res['address']}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    res = _call(args, {"cmd": "reload"})
+    print(f"reloaded {res['source']}")
+    return EXIT_OK
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.write or f"masqd-{args.iface}.pcap")
+    res = _call(args, {"cmd": "capture", "action": "start", "iface": args.iface, "path": path})
+    until = f"for {args.duration:g}s" if args.duration else "Ctrl-C to stop"
+    print(f"capturing {args.iface} to {res['path']} (linktype {res['linktype']}); {until}", file=sys.stderr)
+    done = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: done.set())
+    try:
+        done.wait(args.duration if args.duration else None)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        stopped = _call(args, {"cmd": "capture", "action": "stop", "iface": args.iface})
+    print(f"{stopped.get(args.iface, 0)} packets written to {path}")
+    return EXIT_OK
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str,
+            func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_table(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "table", "list the masquerade table (like ipchains -M -L)", cmd_table)
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    p.add_argument("filter", nargs="*", help="e.g. proto=tcp lan=10.0.0.2 remote=198.51.100.1 state=...")
+
+
+def add_stats(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "stats", "counters of the running daemon", cmd_stats)
+    p.add_argument("--json", action="store_true")
+
+
+def add_rules(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "rules", "firewall rules with hit counters: masqd rules list", cmd_rules)
+    p.add_argument("action", choices=["list"])
+    p.add_argument("--json", action="store_true")
+
+
+def add_flush(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "flush", "remove masquerade entries (all, or proto=P / lan=ADDR)", cmd_flush)
+    p.add_argument("filter", nargs="*")
+
+
+def add_wan_address(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "wan-address", "tell masqd its new WAN address: wan-address set ADDR[/LEN]",
+                cmd_wan_address)
+    p.add_argument("action", choices=["set"])
+    p.add_argument("address")
+
+
+def add_reload(sub: argparse._SubParsersAction) -> None:
+    _parser(sub, "reload", "re-read and validate the config, swap it in (like SIGHUP)", cmd_reload)
+
+
+def add_capture(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "capture", "write a pcap of what masqd reads and writes on one side", cmd_capture)
+    p.add_argument("--iface", choices=["lan", "wan"], required=True)
+    p.add_argument("-w", "--write", help="pcap file (written by the daemon; default masqd-IFACE.pcap)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+
+
+OPS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_table, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture,
+]
