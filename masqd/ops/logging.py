@@ -2,6 +2,8 @@
 
 - Output is JSON lines when stderr is not a terminal (a container, a pipe) and
   a readable console rendering on a terminal; ``logging.format`` forces either.
+  Records of the standard ``logging`` module (the data plane, libraries) are
+  rendered the same way, so a container's log is JSON throughout.
 - Levels follow SPEC 7: masquerade entries created/expired at debug, VPN events
   at info, refusals at warning. The engine chooses the level of each event it
   records; ops only renders them.
@@ -58,7 +60,31 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(out, renderer, LEVELS.get(level, std_logging.INFO))
     return fmt
+
+
+class _MasqdHandler(std_logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the root handler this module installed, so a re-configure replaces it."""
+
+
+def _route_stdlib(out: TextIO, renderer: Any, level: int) -> None:
+    """Render stdlib ``logging`` records (data plane, libraries) with the same renderer."""
+    handler = _MasqdHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = std_logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _MasqdHandler):
+            root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def get_logger(name: str = "masqd") -> Any:

@@ -32,3 +32,20 @@ def engine() -> FakeEngine:
 @pytest.fixture
 def cfg(tmp_path: Any) -> Config:
     return make_cfg(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Any:
+    """ops tests configure structlog and a root handler: undo both after each test."""
+    import logging
+
+    import structlog
+
+    from masqd.ops.logging import _MasqdHandler
+
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _MasqdHandler):
+            root.removeHandler(h)
+    structlog.reset_defaults()

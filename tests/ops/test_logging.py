@@ -99,3 +99,17 @@ def test_flush_suppressed_reports_quiet_events() -> None:
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert lines[-1]["event"] == "log_suppressed"
     assert lines[-1]["suppressed_event"] == "drop_burst" and lines[-1]["suppressed"] == 4
+
+
+def test_stdlib_logging_rendered_as_json_too() -> None:
+    import logging
+
+    buf = io.StringIO()
+    configure("info", "json", buf)
+    configure("info", "json", buf)  # twice: still one handler
+    logging.getLogger("masqd.dataplane").info("opened lan device %s", "masqd-lan")
+    logging.getLogger("masqd.dataplane").debug("hidden")
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["event"] == "opened lan device masqd-lan"
+    assert lines[0]["logger"] == "masqd.dataplane" and lines[0]["level"] == "info"
