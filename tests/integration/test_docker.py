@@ -159,6 +159,16 @@ def test_lan_container_reaches_wan_container_through_masqd(docker: Docker) -> No
     owned = {a["local"] for i in addrs for a in i.get("addr_info", [])}
     assert "10.88.0.2" not in owned and "203.0.113.200" not in owned and "10.89.0.2" in owned
 
+    # the operator CLI works through docker exec (root in the container may use the 0600 socket)
+    table = docker("exec", f"{p}-masqd", "masqd", "table").stdout
+    assert "IP masquerading entries:" in table and "ICMP" in table and "203.0.113.10" in table, table
+    # the container log is JSON lines throughout (entrypoint, data plane, ops)
+    logs = docker("logs", f"{p}-masqd").stdout + docker("logs", f"{p}-masqd").stderr
+    events = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    names = {e.get("event") for e in events}
+    assert "entrypoint_ready" in names and "metrics_listening" in names
+    assert any(str(e.get("event", "")).startswith("opened lan device") for e in events)
+
     # the Docker healthcheck turns healthy
     deadline = time.monotonic() + 40
     health = ""

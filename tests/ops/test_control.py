@@ -167,3 +167,29 @@ def test_filter_parsing() -> None:
     assert entry_matches(e, f)
     assert not entry_matches(e, {"lan": "10.0.0.3"})
     assert entry_matches(e, {"lan": "10.0.0.2:1025"})
+
+
+def test_rules_list_from_the_real_engine(tmp_path: Path) -> None:
+    from masqd import config
+    from masqd.engine import Engine
+
+    text = (f'[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "203.0.113.200/24"\n'
+            f'[control]\nsocket = "{tmp_path / "ctl.sock"}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+            '[firewall]\nrules = """\nipchains -A input -p tcp -d 0.0.0.0/0 23 -j DENY -l\n"""\n')
+    cfg = config.loads(text)
+    eng = Engine(cfg)
+
+    async def main() -> list[dict[str, Any]]:
+        ops = Ops(eng, cfg, install_signal_handlers=False)
+        await ops.start()
+        try:
+            return await asyncio.to_thread(request, cfg.control.socket, {"cmd": "rules"})
+        finally:
+            await ops.stop()
+
+    rows = asyncio.run(main())
+    chains = {(r["chain"], r["num"]) for r in rows}
+    assert {("input", 0), ("forward", 0), ("output", 0), ("input", 1)} <= chains
+    rule = next(r for r in rows if r["chain"] == "input" and r["num"] == 1)
+    assert "DENY" in rule["rule"] and rule["pkts"] == 0
+    assert next(r for r in rows if r["chain"] == "forward" and r["num"] == 0)["rule"] == "policy MASQ"
