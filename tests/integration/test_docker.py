@@ -61,7 +61,7 @@ class Docker:
 
     def start(self) -> None:
         out = subprocess.run([str(ROOT / "scripts/dockerd-ns"), "start", self.prefix], capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=1200)
         assert out.returncode == 0, out.stderr
         self.host = out.stdout.strip()
         self.env["DOCKER_HOST"] = self.host
@@ -83,8 +83,8 @@ def docker() -> Iterator[Docker]:
     for tool in ("dockerd", "debootstrap"):
         assert shutil.which(tool), f"{tool} missing: scripts/setup installs it"
     d = Docker(f"mqd{os.getpid() % 10000}")
-    d.start()
     try:
+        d.start()
         yield d
     finally:
         d.stop()
