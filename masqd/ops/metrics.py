@@ -119,6 +119,8 @@ COUNTER_RULES: tuple[Rule, ...] = (
     _r(r"icmp_(?P<event>[a-z0-9_]+)", "masqd_icmp_events",
        "ICMP events (errors translated, echo answered, unreachables sent...).", ("event",)),
     _r(r"hairpin(?:_(?P<event>[a-z0-9_]+))?", "masqd_hairpin_events", "Hairpinned packets.", ("event",)),
+    _r(rf"arp_{_IF}_(?P<event>[a-z0-9_]+)", "masqd_arp_events",
+       "ARP events by interface (TAP mode: requests, replies, gratuitous, conflicts...).", ("interface", "event")),
     _r(rf"dp_{_IF}_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
        "Data-plane events by interface (write errors, ARP, ...).", ("interface", "event")),
     _r(r"dp_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",

@@ -43,6 +43,11 @@ def test_classify_known_names() -> None:
     assert rule is not None and rule.family == "masqd_drops" and labels == {"reason": "bad_checksum"}
     rule, labels = classify("esp_blocked")
     assert rule is not None and rule.family == "masqd_esp_events" and labels == {"event": "blocked"}
+    rule, labels = classify("arp_wan_gratuitous")
+    assert rule is not None and rule.family == "masqd_arp_events"
+    assert labels == {"interface": "wan", "event": "gratuitous"}
+    rule, labels = classify("pptp_call_ids_rewritten")
+    assert rule is not None and rule.family == "masqd_pptp_events" and labels == {"event": "call_ids_rewritten"}
     rule, labels = classify("pptp_calls_setup")
     assert rule is not None and rule.family == "masqd_pptp_calls" and labels == {"event": "setup"}
 
