@@ -58,6 +58,7 @@ Design decisions:
 from __future__ import annotations
 
 import random
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,11 @@ _M = 0xFFFFFFFF
 _KEEP = 20  # bytes of each message kept: header, Call IDs, result code
 _CREATES = (OUT_CALL_REQ, OUT_CALL_REPLY, IN_CALL_REQ, IN_CALL_REPLY)
 _TTL = 0xFEFF  # checksum delta of decrementing the TTL byte
+# Enhanced GRE headers the fast path takes (K and S set, A optional, version 1, PPP) -> IP + GRE
+# header length; anything else (acknowledgment-only packets included) takes the full path.
+_FAST_HDR = {b"\x30\x01\x88\x0b": 32, b"\x30\x81\x88\x0b": 36}
+_pack_H = struct.Struct("!H").pack_into
+_pack_H4s = struct.Struct("!H4s").pack_into
 
 
 class Call:
@@ -709,30 +715,23 @@ class PPTPHelper(Helper):
     # --------------------------------------------------------------- fast path
     def fast_out(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
         """Established enhanced GRE from a LAN host (IPv4 header checked by the core: 20 bytes,
-        no fragment, TTL > 1). None: take the full path."""
-        b0 = data[20]
-        b1 = data[21]
-        if b0 & 0xEF != 0x20 or b1 & 0x7F != 1 or data[22] != 0x88 or data[23] != 0x0B:
-            return None
+        no fragment, TTL > 1). None: take the full path (which also counts what is wrong)."""
+        hl = _FAST_HDR.get(data[20:24])
         call = self.out_calls.get(data[12:20] + data[26:28])
-        n = len(data)
-        if (call is None or n > self.eng.wan_mtu or (data[2] << 8 | data[3]) != n
-                or (data[24] << 8 | data[25]) > n - 28 - ((b0 & 0x10) >> 2) - ((b1 & 0x80) >> 5)
-                or (b0 & 0x10 == 0 and (data[24] or data[25]))):
-            return None
-        fw = call.fw
-        if fw is None or fw[0] != self.eng._gen or fw[1] is None:
+        if hl is None or call is None:
             return None
         eng = self.eng
+        n = len(data)
+        fw = call.fw
+        if (n > eng.wan_mtu or (data[2] << 8 | data[3]) != n or (data[24] << 8 | data[25]) > n - hl
+                or fw is None or fw[0] != eng._gen or fw[1] is None):
+            return None
         pkt = bytearray(data)
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + call.dip_out + _TTL
+        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + call.dip_out + _TTL
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
-        c ^= 0xFFFF
-        pkt[10] = c >> 8
-        pkt[11] = c & 0xFF
-        pkt[12:16] = eng.wan_ip_b
+        _pack_H4s(pkt, 10, c ^ 0xFFFF, eng.wan_ip_b)
         if call.state == ACTIVE:
             call.expires = now + self.t_call
         s = call.ctl
@@ -749,28 +748,22 @@ class PPTPHelper(Helper):
 
     def fast_in(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
         """Established enhanced GRE to the WAN address. None: take the full path."""
-        b0 = data[20]
-        b1 = data[21]
-        if b0 & 0xEF != 0x20 or b1 & 0x7F != 1 or data[22] != 0x88 or data[23] != 0x0B:
-            return None
+        hl = _FAST_HDR.get(data[20:24])
         call = self.in_calls.get(data[12:16] + data[26:28])
+        if hl is None or call is None:
+            return None
         eng = self.eng
         n = len(data)
-        if (call is None or data[16:20] != eng.wan_ip_b or n > eng.lan_mtu or (data[2] << 8 | data[3]) != n
-                or (data[24] << 8 | data[25]) > n - 28 - ((b0 & 0x10) >> 2) - ((b1 & 0x80) >> 5)
-                or (b0 & 0x10 == 0 and (data[24] or data[25]))):
-            return None
         fw = call.fw
-        if fw is None or fw[0] != eng._gen or fw[2] is None:
+        if (data[16:20] != eng.wan_ip_b or n > eng.lan_mtu or (data[2] << 8 | data[3]) != n
+                or (data[24] << 8 | data[25]) > n - hl or fw is None or fw[0] != eng._gen or fw[2] is None):
             return None
         pkt = bytearray(data)
         pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + call.dip_in + _TTL
+        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + call.dip_in + _TTL
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
-        c ^= 0xFFFF
-        pkt[10] = c >> 8
-        pkt[11] = c & 0xFF
+        _pack_H(pkt, 10, c ^ 0xFFFF)
         pkt[16:20] = call.lan_ip_b
         pkt[26:28] = call.lan_cid_b
         if call.state == ACTIVE:
