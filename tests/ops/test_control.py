@@ -193,3 +193,22 @@ def test_rules_list_from_the_real_engine(tmp_path: Path) -> None:
     rule = next(r for r in rows if r["chain"] == "input" and r["num"] == 1)
     assert "DENY" in rule["rule"] and rule["pkts"] == 0
     assert next(r for r in rows if r["chain"] == "forward" and r["num"] == 0)["rule"] == "policy MASQ"
+
+
+def test_capture_configured_at_boot(tmp_path: Path) -> None:
+    from .conftest import make_cfg as mk
+
+    cfg = mk(tmp_path, capture={"lan": str(tmp_path / "boot-lan.pcap")},
+             lan={"address": "10.0.0.1/8", "mode": "tap"})
+
+    async def main() -> dict[str, Any]:
+        ops = Ops(FakeEngine(), cfg, install_signal_handlers=False)
+        await ops.start()
+        ops.capture.record("lan", b"\x02" * 14 + b"\x45" + b"\x00" * 19)
+        st = ops.capture.status()
+        await ops.stop()
+        return st
+
+    st = asyncio.run(main())
+    assert st == {"lan": {"path": str(tmp_path / "boot-lan.pcap"), "packets": 1, "linktype": 1}}
+    assert (tmp_path / "boot-lan.pcap").stat().st_size == 24 + 16 + 34
