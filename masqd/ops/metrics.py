@@ -210,7 +210,13 @@ def _as_int_map(obj: Any) -> Mapping[str, int | float]:
     return {}
 
 
-def _entry_summary(engine: Any) -> dict[tuple[str, str], int] | None:
+#: Above this many sessions the per-state breakdown is not computed by walking
+#: ``engine.table()`` at scrape time (it would stall the data plane); an engine
+#: that keeps counts offers ``table_summary()`` instead.
+TABLE_WALK_LIMIT = 50_000
+
+
+def _entry_summary(engine: Any, sessions: int | None = None) -> dict[tuple[str, str], int] | None:
     """(protocol, state) -> count, from ``engine.table_summary()`` or ``engine.table()``."""
     summary = getattr(engine, "table_summary", None)
     if callable(summary):
@@ -222,7 +228,7 @@ def _entry_summary(engine: Any) -> dict[tuple[str, str], int] | None:
                     out[(str(k[0]), str(k[1]))] = int(v)
             return out
     table = getattr(engine, "table", None)
-    if not callable(table):
+    if not callable(table) or (sessions is not None and sessions > TABLE_WALK_LIMIT):
         return None
     counts: dict[tuple[str, str], int] = {}
     for e in table():
@@ -301,7 +307,8 @@ class MasqdCollector:
                         seen_entries = True
                     add(rule.family, rule.doc, labels, float(value), "gauge")
             if not seen_entries:
-                summary = _entry_summary(engine)
+                sess = counters.get("sessions")
+                summary = _entry_summary(engine, int(sess) if isinstance(sess, (int, float)) else None)
                 if summary is not None:
                     for (proto, state), n in sorted(summary.items()):
                         add("masqd_masq_entries", "Masquerade entries by protocol and state.",

@@ -171,3 +171,21 @@ def test_real_engine_counters_export_cleanly(tmp_path: object) -> None:
     assert sum(v for (n, _), v in s.items() if n == "masqd_drops_total") >= 1
     assert s[("masqd_masq_sessions", ())] == 3
     assert sum(v for (n, _), v in s.items() if n == "masqd_masq_entries") == len(eng.table(now))
+
+
+def test_large_table_not_walked_at_scrape_time() -> None:
+    eng = FakeEngine()
+    walked = []
+    orig = eng.table
+
+    def table(now: float | None = None) -> list[dict[str, object]]:
+        walked.append(1)
+        return orig(now)
+
+    eng.table = table  # type: ignore[method-assign]
+    eng.counters["sessions"] = 10
+    assert "masqd_masq_entries{" in scrape(eng) and walked
+    walked.clear()
+    eng.counters["sessions"] = 2_000_000
+    text = scrape(eng)
+    assert not walked and "masqd_masq_sessions 2e+06" in text
