@@ -565,6 +565,8 @@ class Program:
         sneg, dneg = sp.sport_neg, sp.dport_neg
         if sp.sport is not None:
             sports, code = parse_ports(sp.sport, p, sp.port_list)
+            if code is not None and sp.sport_neg:
+                raise Bad(f"'! {sp.sport}' cannot be negated (it fixes type and code); negate the type number")
             if code is not None:
                 if sp.dport is not None:
                     raise Bad(f"ICMP type {sp.sport!r} fixes the code: no destination port allowed")
@@ -574,6 +576,8 @@ class Program:
                 raise Bad("ICMP type given twice (source port and --icmp-type)")
             sports, code = parse_ports(sp.icmp, p)
             sneg = sp.icmp_neg
+            if code is not None and sneg:
+                raise Bad(f"'! {sp.icmp}' cannot be negated (it fixes type and code); negate the type number")
             if code is not None:
                 if sp.dport is not None:
                     raise Bad(f"ICMP type {sp.icmp!r} fixes the code: no destination port allowed")

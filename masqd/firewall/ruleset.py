@@ -103,14 +103,14 @@ def _simple_chain(ch: Chain) -> Evaluator:
 def _match_fn(ch: Chain) -> Callable[..., int]:
     """``m(start, ...)``: index of the first rule at or after ``start`` that matches, or -1."""
     lines = [f"def _f(start, {_ARGS}):"]
-    resumable = False
+    # The walk resumes at j + 1 after a non-terminal rule j (jump, RETURN, count
+    # only), so rule k needs a "start <= k" guard iff such a j >= k exists.
+    last = max((j for j, r in enumerate(ch.rules) if r.target not in TERMINAL), default=-1)
     for k, r in enumerate(ch.rules):
         cond = rule_condition(r)
         if cond != "False":
-            guard = f"start <= {k} and " if resumable else ""
+            guard = f"start <= {k} and " if k <= last else ""
             lines.append(f"    if {guard}{cond}: return {k}")
-        if r.target not in TERMINAL:
-            resumable = True  # the walk may come back to k + 1
     lines.append("    return -1")
     fn: Callable[..., int] = _compile("\n".join(lines), ch.name, {})
     return fn
