@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["rules", "check"]:  # offline: masqd rules check FILE [--map ...] [--config CFG] [-v]
+        from masqd.firewall.cli import rules_check
+
+        return rules_check(argv[2:])
     rest: list[str] = []
     if "--" in argv:  # everything after "--" is a command line for a subcommand (lab exec)
         i = argv.index("--")
