@@ -34,16 +34,33 @@ def _ports_expr(var: str, ports: tuple[tuple[int, int], ...], neg: bool) -> str:
     return f"({expr})" if len(terms) > 1 else expr
 
 
-def rule_condition(r: Rule) -> str:
-    """Python expression over the evaluate() arguments; ``True``/``False`` when constant."""
+def can_match(r: Rule, iface: str, proto: int | None) -> bool:
+    """Whether ``r`` may match packets on ``iface`` with ``proto`` (None: a protocol no rule names)."""
+    if r.ifaces is not None and (iface in r.ifaces) == r.iface_neg:
+        return False
+    if r.proto:
+        return (proto == r.proto) != r.proto_neg
+    return not r.proto_neg
+
+
+def rule_condition(r: Rule, known_iface_proto: bool = False) -> str:
+    """Python expression over the evaluate() arguments; ``True``/``False`` when constant.
+
+    With ``known_iface_proto`` the interface and protocol tests are left out
+    (the caller already dispatched on them, see ``can_match``).
+    """
     c: list[str] = []
-    if r.ifaces is not None:
+    if known_iface_proto:
+        pass
+    elif r.ifaces is not None:
         sides = sorted(s for s in r.ifaces if s in ("lan", "wan"))
         if len(sides) == 1:
             c.append(f"iface {'!=' if r.iface_neg else '=='} {sides[0]!r}")
         elif (len(sides) == 2) == r.iface_neg:  # "! any" or "none"
             return "False"
-    if r.proto:
+    if known_iface_proto:
+        pass
+    elif r.proto:
         c.append(f"proto {'!=' if r.proto_neg else '=='} {int(r.proto)}")
     elif r.proto_neg:
         return "False"
@@ -76,28 +93,62 @@ def _compile(src: str, name: str, consts: dict[str, Any]) -> Callable[..., Any]:
     return fn
 
 
-def _simple_chain(ch: Chain) -> Evaluator:
-    """A built-in chain where every rule ends the walk: return prepared Decisions."""
+def _decisions(ch: Chain) -> dict[str, Decision]:
     assert ch.policy is not None
-    lines = [f"def _f({_ARGS}):"]
-    consts: dict[str, Any] = {}
+    consts: dict[str, Decision] = {}
     for k, r in enumerate(ch.rules):
         logged = (r,) if r.log else ()
         if r.target == "RETURN":
-            d = Decision(ch.policy, (r, ch), logged)
+            consts[f"D{k}"] = Decision(ch.policy, (r, ch), logged)
         else:
-            d = Decision(TERMINAL[r.target], (r,), logged)
-        consts[f"D{k}"] = d
-        cond = rule_condition(r)
+            consts[f"D{k}"] = Decision(TERMINAL[r.target], (r,), logged)
+    consts["DP"] = Decision(ch.policy, (ch,), ())
+    return consts
+
+
+def _decision_lines(ch: Chain, args: str, keep: Callable[[Rule], bool], known: bool) -> list[str]:
+    lines = [f"def _f({args}):"]
+    for k, r in enumerate(ch.rules):
+        if not keep(r):
+            continue
+        cond = rule_condition(r, known)
         if cond == "False":
             continue
-        lines.append(f"    if {cond}: return D{k}")
         if cond == "True":
-            break
-    consts["DP"] = Decision(ch.policy, (ch,), ())
+            lines.append(f"    return D{k}")
+            return lines
+        lines.append(f"    if {cond}: return D{k}")
     lines.append("    return DP")
-    fn: Evaluator = _compile("\n".join(lines), ch.name, consts)
-    return fn
+    return lines
+
+
+Table = dict[str, list[Callable[..., Decision]]]
+SPECIALISE_MAX = 2000  # longer chains keep only the generic function (bounded compile time)
+
+
+def _simple_chain(ch: Chain) -> tuple[Evaluator, Table | None]:
+    """A built-in chain where every rule ends the walk: functions returning prepared Decisions.
+
+    Returns the generic function and a table ``{iface: [fn per protocol 0..255]}``
+    whose functions hold only the rules that can match on that interface and
+    protocol, in order, without those two tests.
+    """
+    consts: dict[str, Any] = dict(_decisions(ch))
+    generic: Evaluator = _compile("\n".join(_decision_lines(ch, _ARGS, lambda r: True, False)), ch.name, consts)
+    if len(ch.rules) > SPECIALISE_MAX:
+        return generic, None
+    sub = "src, dst, sport, dport, flags"
+    protos = sorted({r.proto for r in ch.rules if r.proto})
+    table: Table = {}
+    for iface in ("lan", "wan"):
+        src = _decision_lines(ch, sub, lambda r, i=iface: can_match(r, i, None), True)  # type: ignore[misc]
+        other = _compile("\n".join(src), f"{ch.name} {iface} other", consts)
+        row = [other] * 256
+        for p in protos:
+            src = _decision_lines(ch, sub, lambda r, i=iface, q=p: can_match(r, i, q), True)  # type: ignore[misc]
+            row[p] = _compile("\n".join(src), f"{ch.name} {iface} {p}", consts)
+        table[iface] = row
+    return generic, table
 
 
 def _match_fn(ch: Chain) -> Callable[..., int]:
@@ -191,22 +242,45 @@ class Ruleset:
         self.portfw = portfw
         self.protofw = protofw
         self._eval: dict[str, Evaluator] = {}
+        self._tab: dict[str, Table | None] = {}
         for n in BUILTIN_CHAINS:
             ch = chains[n]
             if all(r.target in TERMINAL or r.target == "RETURN" for r in ch.rules):
-                self._eval[n] = _simple_chain(ch)
+                self._eval[n], self._tab[n] = _simple_chain(ch)
             else:
-                self._eval[n] = _walker(chains, n)
+                self._eval[n], self._tab[n] = _walker(chains, n), None
 
     def evaluate(
         self, chain: str, iface: str, proto: int, src: int, dst: int, sport: int, dport: int, flags: int
     ) -> Decision:
-        """Walk built-in ``chain`` for one packet (``iface``: incoming for input, outgoing otherwise)."""
+        """Walk built-in ``chain`` for one packet.
+
+        ``iface``: "lan"/"wan", incoming for input, outgoing for forward and
+        output; ``proto`` 0..255; for ICMP ``sport``/``dport`` are type/code.
+        """
+        t = self._tab[chain]
+        if t is not None:
+            row = t.get(iface)
+            if row is not None:
+                return row[proto](src, dst, sport, dport, flags)
         return self._eval[chain](iface, proto, src, dst, sport, dport, flags)
 
     def evaluator(self, chain: str) -> Evaluator:
-        """The compiled function behind ``evaluate(chain, ...)``, to skip one lookup per packet."""
-        return self._eval[chain]
+        """A function ``f(iface, proto, src, dst, sport, dport, flags)`` same as ``evaluate(chain, ...)``."""
+        t = self._tab[chain]
+        generic = self._eval[chain]
+        if t is None:
+            return generic
+        lan, wan = t["lan"], t["wan"]
+
+        def f(iface: str, proto: int, src: int, dst: int, sport: int, dport: int, flags: int) -> Decision:
+            if iface == "wan":
+                return wan[proto](src, dst, sport, dport, flags)
+            if iface == "lan":
+                return lan[proto](src, dst, sport, dport, flags)
+            return generic(iface, proto, src, dst, sport, dport, flags)
+
+        return f
 
     def rules(self) -> list[Rule]:
         """Every rule, chain by chain."""

@@ -405,4 +405,17 @@ def test_compiled_evaluation_equals_reference_walk(text: str, pkts: list) -> Non
     rs = build(text)
     for chain in ("input", "forward", "output"):
         for pkt in pkts:
-            assert rs.evaluate(chain, *pkt) == _ref_walk(rs.chains, chain, pkt), (chain, pkt, text)
+            want = _ref_walk(rs.chains, chain, pkt)
+            assert rs.evaluate(chain, *pkt) == want, (chain, pkt, text)
+            assert rs.evaluator(chain)(*pkt) == want
+            assert rs._eval[chain](*pkt) == want  # the generic function (no per-protocol table)
+
+
+def test_long_chains_skip_the_per_protocol_table(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import masqd.firewall.ruleset as rmod
+
+    monkeypatch.setattr(rmod, "SPECIALISE_MAX", 3)
+    rs = build("\n".join(f"ipchains -A input -p udp -s 10.0.0.{i} -j DENY" for i in range(5)))
+    assert rs._tab["input"] is None
+    assert v(rs, "input", proto=UDP, src="10.0.0.4") == DENY
+    assert v(rs, "input", proto=UDP, src="10.0.0.5") == ACCEPT
