@@ -419,3 +419,27 @@ def test_long_chains_skip_the_per_protocol_table(monkeypatch) -> None:  # type: 
     assert rs._tab["input"] is None
     assert v(rs, "input", proto=UDP, src="10.0.0.4") == DENY
     assert v(rs, "input", proto=UDP, src="10.0.0.5") == ACCEPT
+
+
+def test_forwarder_lines() -> None:
+    rs = build(
+        "ipmasqadm portfw -a -P tcp -L $WAN 1723 -R 10.0.0.2 1723 -p 5\n"
+        "ipmasqadm portfw -a -P tcp -L wan 1723 -R 10.0.0.3 1723\n"
+        "ipmasqadm portfw -a -P udp -L 203.0.113.200 500 -R 10.0.0.2 500\n"
+        "ipmasqadm portfw -d -P tcp -L wan 1723 -R 10.0.0.3 1723\n"
+        "ipportfw -A -t ${WAN}/8080 -R 10.0.0.3/80\n"
+        "ipportfw -D -t wan/8080 -R 10.0.0.3/80\n"
+        "ipportfw -A -u $4/4500 -R 10.0.0.2/4500\n"
+        "/usr/sbin/ipfwd --masq 10.0.0.3 esp\n"
+        "/sbin/ipfwd --masq 10.0.0.2 50 &\n"
+        "ipfwd --masq 10.0.0.2 gre\n"
+    )
+    assert [(f.proto, f.listen, f.port, str(f.to), f.to_port, f.pref) for f in rs.portfw] == [
+        ("tcp", "wan", 1723, "10.0.0.2", 1723, 5),
+        ("udp", "203.0.113.200", 500, "10.0.0.2", 500, 10),
+        ("udp", "wan", 4500, "10.0.0.2", 4500, 10),
+    ]
+    # a later ipfwd for the same protocol replaces the earlier one
+    assert [(p.proto, str(p.to)) for p in rs.protofw] == [(50, "10.0.0.2"), (47, "10.0.0.2")]
+    assert build("ipmasqadm portfw -a -P tcp -L wan 1 -R 10.0.0.2 1\nipmasqadm portfw -f").portfw == ()
+    assert rs.trivial  # forwarders are not chain rules
