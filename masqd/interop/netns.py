@@ -10,10 +10,12 @@ the per-run prefix; `teardown` removes them all, also after a failure.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,20 @@ def add_netns(name: str) -> None:
 
 def del_netns(name: str) -> None:
     run("ip", "netns", "del", name, check=False)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A Popen ``preexec_fn``: the child gets ``sig`` when the harness process dies,
+    so a killed test run does not leave guests, captures or masqd running."""
+
+    def set_pdeathsig() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return set_pdeathsig
 
 
 def stop_process(
@@ -112,6 +128,7 @@ class Capture:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGINT),
         )
         # tcpdump reports "listening on" on stderr once the capture runs.
         assert self.proc.stderr is not None

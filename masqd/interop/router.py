@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from masqd.interop.netns import ip, stop_process
+from masqd.interop.netns import die_with_parent, ip, stop_process
 
 FW_LAN = "10.0.0.1/8"
 FW_WAN = "203.0.113.200/24"
@@ -215,6 +215,7 @@ class MasqdRouter:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -302,10 +302,13 @@ def new_prefix() -> str:
 
 
 def run_scenario(
-    scenario: Scenario, run_root: Path = RUN_ROOT, keep: bool | None = None
+    scenario: Scenario,
+    run_root: Path = RUN_ROOT,
+    keep: bool | None = None,
+    prefix: str | None = None,
 ) -> ScenarioRun:
     """Play a scenario in a fresh lab; always tear down. Never raises for peer failures."""
-    prefix = new_prefix()
+    prefix = prefix or new_prefix()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = ScenarioRun(scenario, prefix, run_root / f"{stamp}-{scenario.name}-{prefix}")
     run.run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,13 @@ switch namespace), in its own session, and is stopped by its PID.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from masqd.interop.netns import stop_process
+from masqd.interop.netns import die_with_parent, stop_process
 
 UML_BINARY = "linux.uml"
 
@@ -70,6 +71,7 @@ class UmlGuest:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),  # UML cleans up its helpers on TERM
             )
         finally:
             out.close()

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from masqd.interop import catalog
 from masqd.interop.netns import list_netns
 from masqd.interop.peers import strongswan_initiator, strongswan_responder
-from masqd.interop.scenario import Scenario, ScenarioRun, clients_ok, run_scenario
+from masqd.interop.scenario import Scenario, ScenarioRun, clients_ok, new_prefix, run_scenario
 
 pytestmark = pytest.mark.interop
 
@@ -76,3 +79,38 @@ def test_teardown_after_failed_scenario(guest_images: dict[str, Path]) -> None:
     assert (run.run_dir / "wan.pcap").exists() and (run.run_dir / "lan.pcap").exists()
     assert (run.run_dir / "peers" / "srv" / "charon.log").exists()
     assert _leftovers(run.prefix, run) == []
+
+
+def test_sigterm_mid_scenario_tears_down(guest_images: dict[str, Path]) -> None:
+    """A harness process stopped by SIGTERM while guests run (as `timeout` does)
+    still stops every guest, capture and router and removes the lab."""
+    prefix = new_prefix()
+    code = (
+        "import signal\n"
+        "def stop(s, f): raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "from masqd.interop import catalog\n"
+        "from masqd.interop.scenario import run_scenario\n"
+        f"run_scenario(catalog.strongswan_natt(1, router='kernel'), prefix={prefix!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            if f"umid=masqd-{prefix}c1" in ps:  # the client guest runs: mid-scenario
+                break
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.2)
+        else:
+            pytest.fail("scenario did not reach the client stage")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    empty = ScenarioRun(Scenario("x", ()), prefix, Path("/nonexistent"))
+    assert _leftovers(prefix, empty) == [], out
