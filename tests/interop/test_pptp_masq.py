@@ -12,7 +12,6 @@ from masqd.interop.scenario import run_scenario
 pytestmark = pytest.mark.interop
 
 
-@pytest.mark.xfail(strict=False, reason="PPTP masquerade (issue 7) not landed")
 def test_pptp_one_client_through_masqd(guest_images: dict[str, Path]) -> None:
     """TCP 1723 + GRE with MS-CHAPv2 and MPPE-128 through masqd."""
     run = run_scenario(catalog.pptp(1))
