@@ -97,23 +97,24 @@ class EthernetHost:
 
     # ------------------------------------------------------------------ receive
 
-    def rx(self, frame: bytes | bytearray, now: float) -> bytes | None:
+    def rx(self, frame: bytes | bytearray, now: float) -> bytes | bytearray | None:
         """One received frame -> the IPv4 packet inside it for the router, or None."""
-        if len(frame) < 14:
+        n = len(frame)
+        # fast path: IPv4 unicast to our MAC (no slices before the one that is the packet)
+        if n >= 34 and frame[12] == 8 and frame[13] == 0 and frame.startswith(self.mac):
+            tl = (frame[16] << 8) | frame[17]
+            if 20 <= tl < n - 14:
+                return frame[14 : 14 + tl]  # without the padding of short frames
+            return frame[14:]
+        if n < 14:
             _bump(self.counters, "drop_l2_runt")
             return None
         dst = frame[0:6]
         etype = frame[12:14]
         if etype == ETH_IP:
-            if dst != self.mac:
-                # flooded unicast for another host, or IP broadcast/multicast: not routed
-                _bump(self.counters, "drop_l2_not_for_us")
-                return None
-            if len(frame) >= 34:
-                tl = (frame[16] << 8) | frame[17]
-                if 20 <= tl < len(frame) - 14:
-                    return bytes(frame[14 : 14 + tl])  # without the padding of short frames
-            return bytes(frame[14:])
+            # flooded unicast for another host, IP broadcast/multicast (not routed), or a runt
+            _bump(self.counters, "drop_l2_not_for_us" if dst != self.mac else "drop_l2_runt")
+            return None
         if etype == ETH_ARP:
             if dst != self.mac and dst != BROADCAST:
                 _bump(self.counters, "drop_l2_not_for_us")

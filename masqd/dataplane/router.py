@@ -63,7 +63,7 @@ class Port:
         self.counters = counters
         self.capture: CaptureTap | None = None
 
-    def drain(self, handle: Callable[[bytes, float], None], now: float) -> int:
+    def drain(self, handle: Callable[[bytes | bytearray, float], None], now: float) -> int:
         """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``."""
         fd, l2, c = self.fd, self.l2, self.counters
         cap = self.capture if self.capture is not None and self.capture.active else None
@@ -206,10 +206,10 @@ class Dataplane:
     def _on_readable(self, port: Port) -> None:
         port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self.clock())
 
-    def _handle_lan(self, pkt: bytes, now: float) -> None:
+    def _handle_lan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("lan", pkt, now)
 
-    def _handle_wan(self, pkt: bytes, now: float) -> None:
+    def _handle_wan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("wan", pkt, now)
 
     def _route(self, iface: str, pkt: bytes | bytearray, now: float) -> None:
