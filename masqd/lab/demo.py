@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from masqd.lab.topology import (
     FW_LAN,
@@ -122,21 +121,17 @@ def _same_port(lab: Lab, m: MasqdProcess) -> str:
             f"{LAN3}:40000 -> seen as {r3['seen_as'][0]}")
 
 
-def _format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'proto':<6}{'lan':<22}{'wan':<22}{'remote':<22}{'state':<12}expires"]
-    for r in rows:
-        lines.append(f"{r.get('proto', ''):<6}{r.get('lan', ''):<22}{r.get('wan', ''):<22}"
-                     f"{r.get('remote', ''):<22}{r.get('state', ''):<12}{r.get('expires_in', '')}")
-    return "\n".join(lines)
-
-
 def _show_state(m: MasqdProcess) -> str:
+    # the table through the control socket, as an operator would ask for it
+    cp = subprocess.run([sys.executable, "-m", "masqd.cli", "table", "-c", str(m.cfg_path)],
+                        capture_output=True, text=True, timeout=15)
+    assert cp.returncode == 0 and FW_WAN in cp.stdout, cp.stderr or cp.stdout
+    # counters (engine + data plane) from the SIGUSR1 snapshot
     snap = m.snapshot()
     counters = {k: v for k, v in sorted(snap["counters"].items()) if v and not k.startswith("pool_")}
     packets = {k: v for k, v in counters.items() if k.endswith("_packets")}
     other = {k: v for k, v in counters.items() if not k.endswith("_packets") and not k.endswith("_bytes")}
-    assert snap["table"], "empty masquerade table"
-    return ("masquerade table (like ipchains -M -L):\n" + _format_table(snap["table"])
+    return (f"$ masqd table -c {m.cfg_path}\n" + cp.stdout.rstrip()
             + "\npackets: " + ", ".join(f"{k}={v}" for k, v in packets.items())
             + "\nother:   " + ", ".join(f"{k}={v}" for k, v in other.items()))
 
