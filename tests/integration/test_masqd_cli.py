@@ -82,3 +82,29 @@ def test_run_with_missing_namespace_fails_without_traceback(tmp_path: Path, root
     assert cp.returncode == 1
     assert "tnons0-sw" in cp.stderr and "does not exist" in cp.stderr
     assert "Traceback" not in cp.stderr
+
+
+def test_lab_commands(root: None, stale_labs_removed: None) -> None:
+    import os
+
+    prefix = f"t{os.getpid()}c"
+    try:
+        up = masqd("lab", "up", "--prefix", prefix, "--mode", "tun")
+        assert up.returncode == 0, up.stderr
+        again = masqd("lab", "up", "--prefix", prefix)
+        assert again.returncode == 1 and "exists" in again.stderr and "Traceback" not in again.stderr
+        st = masqd("lab", "status", "--prefix", prefix)
+        assert st.returncode == 0 and f"{prefix}-lanedge" in st.stdout and "10.0.0.2/8" in st.stdout
+        ex = masqd("lab", "exec", "lan3", "--prefix", prefix, "--", "ip", "-br", "addr", "show", "eth0")
+        assert ex.returncode == 0 and "10.0.0.3/8" in ex.stdout
+        bad = masqd("lab", "exec", "lan3", "--prefix", prefix, "--", "false")
+        assert bad.returncode == 1
+        # IPv6 is off in the lab
+        v6 = masqd("lab", "exec", "lan2", "--prefix", prefix, "--", "sysctl", "-n",
+                   "net.ipv6.conf.eth0.disable_ipv6")
+        assert v6.stdout.strip() == "1"
+    finally:
+        down = masqd("lab", "down", "--prefix", prefix)
+    assert down.returncode == 0 and f"{prefix}-sw" in down.stdout
+    assert masqd("lab", "status", "--prefix", prefix).returncode == 1
+    assert not [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")]
