@@ -118,3 +118,21 @@ def test_wan_address_change_is_announced_and_used(own_lab: LabFactory) -> None:
         assert counters["arp_wan_gratuitous"] == 2  # at start and on the change
     finally:
         m.stop()
+
+
+def test_wan_mtu_from_config(own_lab: LabFactory) -> None:
+    lab = own_lab("tap", "m")
+    cfg = lab.masqd_config().replace('gateway = "203.0.113.1"\n', 'gateway = "203.0.113.1"\nmtu = 1400\n')
+    m = lab.start_masqd(cfg)
+    try:
+        assert "mtu 1400" in devices(lab, "sw")[f"{lab.prefix}-wan"]
+        out = lab.exec("lan2", ["ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", SRV1], check=False).stdout
+        assert "From 10.0.0.1" in out and "mtu = 1400" in out, out
+        server = lab.tool_server("srv1", ["tcp-server", "8081"])
+        try:
+            rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8081", str(1024 * 1024)], timeout=20)
+        finally:
+            stop_process(server)
+        assert rc == 0 and rep["ok"], rep
+    finally:
+        m.stop()
