@@ -94,6 +94,30 @@ WORKLOADS: dict[str, tuple[str, Callable[[Engine], tuple[Callable[[], object], C
 }
 
 
+def compare_with_udp(name: str, build: Callable[[Engine], tuple[Callable[[], object], Callable[[], object]]],
+                     argv: list[str] | None = None) -> int:
+    """Print ns/packet of workload ``name`` against an established UDP flow in the same engine
+    (interleaved rounds, best round kept) and their ratio. Used by the workload files when run directly."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args(argv)
+    eng = Engine(loads(BASE))
+    flows = {"udp": udp_flow(eng), name: build(eng)}
+    best: dict[str, float] = {}
+    for _ in range(max(1, a.rounds)):
+        for fname, (fo, fi) in flows.items():
+            for d, fn in (("out", fo), ("in", fi)):
+                k = f"{fname}_{d}"
+                best[k] = min(best.get(k, float("inf")), time_loop(fn, a.iters))
+    print(f"{'established flow':<20}{'ns/pkt':>10}{'pkts/s':>14}")
+    for k, v in best.items():
+        print(f"{k:<20}{v:>10.0f}{1e9 / v:>14,.0f}")
+    for d in ("out", "in"):
+        print(f"{name}/udp {d:<12}{best[f'{name}_{d}'] / best[f'udp_{d}']:>10.2f}x")
+    return 0
+
+
 def _register_extra() -> None:
     here = os.path.dirname(__file__)
     for name in sorted(os.listdir(here)):

@@ -11,19 +11,15 @@ Usage: python bench/workload_pptp.py [--iters N] [--rounds R]
 
 from __future__ import annotations
 
-import argparse
-import gc
 import os
 import sys
-import time
 from collections.abc import Callable
 
 if "__file__" in globals():  # run directly (bench/engine.py execs this file with the path already set)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scapy.all import IP, TCP, UDP, raw  # noqa: E402
+from scapy.all import IP, TCP, raw  # noqa: E402
 
-from masqd.config import loads  # noqa: E402
 from masqd.engine import Engine  # noqa: E402
 from masqd.wire import pptp as W  # noqa: E402
 from masqd.wire.gre import build_pptp_gre  # noqa: E402
@@ -57,56 +53,10 @@ def gre_flow(eng: Engine) -> Flow:
 
 WORKLOADS: dict[str, tuple[str, Callable[[Engine], Flow]]] = {"gre": ("", gre_flow)}
 
-_BASE = """
-[lan]
-address = "10.0.0.1/8"
-[wan]
-address = "203.0.113.200/24"
-gateway = "203.0.113.1"
-[masquerade]
-inbound_filtering = "endpoint-independent"
-"""
-
-
-def _udp_flow(eng: Engine) -> Flow:
-    out_p = raw(IP(src=LAN, dst=SRV) / UDP(sport=5555, dport=53) / (b"q" * 32))
-    o = eng.process("lan", out_p, 1.0)
-    wport = IP(o[0][1])[UDP].sport
-    in_p = raw(IP(src=SRV, dst=WAN) / UDP(sport=53, dport=wport) / (b"a" * 32))
-    eng.process("wan", in_p, 1.0)
-    eng.process("lan", out_p, 1.0)
-    proc = eng.process
-    return (lambda: proc("lan", out_p, 2.0)), (lambda: proc("wan", in_p, 2.0))
-
-
-def _ns(fn: Callable[[], object], n: int) -> float:
-    gc.collect()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e9
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
-    eng = Engine(loads(_BASE))
-    flows = {"udp": _udp_flow(eng), "gre": gre_flow(eng)}
-    best: dict[str, float] = {}
-    for _ in range(max(1, a.rounds)):
-        for name, (fo, fi) in flows.items():
-            for d, fn in (("out", fo), ("in", fi)):
-                k = f"{name}_{d}"
-                best[k] = min(best.get(k, float("inf")), _ns(fn, a.iters))
-    print(f"{'established flow':<20}{'ns/pkt':>10}{'pkts/s':>14}")
-    for k, v in best.items():
-        print(f"{k:<20}{v:>10.0f}{1e9 / v:>14,.0f}")
-    for d in ("out", "in"):
-        print(f"gre/udp {d:<12}{best[f'gre_{d}'] / best[f'udp_{d}']:>10.2f}x")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from engine import compare_with_udp  # bench/engine.py
+
+    raise SystemExit(compare_with_udp("gre", gre_flow))

@@ -66,7 +66,6 @@ from masqd.wire.ipv4 import (
     TH_SYN,
     UDP,
     UNREACH_NEEDFRAG,
-    UNREACH_PORT,
     Malformed,
     build_icmp,
     build_ipv4,
@@ -115,6 +114,7 @@ class Engine:
         self._icmp_tokens = 100.0
         self._icmp_last = 0.0
         self._reset_keys: dict[bytes, float] = {}
+        self._gen = 0  # firewall generation: bumped by every (re)load, invalidates cached decisions
         self._apply(cfg, first=True)
 
     # ------------------------------------------------------------------ config
@@ -145,7 +145,7 @@ class Engine:
             m.inbound_filtering
         ]
         self.rules = fwmod.build_ruleset(cfg)
-        self._gen = getattr(self, "_gen", 0) + 1
+        self._gen += 1
         self._fw_trivial: list[Any] = [self._gen, (), ()]
         if first:
             self.helpers: list[Helper] = [cls(self, cfg) for cls in HELPERS]
@@ -515,7 +515,7 @@ class Engine:
             return True
         self.drop(f"{chain}_{'reject' if v == fwmod.REJECT else 'deny'}")
         if v == fwmod.REJECT:
-            self._icmp_error(iface, pkt, ihl, ICMP_UNREACH, getattr(d, "code", UNREACH_PORT), 0, 0.0, out,
+            self._icmp_error(iface, pkt, ihl, ICMP_UNREACH, d.code, 0, 0.0, out,
                              limit=False)
         return False
 
