@@ -48,7 +48,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(cfg)
     from masqd.dataplane.run import run
+    from masqd.ops.wanwatch import StartError, initial_config
 
+    try:
+        cfg = initial_config(cfg)  # wan.address_source = "interface:NAME": start from NAME's address
+    except StartError as exc:
+        print(f"masqd: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return run(cfg, config_path=args.config, state_file=args.state_file, ready_file=args.ready_file)
 
 

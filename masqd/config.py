@@ -66,9 +66,28 @@ class LanInterface(Interface):
 class WanInterface(Interface):
     name: str = "masqd-wan"
     gateway: ipaddress.IPv4Address | None = None
-    # Where the WAN address comes from: "config", "interface:<ifname>[@netns]" or "control".
+    # Where the WAN address comes from: "config", "interface:<ifname>" (a kernel interface in
+    # masqd's own network namespace, followed over netlink) or "control" (control socket only).
     address_source: str = "config"
     dynaddr_mode: Literal["rewrite", "rewrite-all", "flush"] = "rewrite-all"
+
+    @field_validator("address_source")
+    @classmethod
+    def _address_source(cls, v: str) -> str:
+        if v in ("config", "control"):
+            return v
+        kind, sep, ifname = v.partition(":")
+        if kind != "interface" or not sep:
+            raise ValueError('must be "config", "control" or "interface:NAME"')
+        if not 1 <= len(ifname) <= 15 or any(c in ifname for c in "/:@ \t\n") or ifname in (".", ".."):
+            raise ValueError(f"interface:NAME: {ifname!r} is not a Linux interface name (1-15 characters, "
+                             "no '/', ':', '@' or blanks; only masqd's own network namespace)")
+        return v
+
+    @property
+    def address_interface(self) -> str | None:
+        """The kernel interface the WAN address follows (``address_source = "interface:NAME"``), else None."""
+        return self.address_source.partition(":")[2] if self.address_source.startswith("interface:") else None
 
 
 class Timeouts(_Frozen):

@@ -15,6 +15,11 @@ calls ``engine.set_wan_address``), ``extra_counters()`` (the data plane's own
 counters, named like the engine's and exported the same way; ``extra_gauges``
 is accepted as an alias) and ``now`` (the engine's clock, default
 ``time.monotonic``).
+
+With ``wan.address_source = "interface:NAME"`` ops also runs the
+:mod:`masqd.ops.wanwatch` thread, whose address changes take the same path as
+the control socket's ``wan-address set``. With any source but "config", a
+reload keeps the current (dynamic) WAN address.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from masqd.ops.metrics import (
 )
 from masqd.ops.pcap import Capture
 from masqd.ops.reload import Reloader
+from masqd.ops.wanwatch import WanAddressFollower, WanWatcher
 
 DRAIN_INTERVAL = 0.1
 LAG_INTERVAL = 0.25
@@ -129,14 +135,17 @@ class Ops:
         self.log = get_logger("masqd")
         self.events = EngineEventLogger(cfg.logging.rate_per_event, self.counters)
         self.capture = Capture(self.counters)
-        self.collector = MasqdCollector(lambda: self.engine, self.counters, extra_counters or extra_gauges)
+        self._extra_given = extra_counters or extra_gauges
+        self.wanwatch_counters: dict[str, int] = {}
+        self.wanwatch: WanWatcher | None = None
+        self.collector = MasqdCollector(lambda: self.engine, self.counters, self._extra_counters)
         self.registry = make_registry(self.collector)
         self.metrics: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.control: ControlServer | None = None
         self._on_reload = on_reload
         self._set_wan = set_wan_address
-        self._extra = extra_counters or extra_gauges
+        self._extra = self._extra_counters
         self._signals = install_signal_handlers
         self._control_path = control_socket or cfg.control.socket
         self._metrics_listen = metrics_listen or cfg.metrics.listen
@@ -166,8 +175,33 @@ class Ops:
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self._tasks.append(asyncio.create_task(self._drain_loop(), name="masqd-ops-drain"))
         self._tasks.append(asyncio.create_task(self._lag_loop(), name="masqd-ops-lag"))
+        self._start_wanwatch(cfg)
+
+    def _extra_counters(self) -> dict[str, int]:
+        out = dict(self._extra_given()) if self._extra_given is not None else {}
+        for k, v in self.wanwatch_counters.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    def _start_wanwatch(self, cfg: Any) -> None:
+        ifname = getattr(cfg.wan, "address_interface", None)
+        if ifname is None:
+            return
+        follower = WanAddressFollower(ifname, self.set_wan_address, lambda: getattr(self.engine, "wan_if", None),
+                                      self.log, self.wanwatch_counters)
+        self.wanwatch = WanWatcher(ifname, asyncio.get_running_loop(), follower)
+        self.wanwatch.start()
+        self.log.info("wan_address_source", source=cfg.wan.address_source,
+                      address=str(getattr(self.engine, "wan_if", None)))
+
+    def _stop_wanwatch(self) -> None:
+        if self.wanwatch is not None:
+            if not self.wanwatch.stop():
+                self.log.warning("wanwatch_stop_timeout", interface=self.wanwatch.ifname)
+            self.wanwatch = None
 
     async def stop(self) -> None:
+        self._stop_wanwatch()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -217,11 +251,19 @@ class Ops:
         self.reloader.reload()
 
     def _apply(self, cfg: Any) -> None:
+        cur = getattr(self.engine, "wan_if", None)
+        if cfg.wan.address_source != "config" and cur is not None and cfg.wan.address != cur:
+            # the address is dynamic: the config's is only the start value; keep the live one
+            cfg = cfg.model_copy(update={"wan": cfg.wan.model_copy(update={"address": cur})})
+        old_source = self.cfg.wan.address_source
         self.engine.reload(cfg)
         self.cfg = cfg
         self.events.set_rate(cfg.logging.rate_per_event)
         if self._on_reload is not None:
             self._on_reload(cfg)
+        if cfg.wan.address_source != old_source:
+            self._stop_wanwatch()
+            self._start_wanwatch(cfg)
 
     # ------------------------------------------------------------------ control handlers
 
@@ -313,17 +355,29 @@ class Ops:
             addr = ipaddress.IPv4Interface(raw)
         except ValueError as exc:
             raise RequestError(f"wan-address set: {exc}") from None
-        if addr.ip.is_multicast or addr.ip.is_unspecified or addr.ip == addr.network.broadcast_address:
-            raise RequestError(f"wan-address set: {addr.ip} cannot be a host address")
+        try:
+            self.set_wan_address(addr, "control")
+        except ValueError as exc:
+            raise RequestError(f"wan-address set: {exc}") from None
+        return {"address": str(addr)}
+
+    def set_wan_address(self, addr: ipaddress.IPv4Interface, by: str) -> None:
+        """Change the WAN address (control socket, followed interface): engine, L2, counters, log.
+
+        Raises ValueError for an address that cannot be the WAN address.
+        """
+        if addr.ip.is_multicast or addr.ip.is_unspecified or addr.ip.is_loopback \
+                or addr.ip == addr.network.broadcast_address:
+            raise ValueError(f"{addr.ip} cannot be a host address")
         if addr.network.overlaps(self.cfg.lan.address.network):
-            raise RequestError(f"wan-address set: {addr} overlaps the LAN network")
+            raise ValueError(f"{addr} overlaps the LAN network")
+        old = getattr(self.engine, "wan_if", None)
         if self._set_wan is not None:
             self._set_wan(addr)
         else:
             self.engine.set_wan_address(addr, self.now())
         self.counters.wan_address_set += 1
-        self.log.info("wan_address_set", address=str(addr), by="control")
-        return {"address": str(addr)}
+        self.log.info("wan_address_set", address=str(addr), old=str(old) if old is not None else None, by=by)
 
     def _h_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         res = self.reloader.reload()
