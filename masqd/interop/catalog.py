@@ -14,20 +14,33 @@ from collections.abc import Mapping
 from typing import Any
 
 from masqd.interop.peers import (
+    libreswan_gateway,
     libreswan_initiator,
+    libreswan_remote_initiator,
     libreswan_responder,
     pptp_client,
+    pptp_remote_client,
     pptp_server,
+    pptp_server_behind_nat,
     strongswan_initiator,
     strongswan_responder,
 )
+from masqd.interop.router import FW_WAN_IP, merge
 from masqd.interop.scenario import (
     RouterKind,
     Scenario,
+    clients_ok,
+    clients_result,
+    forwarded_server_checks,
+    masqd_counter,
     masqd_entries,
+    masqd_pptp_calls,
     natt_checks,
     pptp_checks,
     raw_esp_checks,
+    wan_distinct_sources,
+    wan_has,
+    wan_lacks,
 )
 
 REMOTE_GW = "198.51.100.254"
@@ -92,3 +105,84 @@ def pptp(
     return Scenario(
         f"pptp-x{clients}", tuple(peers), pptp_checks(clients), router, dict(masqd_config or {})
     )
+
+
+# ------------------------------------------- a VPN server on a private address (issue 8)
+
+LAN_SERVER = "10.0.0.2"  # the VPN server behind masqd (SPEC 5)
+
+
+def remote_client_address(n: int) -> str:
+    """Remote-segment address of remote client number ``n`` (1-based): 198.51.100.41, .42, ...
+    (clear of the lab's own hosts srv1/rem2/rem3 on .1-.3)."""
+    return f"198.51.100.{40 + n}/24"
+
+
+IPSEC_SERVER_RULES = (
+    f"ipmasqadm portfw -a -P udp -L $WAN 500 -R {LAN_SERVER} 500\n"
+    f"ipfwd --masq {LAN_SERVER} 50\n"
+)
+PPTP_SERVER_RULES = (
+    f"ipportfw -A -t ${{4}}/1723 -R {LAN_SERVER}/1723\n"
+    f"ipfwd --masq {LAN_SERVER} 47\n"
+)
+
+
+def ipsec_gateway_behind_masqd(
+    ike: int = 2, clients: int = 2, masqd_config: Mapping[str, Any] | None = None
+) -> Scenario:
+    """A libreswan gateway on 10.0.0.2 behind masqd (the HOWTO's ``ipmasqadm portfw`` UDP 500
+    on the WAN symbol + ``ipfwd --masq 10.0.0.2 50``), reached at 203.0.113.200 by
+    ``clients`` remote libreswan initiators at once (raw ESP, @ids)."""
+    peers = [libreswan_gateway("gw", f"{LAN_SERVER}/8", LAN_GW, range(1, clients + 1))]
+    peers += [
+        libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP, ike, n)
+        for n in range(1, clients + 1)
+    ]
+    cfg = merge({"firewall": {"rules": IPSEC_SERVER_RULES}}, masqd_config or {})
+    checks = (
+        clients_ok(),
+        clients_result("reverse_rc", "0"),
+        *forwarded_server_checks(LAN_SERVER, (("udp", 500),), "esp", 50, clients),
+        wan_has(f"src host {FW_WAN_IP} and udp src port 500 and udp dst port 500", clients,
+                "ISAKMP answers from masqd's port 500"),
+        wan_lacks("udp port 4500", "NAT-T must not be used"),
+    )  # fmt: skip
+    return Scenario(f"ipsec-gw-behind-masqd-ikev{ike}-x{clients}", tuple(peers), checks, "masqd",
+                    cfg, done_timeout=90.0, mem_mb=128)  # fmt: skip
+
+
+def pptp_server_behind_masqd(
+    remote_clients: int = 2, lan_clients: int = 1, masqd_config: Mapping[str, Any] | None = None
+) -> Scenario:
+    """pptpd on 10.0.0.2 behind masqd (``ipportfw`` TCP 1723 on the WAN symbol + ``ipfwd
+    --masq 10.0.0.2 47``) called by ``remote_clients`` remote pptp-linux clients, while
+    ``lan_clients`` LAN clients (10.0.0.11..) call a remote pptpd (198.51.100.30), all at once."""
+    peers = [
+        pptp_server_behind_nat("lsrv", f"{LAN_SERVER}/8", LAN_GW),
+        pptp_server("rsrv", f"{PPTP_SERVER}/24", REMOTE_GW),
+    ]
+    peers += [
+        pptp_remote_client(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP, f"user{n}")
+        for n in range(1, remote_clients + 1)
+    ]
+    peers += [
+        pptp_client(f"c{n}", lan_client_address(n), LAN_GW, PPTP_SERVER, f"user{remote_clients + n}")
+        for n in range(1, lan_clients + 1)
+    ]
+    cfg = merge({"firewall": {"rules": PPTP_SERVER_RULES}}, masqd_config or {})
+    checks = (
+        clients_ok(),
+        *forwarded_server_checks(LAN_SERVER, (("tcp", 1723),), "gre", 47, remote_clients,
+                                 proto_forward_hits=False),
+        masqd_counter("pptp_calls_setup", remote_clients + lan_clients),
+        masqd_pptp_calls(LAN_SERVER, True, remote_clients, masqueraded_ids=False),
+        *(masqd_pptp_calls(lan_client_address(n).split("/")[0], False, 1, masqueraded_ids=True)
+          for n in range(1, lan_clients + 1)),
+        wan_distinct_sources(f"src host {FW_WAN_IP} and tcp dst port 1723 and dst host {PPTP_SERVER}",
+                             lan_clients, "LAN clients' PPTP control to the remote pptpd"),
+        wan_has(f"src host {FW_WAN_IP} and dst host {PPTP_SERVER} and ip proto 47", lan_clients,
+                "LAN clients' GRE to the remote pptpd"),
+    )  # fmt: skip
+    return Scenario(f"pptpd-behind-masqd-r{remote_clients}-l{lan_clients}", tuple(peers), checks,
+                    "masqd", cfg, done_timeout=90.0, mem_mb=128)  # fmt: skip

@@ -11,6 +11,7 @@ reads the results; nothing is parsed from the console.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,3 +452,72 @@ class Peer:
         if self.guest is not None:
             self.guest.stop()
             self.final = self.result()
+
+
+# ------------------------------------------- a VPN server on a private address (issue 8)
+
+# Shell: the echo requests this guest has received (``Icmp InEchos`` in /proc/net/snmp).
+_IN_ECHOS_FN = (
+    "in_echos() { awk '/^Icmp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == \"InEchos\") c = i; h = 1 }"
+    " else print $c }' /proc/net/snmp; }\n"
+)
+
+
+def libreswan_gateway(
+    name: str,
+    address: str,
+    gateway: str | None,
+    clients: range = range(1, 9),
+    segment: str = "lan",
+) -> PeerSpec:
+    """libreswan responder meant to sit behind masqd (portfw UDP 500 + protocol forward 50).
+
+    Same conns as `libreswan_responder` (@ids, never raw addresses, so the NATed
+    gateway's own private address does not matter); while it runs it pings each
+    client's subnet from the host behind it, so traffic also starts from the
+    gateway's side through every tunnel."""
+    base = libreswan_responder(name, address, gateway, clients)
+    subs = " ".join(libreswan_client_subnet(n) for n in clients)
+    loop = (
+        f"i=0; while [ $i -lt {STATUS_LOOPS * 3} ]; do ipsec trafficstatus > /peer/status.txt 2>&1; "
+        f"for s in {subs}; do ping -n -c 1 -W 1 -I {BEHIND_SERVER} $s > /dev/null 2>&1 & done; "
+        "wait; i=$((i+1)); done\n"
+    )
+    marker = "mark_ready\n"
+    head = base.script[: base.script.index(marker) + len(marker)]
+    return dataclasses.replace(base, segment=segment, script=head + loop)
+
+
+def libreswan_remote_initiator(
+    name: str,
+    address: str,
+    gateway: str | None,
+    server: str,
+    ike: int = 2,
+    index: int = 1,
+    reverse_wait: int = 12,
+) -> PeerSpec:
+    """libreswan initiator on the remote segment calling a gateway behind masqd (raw ESP).
+
+    Besides `libreswan_initiator`'s results it records ``reverse_rc``: 0 once an
+    echo request from the gateway's side reached this client's subnet through the
+    tunnel (within ``reverse_wait`` seconds after its own pings)."""
+    base = libreswan_initiator(name, address, gateway, server, ike, index, segment="rem")
+    wait = (
+        _IN_ECHOS_FN
+        + f"n=0; rev=1; while [ $n -lt {reverse_wait * 2} ]; do"
+        ' [ "$(in_echos)" -gt 0 ] && { rev=0; break; }; sleep 0.5; n=$((n+1)); done\n'
+        + "result reverse_rc $rev\n"
+    )
+    end = base.script.index(_CLIENT_END)
+    return dataclasses.replace(base, script=base.script[:end] + wait + base.script[end:])
+
+
+def pptp_server_behind_nat(name: str, address: str, gateway: str | None) -> PeerSpec:
+    """pptpd on a private LAN address (reached through masqd's portfw 1723 + protocol forward 47)."""
+    return dataclasses.replace(pptp_server(name, address, gateway), segment="lan")
+
+
+def pptp_remote_client(name: str, address: str, gateway: str | None, server: str, user: str) -> PeerSpec:
+    """pptp-linux client on the remote segment calling a server's public address."""
+    return pptp_client(name, address, gateway, server, user, segment="rem")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from masqd.interop.netns import Capture, MiniLab, add_kernel_router, read_pcap_summary
+from masqd.interop.netns import Capture, MiniLab, add_kernel_router, ip, read_pcap_summary
 from masqd.interop.peers import Peer, PeerSpec
 from masqd.interop.router import (
     FW_WAN_IP,
@@ -253,6 +253,119 @@ def pptp_checks(clients: int) -> tuple[Check, ...]:
     )
 
 
+def clients_result(key: str, value: str, names: tuple[str, ...] = ()) -> Check:
+    """Every client (or the named ones) recorded ``key=value`` in its result.txt."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        peers = [p for p in run.clients() if not names or p.spec.name in names]
+        if names and len(peers) != len(names):
+            return [f"clients {sorted(names)} wanted, found {[p.spec.name for p in peers]}"]
+        return [f"{p.spec.name}: {key}={p.result().get(key)}, wanted {value}"
+                for p in peers if p.result().get(key) != value]  # fmt: skip
+
+    return check
+
+
+def masqd_counter(name: str, at_least: int = 1, at_most: int | None = None) -> Check:
+    """masqd's counter ``name`` (its state snapshot) is >= ``at_least`` (and <= ``at_most``)."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        if run.masqd_state is None:
+            return ["no masqd state snapshot (masqd router not used or not answering)"]
+        got = int(run.masqd_state.get("counters", {}).get(name, 0))
+        if got < at_least or (at_most is not None and got > at_most):
+            want = f">= {at_least}" + (f" and <= {at_most}" if at_most is not None else "")
+            return [f"masqd counters: {name}={got}, wanted {want}"]
+        return []
+
+    return check
+
+
+def masqd_forward_hits(kind: str, lan: str, remote: str, at_least: int) -> Check:
+    """masqd's table lists the forward (``kind`` portfw or protofw) to ``lan`` (``addr[:port]``)
+    for ``remote`` (the protocol name: tcp, udp, esp, gre) with at least ``at_least`` hits."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        if run.masqd_state is None:
+            return ["no masqd state snapshot (masqd router not used or not answering)"]
+        rows = [r for r in run.masqd_state.get("table", [])
+                if r.get("proto") == kind and r.get("lan") == lan
+                and str(r.get("remote")).lower() == remote]  # fmt: skip
+        if not rows:
+            return [f"masqd table: no {kind} row to {lan} ({remote})"]
+        hits = sum(int(r.get("hits") or 0) for r in rows)
+        if hits < at_least:
+            return [f"masqd table: {kind} to {lan} ({remote}) has {hits} hits, wanted >= {at_least}"]
+        return []
+
+    return check
+
+
+def forwarded_server_checks(lan_server: str, ports: tuple[tuple[str, int], ...], proto: str,
+                            proto_number: int, remote_clients: int,
+                            proto_forward_hits: bool = True) -> tuple[Check, ...]:
+    """A server on ``lan_server`` behind masqd, reached by ``remote_clients`` remote peers:
+    masqd's table shows the port forwards with hits and the protocol forward (with hits
+    unless ``proto_forward_hits`` is false: a helper that tracks the calls, as PPTP's does,
+    delivers their packets itself), its counters the connections, and the forwarded
+    protocol leaves the WAN from masqd's address towards every remote client."""
+    checks: list[Check] = [
+        masqueraded_by(),
+        masqd_counter("portfw_connections", remote_clients),
+        masqd_forward_hits("protofw", lan_server, proto, remote_clients if proto_forward_hits else 0),
+        wan_has(f"src host {FW_WAN_IP} and ip proto {proto_number}", remote_clients,
+                f"forwarded {proto} leaving from masqd"),
+    ]  # fmt: skip
+    if proto_forward_hits:
+        checks.append(masqd_counter("protofw_packets", remote_clients))
+    for pname, port in ports:
+        checks.append(masqd_forward_hits("portfw", f"{lan_server}:{port}", pname, remote_clients))
+    checks.append(_distinct_destinations(f"src host {FW_WAN_IP} and ip proto {proto_number}",
+                                          remote_clients, f"{proto} to each remote client"))
+    return tuple(checks)
+
+
+def masqd_pptp_calls(lan: str, forwarded: bool, count: int, masqueraded_ids: bool) -> Check:
+    """masqd's table holds exactly ``count`` ESTABLISHED PPTP calls (GRE rows) of LAN host
+    ``lan``: answered by a forwarded server (``forwarded``) or placed by a LAN client; with
+    ``masqueraded_ids`` false the Call IDs were left as the LAN host chose them."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        if run.masqd_state is None:
+            return ["no masqd state snapshot (masqd router not used or not answering)"]
+        rows = [r for r in run.masqd_state.get("table", [])
+                if r.get("proto") == "gre" and str(r.get("lan", "")).split(":")[0] == lan
+                and bool(r.get("inbound")) == forwarded]  # fmt: skip
+        what = "forwarded-server" if forwarded else "LAN-client"
+        problems = []
+        if len(rows) != count or any(r.get("state") != "ESTABLISHED" for r in rows):
+            problems.append(f"masqd table: {what} PPTP calls of {lan}: {rows}, wanted {count} ESTABLISHED")
+        if not masqueraded_ids:
+            problems += [f"masqd table: Call ID of a {what} call rewritten: {r}"
+                         for r in rows if r.get("lan_call_id") != r.get("masq_call_id")]  # fmt: skip
+        return problems
+
+    return check
+
+
+_DEST = re.compile(r" > (\d+\.\d+\.\d+\.\d+)")
+
+
+def _distinct_destinations(bpf: str, at_least: int, what: str) -> Check:
+    def check(run: ScenarioRun) -> list[str]:
+        dsts = set()
+        for line in run.wan_packets(bpf):
+            m = _DEST.search(line)
+            if m:
+                dsts.add(m.group(1).rstrip(":"))
+        if len(dsts) < at_least:
+            return [f"WAN capture: destinations of '{bpf}' ({what}) are {sorted(dsts)}, "
+                    f"wanted >= {at_least} distinct"]  # fmt: skip
+        return []
+
+    return check
+
+
 # ----------------------------------------------------------------- running
 
 
@@ -275,6 +388,17 @@ class ProjectLab:
 
     def attach_tap(self, segment: str, tapname: str) -> None:
         self._lab.attach_tap(segment, tapname)
+
+    def vacate(self, address: str) -> None:
+        """A lab namespace host holding ``address`` (e.g. lan2's 10.0.0.2) gives it up to a peer."""
+        from masqd.lab.topology import HOSTS
+
+        want = address.split("/")[0]
+        for role, (ifs, _gw) in HOSTS.items():
+            for _seg, ifname, cidr in ifs:
+                if cidr.split("/")[0] == want:
+                    ip(self.ns(role), "link", "set", ifname, "down")
+                    ip(self.ns(role), "addr", "flush", "dev", ifname)
 
     def kernel_router(self) -> None:
         add_kernel_router(self.sw, self.ns("fw"))
@@ -335,6 +459,9 @@ def run_scenario(
             tap = f"{prefix}{spec.name}"
             if len(tap) > 15:
                 raise ValueError(f"peer name {spec.name!r} too long for a TAP name")
+            vacate = getattr(lab, "vacate", None)
+            if vacate is not None:  # the peer, not a lab host, owns its address on the segment
+                vacate(spec.address)
             lab.attach_tap(spec.segment, tap)
             run.peers[spec.name] = Peer(spec, run.run_dir / "peers" / spec.name, tap)
         _play(run, lab)
