@@ -34,10 +34,12 @@ from masqd.engine.nat import (
     T_RST,
     T_SYN_SENT,
     TCP_STATE_NAMES,
+    TTL_DELTA,
     Mapping,
     PortPool,
     Session,
 )
+from masqd.wire import vnet
 from masqd.wire.checksum import (
     addr_delta,
     apply_delta,
@@ -78,6 +80,7 @@ _pack_H = _H.pack_into
 _pack_H4s = struct.Struct("!H4s").pack_into
 
 LAN, WAN = "lan", "wan"
+_TTL_DELTA = TTL_DELTA
 # protocol index for per-packet counters
 _PIDX = {TCP: 0, UDP: 1, ICMP: 2, 47: 3, 50: 4}
 _PNAMES = ("tcp", "udp", "icmp", "gre", "esp", "other")
@@ -115,6 +118,10 @@ class Engine:
         self._icmp_last = 0.0
         self._reset_keys: dict[bytes, float] = {}
         self._gen = 0  # firewall generation: bumped by every (re)load, invalidates cached decisions
+        # the packet being routed by process_vnet (offload metadata), its segment size, what was sent
+        self._vpkt: bytearray | None = None
+        self._vseg = 0
+        self._vsent: list[int] = []
         self._apply(cfg, first=True)
 
     # ------------------------------------------------------------------ config
@@ -286,8 +293,85 @@ class Engine:
             self.event("error", "internal_error", error=repr(exc))
             return []
 
+    def process_vnet(self, iface: str, packet: bytes | bytearray, now: float,
+                     vh: bytes) -> list[tuple[str, bytes, bytes]]:
+        """Route a packet read with a virtio-net header ``vh`` (offsets relative to the IPv4 header).
+
+        Returns (iface, packet, header) triples; the header is ``vh`` itself for
+        the forwarded packet when it still carries offload work (a partial
+        checksum, a super-packet), or ``b""`` for an ordinary packet (write it
+        with a zero header). Super-packets are never split here: the rewrite is
+        done once and the kernel segments on the way out. See ``masqd.wire.vnet``.
+        """
+        data = packet if type(packet) is bytes else bytes(packet)
+        flags, gso, _hlen, gsz, cstart, coff = vnet.unpack(vh)
+        partial = flags & vnet.F_NEEDS_CSUM
+        if not partial and not gso:
+            return [(o, p, b"") for o, p in self.process(iface, data, now)]
+        try:
+            n = len(data)
+            if n < 28 or data[0] >> 4 != 4:
+                raise Malformed("truncated_ip" if n < 28 else "not_ipv4")
+            ihl = (data[0] & 15) << 2
+            proto = data[9]
+            if partial and (cstart != ihl or proto not in (TCP, UDP)
+                            or coff != (16 if proto == TCP else 6) or ihl + coff + 2 > n):
+                raise Malformed("bad_offload_header")
+            seg = 0
+            if gso:
+                seg = vnet.segment_size(data, ihl, gso, gsz)
+                if not seg or proto != (TCP if gso & 0x7F == vnet.GSO_TCPV4 else UDP):
+                    raise Malformed("bad_offload_header")
+                self.c["rx_super_packets"] = self.c.get("rx_super_packets", 0) + 1
+            if iface == LAN:
+                r = self._fast_out(data, now, partial, seg)
+            elif iface == WAN:
+                r = self._fast_in(data, now, partial, seg)
+            else:
+                self.drop("bad_iface")
+                return []
+            if r is not None:
+                return [(o, p, vh) for o, p in r]
+            # The full path works on ordinary packets: finish the checksum here (what the
+            # kernel would do for a device without offload) and, for a super-packet, make it
+            # partial again on the way out.
+            pkt = bytearray(data)
+            if partial:
+                vnet.complete_checksum(pkt, ihl, coff, proto == UDP)
+            out: list[tuple[str, bytes]] = []
+            self._vpkt = pkt
+            self._vseg = seg
+            self._vsent = []
+            try:
+                self._slow(iface, pkt, now, out)
+            finally:
+                self._vpkt = None
+                self._vseg = 0
+            sent, self._vsent = self._vsent, []
+            if not sent:
+                return [(o, p, b"") for o, p in out]
+            res: list[tuple[str, bytes, bytes]] = []
+            for i, (o, p) in enumerate(out):
+                if i in sent and gso:
+                    q = bytearray(p)
+                    ql = (q[0] & 15) << 2
+                    qo = ql + (16 if q[9] == TCP else 6)
+                    _pack_H(q, qo, vnet.partial_seed(q, ql))
+                    vnet.ip_header_checksum(q)
+                    res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, _hlen, gsz, ql, qo - ql)))
+                else:
+                    res.append((o, p, b""))
+            return res
+        except Malformed as exc:
+            self.drop(exc.reason)
+            return []
+        except Exception as exc:  # never let one packet take the router down
+            self.drop("internal_error")
+            self.event("error", "internal_error", error=repr(exc))
+            return []
+
     # --------------------------------------------------------------- fast path
-    def _fast_out(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
+    def _fast_out(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:
         n = len(data)
         if n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1:
             return None
@@ -301,10 +385,10 @@ class Engine:
         else:
             fp = self._fast_po.get(proto)
             return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
-        if s is None or n > self.wan_mtu or (data[2] << 8 | data[3]) != n:
+        if s is None or (seg or n) > self.wan_mtu or (data[2] << 8 | data[3]) != n:
             return None
         fw = s.fw
-        if fw is None or fw[0] != self._gen or fw[1] is None:
+        if fw is None or fw[0] != self._gen or fw[1] is None or (partial and s.helper is not None):
             return None
         m = s.m
         pkt = bytearray(data)
@@ -314,7 +398,13 @@ class Engine:
         c = (c & 0xFFFF) + (c >> 16)
         _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
         _pack_H(pkt, 20, m.wan_port)
-        if proto == UDP:
+        if partial:  # the field holds the pseudo-header sum: addresses only, not inverted
+            o = 26 if proto == UDP else 36
+            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_out - _TTL_DELTA
+            u = (u & 0xFFFF) + (u >> 16)
+            _pack_H(pkt, o, (u & 0xFFFF) + (u >> 16))
+            k = 7 if proto == UDP else 6
+        elif proto == UDP:
             u = pkt[26] << 8 | pkt[27]
             if u:
                 u = (u ^ 0xFFFF) + m.dl4_out
@@ -330,6 +420,8 @@ class Engine:
             k = 6
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, 20, True, now):
                 return []
+        if seg:  # a super-packet: the kernel reads this header as is (always recompute it)
+            vnet.ip_header_checksum(pkt)
         s.expires = now + s.tmo
         for r in fw[1]:
             r.pkts += 1
@@ -341,7 +433,7 @@ class Engine:
         self.tx_bytes[i + 6] += n
         return [(WAN, bytes(pkt))]
 
-    def _fast_in(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
+    def _fast_in(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:
         n = len(data)
         if n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1:
             return None
@@ -355,10 +447,11 @@ class Engine:
         else:
             fp = self._fast_pi.get(proto)
             return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
-        if s is None or n > self.lan_mtu or (data[2] << 8 | data[3]) != n:
+        if s is None or (seg or n) > self.lan_mtu or (data[2] << 8 | data[3]) != n:
             return None
         fw = s.fw
-        if fw is None or fw[0] != self._gen or fw[2] is None or s.state == 0:  # UNREPLIED / NEW
+        if (fw is None or fw[0] != self._gen or fw[2] is None or s.state == 0  # UNREPLIED / NEW
+                or (partial and s.helper is not None)):
             return None
         m = s.m
         pkt = bytearray(data)
@@ -369,7 +462,13 @@ class Engine:
         _pack_H(pkt, 10, c ^ 0xFFFF)
         pkt[16:20] = m.lan_ip_b
         _pack_H(pkt, 22, m.lan_port)
-        if proto == UDP:
+        if partial:  # the field holds the pseudo-header sum: addresses only, not inverted
+            o = 26 if proto == UDP else 36
+            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_in - _TTL_DELTA
+            u = (u & 0xFFFF) + (u >> 16)
+            _pack_H(pkt, o, (u & 0xFFFF) + (u >> 16))
+            i = 7 if proto == UDP else 6
+        elif proto == UDP:
             u = pkt[26] << 8 | pkt[27]
             if u:
                 u = (u ^ 0xFFFF) + m.dl4_in
@@ -385,6 +484,8 @@ class Engine:
             i = 6
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, 20, False, now):
                 return []
+        if seg:
+            vnet.ip_header_checksum(pkt)
         s.expires = now + s.tmo
         for r in fw[2]:
             r.pkts += 1
@@ -396,8 +497,8 @@ class Engine:
         return [(LAN, bytes(pkt))]
 
     # --------------------------------------------------------------- full path
-    def _slow(self, iface: str, data: bytes, now: float, out: list[tuple[str, bytes]]) -> None:
-        pkt = bytearray(data)
+    def _slow(self, iface: str, data: bytes | bytearray, now: float, out: list[tuple[str, bytes]]) -> None:
+        pkt = data if type(data) is bytearray else bytearray(data)
         ihl = check_ipv4(pkt)
         ii = 0 if iface == LAN else 6
         proto = pkt[9]
@@ -475,7 +576,7 @@ class Engine:
             self._count("ttl_exceeded")
             return
         mtu = self.wan_mtu if oif == WAN else self.lan_mtu
-        if len(pkt) > mtu and pkt[6] & 0x40:
+        if self._size(pkt) > mtu and pkt[6] & 0x40:
             self._icmp_error(iface, pkt, ihl, ICMP_UNREACH, UNREACH_NEEDFRAG, mtu, now, out)
             self._count("frag_needed_sent")
             return
@@ -550,9 +651,22 @@ class Engine:
         self._send(oif, pkt, ihl, out)
         return True
 
+    def _size(self, pkt: bytearray) -> int:
+        """Length that must fit the MTU: a super-packet's segments, else the packet."""
+        return self._vseg if self._vseg and pkt is self._vpkt else len(pkt)
+
     def _send(self, oif: str, pkt: bytearray, ihl: int, out: list[tuple[str, bytes]]) -> None:
         mtu = self.wan_mtu if oif == WAN else self.lan_mtu
         k = (0 if oif == LAN else 6) + _pidx(pkt[9])
+        if self._vseg and pkt is self._vpkt:  # a super-packet: the caller adds its offload header back
+            if self._vseg > mtu:
+                self.drop("too_big_super_packet")
+                return
+            self._vsent.append(len(out))
+            self.tx_pkts[k] += 1
+            self.tx_bytes[k] += len(pkt)
+            out.append((oif, bytes(pkt)))
+            return
         if len(pkt) > mtu:
             if pkt[6] & 0x40:
                 self.drop("too_big_df")
@@ -939,7 +1053,7 @@ class Engine:
             if pkt[8] <= 1:
                 self._icmp_error(WAN, pkt, ihl, ICMP_TIMXCEED, 0, 0, now, out)
                 return True
-            if len(pkt) > self.lan_mtu and pkt[6] & 0x40:
+            if self._size(pkt) > self.lan_mtu and pkt[6] & 0x40:
                 self._icmp_error(WAN, pkt, ihl, ICMP_UNREACH, UNREACH_NEEDFRAG, self.lan_mtu, now, out)
                 return True
             if proto == TCP:
