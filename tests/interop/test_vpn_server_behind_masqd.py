@@ -37,3 +37,66 @@ def test_pptpd_behind_masqd_and_lan_client_calling_out(guest_images: dict[str, P
     (Call-ID masquerade); GRE leaves from 203.0.113.200 to all three far ends."""
     run = run_scenario(catalog.pptp_server_behind_masqd(remote_clients=2, lan_clients=1))
     assert run.passed, run.report()
+
+
+# ------------------------------------------------ no guests: the config and the checks themselves
+
+_LAN_WAN = """
+[lan]
+name = "x-mlan"
+address = "10.0.0.1/8"
+[wan]
+name = "x-mwan"
+address = "203.0.113.200/24"
+gateway = "203.0.113.1"
+"""
+
+
+def _forwards(toml: str) -> tuple[list[tuple[str, str, int, str, int]], list[tuple[int, str]]]:
+    from masqd.config import loads
+    from masqd.firewall import build_ruleset
+
+    rs = build_ruleset(loads(toml, "test"))
+    pf = sorted((f.proto, f.listen, f.port, str(f.to), f.to_port) for f in rs.portfw)
+    return pf, sorted((p.proto, str(p.to)) for p in rs.protofw)
+
+
+def test_readme_vpn_server_config_is_what_the_interop_tests_run() -> None:
+    """The README's "VPN server on a private address" block parses to exactly the forwards the
+    two scenarios above configure, all on the WAN symbol."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("**A VPN server on a private address.**"):]
+    block = section[section.index("```toml\n") + 8: section.index("```\n", section.index("```toml\n") + 8)]
+    tested = catalog.IPSEC_SERVER_RULES + catalog.PPTP_SERVER_RULES
+    want = _forwards(_LAN_WAN + '[firewall]\nrules = """\n' + tested + '"""\n')
+    assert _forwards(_LAN_WAN + block) == want
+    pf, protofw = want
+    assert [(p, port) for p, _l, port, _t, _tp in pf] == [("tcp", 1723), ("udp", 500)]
+    assert {listen for _p, listen, *_ in pf} <= {"wan", "$WAN", "${4}"}
+    assert protofw == [(47, "10.0.0.2"), (50, "10.0.0.2")]
+
+
+def test_forward_and_pptp_call_checks_read_the_snapshot(tmp_path: Path) -> None:
+    from masqd.interop.peers import PeerSpec
+    from masqd.interop.scenario import Scenario, ScenarioRun, masqd_forward_hits, masqd_pptp_calls
+
+    spec = PeerSpec("r1", "strongswan", "rem", "198.51.100.41/24", None, "client", "")
+    run = ScenarioRun(Scenario("t", (spec,)), "mitest", tmp_path)
+    assert masqd_forward_hits("portfw", "10.0.0.2:500", "udp", 1)(run) != []  # no snapshot
+    run.masqd_state = {"table": [
+        {"proto": "portfw", "lan": "10.0.0.2:500", "remote": "udp", "hits": 2},
+        {"proto": "protofw", "lan": "10.0.0.2", "remote": "esp", "hits": 0},
+        {"proto": "gre", "lan": "10.0.0.2:128", "inbound": True, "state": "ESTABLISHED",
+         "lan_call_id": 128, "masq_call_id": 128},
+        {"proto": "gre", "lan": "10.0.0.11:7", "inbound": False, "state": "ESTABLISHED",
+         "lan_call_id": 7, "masq_call_id": 9},
+    ]}  # fmt: skip
+    assert masqd_forward_hits("portfw", "10.0.0.2:500", "udp", 2)(run) == []
+    assert masqd_forward_hits("portfw", "10.0.0.2:500", "udp", 3)(run) != []
+    assert masqd_forward_hits("protofw", "10.0.0.2", "esp", 0)(run) == []
+    assert masqd_forward_hits("protofw", "10.0.0.2", "esp", 1)(run) != []
+    assert masqd_forward_hits("protofw", "10.0.0.2", "gre", 0)(run) != []  # no such row
+    assert masqd_pptp_calls("10.0.0.2", True, 1, masqueraded_ids=False)(run) == []
+    assert masqd_pptp_calls("10.0.0.2", True, 2, masqueraded_ids=False)(run) != []
+    assert masqd_pptp_calls("10.0.0.11", False, 1, masqueraded_ids=True)(run) == []
+    assert masqd_pptp_calls("10.0.0.11", False, 1, masqueraded_ids=False)(run) != []  # 7 -> 9
