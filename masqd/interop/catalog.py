@@ -34,6 +34,7 @@ from masqd.interop.scenario import (
     forwarded_server_checks,
     masqd_counter,
     masqd_entries,
+    masqd_esp_pairs,
     masqd_pptp_calls,
     natt_checks,
     pptp_checks,
@@ -129,27 +130,47 @@ PPTP_SERVER_RULES = (
 
 
 def ipsec_gateway_behind_masqd(
-    ike: int = 2, clients: int = 2, masqd_config: Mapping[str, Any] | None = None
+    ike: int = 2,
+    clients: int = 2,
+    lan_clients: int = 0,
+    masqd_config: Mapping[str, Any] | None = None,
 ) -> Scenario:
     """A libreswan gateway on 10.0.0.2 behind masqd (the HOWTO's ``ipmasqadm portfw`` UDP 500
     on the WAN symbol + ``ipfwd --masq 10.0.0.2 50``), reached at 203.0.113.200 by
-    ``clients`` remote libreswan initiators at once (raw ESP, @ids)."""
+    ``clients`` remote libreswan initiators at once (raw ESP, @ids), while ``lan_clients``
+    LAN initiators (10.0.0.11..) reach a remote libreswan gateway (198.51.100.20) through
+    masqd's IPsec masquerade at the same time."""
     peers = [libreswan_gateway("gw", f"{LAN_SERVER}/8", LAN_GW, range(1, clients + 1))]
+    if lan_clients:
+        peers.append(libreswan_responder("rsrv", f"{LIBRESWAN_SERVER}/24", REMOTE_GW))
     peers += [
         libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP, ike, n)
         for n in range(1, clients + 1)
     ]
+    peers += [
+        # own IDs and subnets (c3.., 10.96.3.1..): clear of the remote clients' on the gateway
+        libreswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, LIBRESWAN_SERVER, ike,
+                            clients + n)
+        for n in range(1, lan_clients + 1)
+    ]
     cfg = merge({"firewall": {"rules": IPSEC_SERVER_RULES}}, masqd_config or {})
-    checks = (
+    checks = [
         clients_ok(),
-        clients_result("reverse_rc", "0"),
+        clients_result("reverse_rc", "0", tuple(f"r{n}" for n in range(1, clients + 1))),
         *forwarded_server_checks(LAN_SERVER, (("udp", 500),), "esp", 50, clients),
         wan_has(f"src host {FW_WAN_IP} and udp src port 500 and udp dst port 500", clients,
                 "ISAKMP answers from masqd's port 500"),
         wan_lacks("udp port 4500", "NAT-T must not be used"),
-    )  # fmt: skip
-    return Scenario(f"ipsec-gw-behind-masqd-ikev{ike}-x{clients}", tuple(peers), checks, "masqd",
-                    cfg, done_timeout=90.0, mem_mb=128)  # fmt: skip
+    ]  # fmt: skip
+    if lan_clients:
+        checks += [
+            masqd_esp_pairs(LIBRESWAN_SERVER, [lan_client_address(n).split("/")[0]
+                                               for n in range(1, lan_clients + 1)]),
+            wan_has(f"src host {FW_WAN_IP} and dst host {LIBRESWAN_SERVER} and ip proto 50",
+                    lan_clients, "LAN clients' ESP to the remote gateway"),
+        ]  # fmt: skip
+    name = f"ipsec-gw-behind-masqd-ikev{ike}-r{clients}-l{lan_clients}"
+    return Scenario(name, tuple(peers), tuple(checks), "masqd", cfg, done_timeout=90.0, mem_mb=128)
 
 
 def pptp_server_behind_masqd(

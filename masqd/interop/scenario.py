@@ -348,6 +348,22 @@ def masqd_pptp_calls(lan: str, forwarded: bool, count: int, masqueraded_ids: boo
     return check
 
 
+def masqd_esp_pairs(remote: str, lans: list[str]) -> Check:
+    """masqd's IPsec masquerade paired an ESP SPI pair (ESTABLISHED) with ``remote`` for each
+    LAN host in ``lans``."""
+
+    def check(run: ScenarioRun) -> list[str]:
+        if run.masqd_state is None:
+            return ["no masqd state snapshot (masqd router not used or not answering)"]
+        rows = [r for r in run.masqd_state.get("table", [])
+                if r.get("proto") == "esp" and r.get("remote") == remote]  # fmt: skip
+        have = {r.get("lan") for r in rows if r.get("state") in ("ESTABLISHED", "REPLACED")}
+        return [f"masqd table: no ESP pair for {h} with {remote} (rows: {rows})"
+                for h in lans if h not in have]  # fmt: skip
+
+    return check
+
+
 _DEST = re.compile(r" > (\d+\.\d+\.\d+\.\d+)")
 
 
