@@ -11,6 +11,12 @@ pre-creates the TUN devices of its edge namespaces, with their routes, so a
 masqd restart keeps the kernel side intact). The device never appears in
 masqd's own namespace, so its name cannot collide there.
 
+Offloads (config ``offload``, on by default): the device is opened with
+IFF_VNET_HDR, so every packet read or written carries a 10-byte virtio-net
+header (masqd.wire.vnet). The TUNSETOFFLOAD flags are negotiated by the data
+plane for both devices together (:func:`set_offload`): a super-packet read on
+one side must be writable on the other.
+
 python-pytun only opens the device; all I/O is done by the data plane with
 ``os.read``/``os.write`` on ``fileno()`` (pytun's own read raises pytun.Error
 on EAGAIN instead of BlockingIOError).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from masqd.config import Interface
 
 NETNS_DIR = "/run/netns"
+VNET_HDR_SIZE = 10
 
 
 class DeviceError(Exception):
@@ -49,6 +57,36 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+# linux/if_tun.h
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
+OFFLOAD_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6
+# tried in order: TSO needs CSUM (EINVAL otherwise); USO4 and USO6 go together; older kernels lack USO
+OFFLOAD_STEPS = (OFFLOAD_ALL, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6, TUN_F_CSUM, 0)
+_OFFLOAD_NAMES = ((TUN_F_CSUM, "csum"), (TUN_F_TSO4, "tso4"), (TUN_F_TSO6, "tso6"), (TUN_F_USO4, "uso4"),
+                  (TUN_F_USO6, "uso6"))
+
+
+def offload_names(flags: int) -> str:
+    """``csum,tso4,...`` for a TUN_F_* set, or ``none``."""
+    return ",".join(n for f, n in _OFFLOAD_NAMES if flags & f) or "none"
+
+
+def set_offload(fd: int, wanted: int) -> int:
+    """Ask the kernel for the offloads in ``wanted`` (falling back step by step); return what it took."""
+    for step in OFFLOAD_STEPS:
+        flags = step & wanted
+        if step and not flags:
+            continue
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError:
+            continue
+    return 0
+
+
 @dataclass
 class Device:
     """An open TUN or TAP device (kernel side placed and up); ``fd`` is non-blocking."""
@@ -61,6 +99,8 @@ class Device:
     handle: Any  # the pytun object, kept so the fd stays open
     fd: int = -1
     closed: bool = field(default=False)
+    vnet: bool = False  # every read and write starts with a virtio-net header (masqd.wire.vnet)
+    offload: int = 0  # TUN_F_* flags in force
 
     def close(self) -> None:
         """Close the fd; a non-persistent device disappears with it."""
@@ -92,10 +132,12 @@ def _leave() -> None:
     pnetns.popns()
 
 
-def _open_pytun(name: str, mode: str) -> Any:
+def _open_pytun(name: str, mode: str, vnet: bool = False) -> Any:
     import pytun
 
     flags = (pytun.IFF_TAP if mode == "tap" else pytun.IFF_TUN) | pytun.IFF_NO_PI
+    if vnet:
+        flags |= pytun.IFF_VNET_HDR
     try:
         return pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
@@ -127,20 +169,29 @@ def _configure(name: str, mtu: int, netns: str | None, bridge: str | None) -> No
 
 def open_device(iface: Interface) -> Device:
     """Open (create or attach to) the device of an interface section and place it."""
+    vnet = bool(iface.offload)
     if iface.netns:
         _enter(iface.netns)
         try:
-            handle = _open_pytun(iface.name, iface.mode)
+            handle = _open_pytun(iface.name, iface.mode, vnet)
         finally:
             _leave()
     else:
-        handle = _open_pytun(iface.name, iface.mode)
+        handle = _open_pytun(iface.name, iface.mode, vnet)
     dev = Device(iface.name, iface.mode, iface.mtu, iface.netns, iface.persistent, handle)
     try:
         if iface.persistent:
             handle.persist(True)
-        _configure(handle.name, iface.mtu, iface.netns, iface.bridge)
         dev.fd = handle.fileno()
+        if vnet:
+            try:
+                fcntl.ioctl(dev.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+                dev.vnet = True
+            except OSError as exc:
+                raise DeviceError(f"{iface.name}: virtio-net header size refused: {exc}") from None
+            # until both sides agree (Dataplane.open), nothing is offloaded: plain packets
+            set_offload(dev.fd, 0)
+        _configure(handle.name, iface.mtu, iface.netns, iface.bridge)
         flags = fcntl.fcntl(dev.fd, fcntl.F_GETFL)
         fcntl.fcntl(dev.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     except BaseException:

@@ -124,6 +124,21 @@ class EthernetHost:
         _bump(self.counters, "drop_non_ipv4")
         return None
 
+    def rx_at(self, buf: bytes, off: int, now: float) -> bytes | bytearray | None:
+        """Like :meth:`rx` for a frame that starts at ``buf[off]`` (after a virtio-net header)."""
+        n = len(buf) - off
+        if n >= 34 and buf[off + 12] == 8 and buf[off + 13] == 0 and buf.startswith(self.mac, off):
+            tl = (buf[off + 16] << 8) | buf[off + 17]
+            if 20 <= tl < n - 14:
+                return buf[off + 14: off + 14 + tl]
+            return buf[off + 14:]
+        return self.rx(buf[off:], now)
+
+    def ready(self, nexthop: int) -> bool:
+        """True when a frame to ``nexthop`` can leave now (its MAC is known)."""
+        n = self.neigh.get(nexthop)
+        return n is not None and n.state != INCOMPLETE
+
     def _arp_rx(self, frame: bytes | bytearray, now: float) -> None:
         c = self.counters
         if len(frame) < 42 or frame[14:20] != _ARP_HDR:

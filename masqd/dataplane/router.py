@@ -1,8 +1,12 @@
 """The running router: two ports (LAN, WAN) around the sans-IO engine in one event loop.
 
 ``Port`` holds the only read/write path to a device (``drain`` and
-``send``): a later offload layer (IFF_VNET_HDR, TSO/GRO super-packets) changes
-these two methods and nothing else. Reads go until the fd would block (with a
+``send``). With offloads (IFF_VNET_HDR) every read and write carries a
+virtio-net header: ordinary packets go the usual way and are written with a
+zero header; packets with offload work (partial checksums, TSO/USO
+super-packets up to 64 KiB) go through ``Engine.process_vnet`` and keep their
+header, the kernel finishing checksums and segmenting on the way out. Both
+devices get the same offload set (negotiated at open). Reads go until the fd would block (with a
 cap per wake-up so that one busy side cannot starve the other), writes are
 issued at once (a TUN/TAP write does not block; a failed write is counted and
 the packet dropped).
@@ -29,8 +33,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from masqd.dataplane.device import Device, format_mac, local_mac, open_device, parse_mac
+from masqd.dataplane.device import (
+    OFFLOAD_ALL,
+    Device,
+    format_mac,
+    local_mac,
+    offload_names,
+    open_device,
+    parse_mac,
+    set_offload,
+)
 from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
+from masqd.wire import vnet
 
 if TYPE_CHECKING:
     from masqd.config import Config, Interface
@@ -38,7 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("masqd.dataplane")
 
 READ_BATCH = 512  # packets per wake-up and port, at most
-BUF_SIZE = 65536 + 14  # largest IPv4 packet plus an Ethernet header
+VH = vnet.SIZE
+ZERO_VH = vnet.ZERO
+BUF_SIZE = VH + 14 + 65536  # virtio-net header, Ethernet header, largest IPv4 packet
 L2_TICK = 0.25
 
 
@@ -62,9 +78,20 @@ class Port:
         self.l2 = l2
         self.counters = counters
         self.capture: CaptureTap | None = None
+        self.vnet = dev.vnet
+        # virtio-net header offsets count from the start of the frame: the Ethernet header in TAP mode
+        self.shift = 14 if l2 is not None else 0
 
-    def drain(self, handle: Callable[[bytes | bytearray, float], None], now: float) -> int:
-        """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``."""
+    def drain(self, handle: Callable[[bytes | bytearray, float], None],
+              handle_v: Callable[[bytes | bytearray, bytes, bytes, Port, float], None], now: float) -> int:
+        """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``.
+
+        On a device with virtio-net headers, packets that carry offload work (a
+        partial checksum, a super-packet) go to ``handle_v`` with the header in
+        IPv4-relative and in device-relative form.
+        """
+        if self.vnet:
+            return self._drain_vnet(handle, handle_v, now)
         fd, l2, c = self.fd, self.l2, self.counters
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
@@ -96,19 +123,76 @@ class Port:
             self.flush_l2()
         return n
 
-    def send(self, pkt: bytes | bytearray, nexthop: Callable[[str, int], int], now: float) -> None:
-        """Write one IPv4 packet (TAP: behind an Ethernet header, once the next hop is known)."""
+    def _drain_vnet(self, handle: Callable[[bytes | bytearray, float], None],
+                    handle_v: Callable[[bytes | bytearray, bytes, bytes, Port, float], None], now: float) -> int:
+        fd, l2, c = self.fd, self.l2, self.counters
+        cap = self.capture if self.capture is not None and self.capture.active else None
+        read = os.read
+        shift = self.shift
+        n = 0
+        while n < READ_BATCH:
+            try:
+                data = read(fd, BUF_SIZE)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                _bump(c, f"dp_{self.iface}_read_errors")
+                log.warning("read error on %s: %s", self.iface, exc)
+                break
+            n += 1
+            if cap is not None:
+                cap.record(self.iface, data[VH:])
+            plain = data[0] & 1 == 0 and data[1] == 0  # no partial checksum, not a super-packet
+            if l2 is not None:
+                pkt = l2.rx_at(data, VH, now)
+                if pkt is None:
+                    continue
+            elif len(data) >= VH + 20 and data[VH] >> 4 == 4:
+                pkt = data[VH:]
+            else:
+                _bump(c, "drop_non_ipv4" if len(data) >= VH else "dp_runt_reads")
+                continue
+            if plain:
+                handle(pkt, now)
+            else:
+                raw = data[:VH]
+                handle_v(pkt, vnet.shift(raw, -shift) if shift else raw, raw, self, now)
+        if l2 is not None and l2.out:
+            self.flush_l2()
+        return n
+
+    def send(self, pkt: bytes | bytearray, nexthop: Callable[[str, int], int], now: float,
+             vh: bytes = b"") -> None:
+        """Write one IPv4 packet (TAP: behind an Ethernet header, once the next hop is known).
+
+        ``vh``: its virtio-net header in device-relative form (b"" for an
+        ordinary packet; only meaningful on a device with headers).
+        """
         l2 = self.l2
         try:
             if l2 is None:
-                os.write(self.fd, pkt)
+                if self.vnet:
+                    os.writev(self.fd, (vh or ZERO_VH, pkt))
+                else:
+                    os.write(self.fd, pkt)
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, pkt)
                 return
             nh = nexthop(self.iface, int.from_bytes(pkt[16:20], "big"))
+            if vh and not l2.ready(nh):
+                # it will wait in the ARP queue and leave as a plain frame: finish it now
+                p2 = self._finish(pkt, vh)
+                if p2 is None:
+                    return
+                pkt, vh = p2, b""
             hdr = l2.header(nh, pkt, now)
             if hdr is not None:
-                os.writev(self.fd, (hdr, pkt))
+                if self.vnet:
+                    os.writev(self.fd, (vh or ZERO_VH, hdr, pkt))
+                else:
+                    os.writev(self.fd, (hdr, pkt))
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, hdr + bytes(pkt))
             if l2.out:
@@ -117,6 +201,18 @@ class Port:
             _bump(self.counters, f"dp_{self.iface}_write_errors")
             log.debug("write error on %s: %s", self.iface, exc)
 
+    def _finish(self, pkt: bytes | bytearray, vh: bytes) -> bytes | None:
+        """An offload packet that must leave as an ordinary one: complete its checksum (or drop a
+        super-packet, which cannot be cut here)."""
+        flags, gso, _hl, _gs, start, off = vnet.unpack(vh)
+        if gso:
+            _bump(self.counters, "dp_super_packet_unresolved")
+            return None
+        q = bytearray(pkt)
+        if flags & vnet.F_NEEDS_CSUM:
+            vnet.complete_checksum(q, start - self.shift, off, q[9] == 17)
+        return bytes(q)
+
     def flush_l2(self) -> None:
         """Write the frames the L2 host produced (ARP, packets released from a queue)."""
         assert self.l2 is not None
@@ -124,7 +220,10 @@ class Port:
         cap = self.capture if self.capture is not None and self.capture.active else None
         for frame in frames:
             try:
-                os.write(self.fd, frame)
+                if self.vnet:
+                    os.writev(self.fd, (ZERO_VH, frame))
+                else:
+                    os.write(self.fd, frame)
             except OSError:
                 _bump(self.counters, f"dp_{self.iface}_write_errors")
                 continue
@@ -144,6 +243,7 @@ class Dataplane:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._started = False
+        self.offload = 0  # TUN_F_* flags in force on both devices
 
     # ------------------------------------------------------------------ life cycle
 
@@ -163,9 +263,39 @@ class Dataplane:
                          f", netns {dev.netns}" if dev.netns else "",
                          f", bridge {icfg.bridge}" if icfg.bridge else "",
                          f", mac {format_mac(l2.mac)}" if l2 else "")
+            self._negotiate_offloads()
         except BaseException:
             self.close()
             raise
+
+    def _negotiate_offloads(self) -> None:
+        """Turn on the offloads both devices accept (a super-packet read on one side is written
+        on the other, so they must agree); none at all if either side has them off or refused."""
+        ports = list(self.ports.values())
+        self.offload = 0
+        if not all(p.vnet for p in ports):
+            off = [p.iface for p in ports if not p.vnet]
+            log.info("offloads off (config: %s): packets are handled one by one", ", ".join(off))
+            for p in ports:
+                if p.vnet:
+                    set_offload(p.fd, 0)
+            return
+        got = [set_offload(p.fd, OFFLOAD_ALL) for p in ports]
+        common = got[0]
+        for g in got[1:]:
+            common &= g
+        if common != OFFLOAD_ALL:
+            common = set_offload(ports[0].fd, common) if common else 0
+            for p in ports:
+                set_offload(p.fd, common)
+        for p in ports:
+            p.dev.offload = common
+        self.offload = common
+        if common:
+            log.info("offloads on (%s): super-packets up to 64 KiB are rewritten once", offload_names(common))
+        else:
+            log.warning("offloads unavailable (the kernel refused TUNSETOFFLOAD on %s): packets are handled "
+                        "one by one", ", ".join(p.iface for p, g in zip(ports, got, strict=True) if not g))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register the readers and timers on ``loop``; announce our addresses (TAP)."""
@@ -204,7 +334,29 @@ class Dataplane:
     # ------------------------------------------------------------------ packet path
 
     def _on_readable(self, port: Port) -> None:
-        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self.clock())
+        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self._route_v, self.clock())
+
+    def _route_v(self, pkt: bytes | bytearray, vh: bytes, raw: bytes, inport: Port, now: float) -> None:
+        """A packet with offload work: the engine gives back the header to write with each output."""
+        try:
+            outs = self.engine.process_vnet(inport.iface, pkt, now, vh)
+        except Exception:  # noqa: BLE001 - a bug must cost one packet, not the router
+            _bump(self.counters, "drop_engine_error")
+            if self.counters["drop_engine_error"] <= 10:
+                log.exception("engine failed on a packet from %s", inport.iface)
+            return
+        ports, nh = self.ports, self.engine.next_hop
+        for oif, out, oh in outs:
+            port = ports.get(oif)
+            if port is None:
+                _bump(self.counters, "drop_no_port")
+                continue
+            if oh:
+                if oh is vh and port.shift == inport.shift:
+                    oh = raw
+                elif port.shift:
+                    oh = vnet.shift(oh, port.shift)
+            port.send(out, nh, now, oh)
 
     def _handle_lan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("lan", pkt, now)
@@ -311,4 +463,5 @@ class Dataplane:
             "table": table,
             "counters": self.all_counters(),
             "neighbours": {side: p.l2.table(now) for side, p in self.ports.items() if p.l2 is not None},
+            "offload": offload_names(self.offload),
         }

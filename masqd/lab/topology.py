@@ -163,6 +163,8 @@ class Lab:
                 "net.ipv4.conf.all.rp_filter": 0,
                 "net.ipv4.conf.default.rp_filter": 0,
             })
+        # the switch is a plain L2 switch: bridged frames do not go through iptables (br_netfilter)
+        self._sysctl("sw", {"net.bridge.bridge-nf-call-iptables": 0, "net.bridge.bridge-nf-call-arptables": 0})
         sw = ["link set lo up"]
         for br in SEGMENTS.values():
             sw += [f"link add {br} type bridge stp_state 0 forward_delay 0", f"link set {br} up"]
@@ -245,6 +247,20 @@ class Lab:
             raise LabError(f"segment {segment!r}: one of {', '.join(SEGMENTS)}")
         self._batch("sw", [f"tuntap add dev {name} mode tap", f"link set {name} master {SEGMENTS[segment]} up"])
         return self.ns("sw")
+
+    def software_checksums(self, role: str = "isp") -> None:
+        """Make ``role`` a hop that checksums and segments in software (offloads off on its links).
+
+        A packet that crosses it leaves with a real checksum computed from what
+        arrived (a partial checksum is completed from its seed, a super-packet is
+        cut), and the next host verifies it in software: a wrong NAT rewrite shows
+        up as checksum errors there (``nstat``/``/proc/net/snmp``, ``tcpdump -vv``)
+        instead of being carried along unchecked, as between namespaces it would be.
+        """
+        ifs = [ifname for r, _seg, ifname, _port, _addr in self._host_links() if r == role]
+        for ifname in ifs:
+            self.exec(role, ["ethtool", "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gso", "off",
+                             "gro", "off"])
 
     # ------------------------------------------------------------------ kernel reference router
 
