@@ -192,3 +192,23 @@ def test_set_wan_address_refuses_unusable_addresses(tmp_path: Any) -> None:
         with pytest.raises(ValueError):
             ops.set_wan_address(A(bad), "test")
     assert eng.wan_if == A("203.0.113.200/24")
+
+
+def test_reload_starts_and_stops_the_watcher_when_the_source_changes(tmp_path: Any) -> None:
+    async def main() -> tuple[bool, bool, bool]:
+        ops, eng, _ = _ops(tmp_path, "control")
+        ifcfg = ops.cfg.model_copy(update={"wan": ops.cfg.wan.model_copy(update={"address_source": "interface:lo"})})
+        ops._apply(ifcfg)
+        started = ops.wanwatch is not None and ops.wanwatch.running
+        for _ in range(200):  # lo has no usable IPv4 address: the follower warns and keeps ours
+            if ops.wanwatch_counters.get("wanwatch_address_removed"):
+                break
+            await asyncio.sleep(0.01)
+        counted = ops._extra_counters().get("wanwatch_address_removed") == 1
+        w = ops.wanwatch
+        plain = ops.cfg.model_copy(update={"wan": ops.cfg.wan.model_copy(update={"address_source": "config"})})
+        ops._apply(plain)
+        stopped = ops.wanwatch is None and w is not None and not w.running
+        return started, counted and eng.wan_if == A("203.0.113.200/24"), stopped
+
+    assert asyncio.run(main()) == (True, True, True)
