@@ -106,7 +106,7 @@ def test_parallel_sessions_off_second_client_refused(guest_images: dict[str, Pat
 
 
 def _short_lifetimes(spec: PeerSpec, pings: int) -> PeerSpec:
-    extra = "    salifetime=30s\n    rekeymargin=12s\n    rekeyfuzz=0%\n    ikelifetime=300s\n"
+    extra = "    salifetime=24s\n    rekeymargin=9s\n    rekeyfuzz=0%\n    ikelifetime=300s\n"
     files = dict(spec.files)
     conf = files["ipsec.conf"]
     out = []
@@ -124,10 +124,10 @@ def _short_lifetimes(spec: PeerSpec, pings: int) -> PeerSpec:
 
 @pytest.mark.parametrize("ike", [1, 2])
 def test_rekey_with_short_lifetimes(guest_images: dict[str, Path], ike: int) -> None:
-    """SAs re-keyed every ~18 s while the client pings for 45 s: each new SPI pair is learned
+    """SAs re-keyed every ~15 s while the client pings for 36 s: each new SPI pair is learned
     (the old one replaced) and traffic keeps flowing."""
     base = catalog.libreswan_raw_esp(ike, 1)
-    pings = 45
+    pings = 36
     peers = tuple(_short_lifetimes(p, pings) for p in base.peers)
 
     def kept_flowing(run: ScenarioRun) -> list[str]:
