@@ -130,7 +130,7 @@ PPTP_SERVER_RULES = (
 
 
 def ipsec_gateway_behind_masqd(
-    ike: int = 2,
+    ike: int | tuple[int, ...] = 2,
     clients: int = 2,
     lan_clients: int = 0,
     masqd_config: Mapping[str, Any] | None = None,
@@ -139,18 +139,21 @@ def ipsec_gateway_behind_masqd(
     on the WAN symbol + ``ipfwd --masq 10.0.0.2 50``), reached at 203.0.113.200 by
     ``clients`` remote libreswan initiators at once (raw ESP, @ids), while ``lan_clients``
     LAN initiators (10.0.0.11..) reach a remote libreswan gateway (198.51.100.20) through
-    masqd's IPsec masquerade at the same time."""
+    masqd's IPsec masquerade at the same time. ``ike`` may list versions: client ``n`` (remote
+    and LAN alike) uses the ``n``-th, cycling, so one run covers IKEv1 and IKEv2."""
+    versions = (ike,) if isinstance(ike, int) else tuple(ike)
     peers = [libreswan_gateway("gw", f"{LAN_SERVER}/8", LAN_GW, range(1, clients + 1))]
     if lan_clients:
         peers.append(libreswan_responder("rsrv", f"{LIBRESWAN_SERVER}/24", REMOTE_GW))
     peers += [
-        libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP, ike, n)
+        libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP,
+                                   versions[(n - 1) % len(versions)], n)
         for n in range(1, clients + 1)
     ]
     peers += [
         # own IDs and subnets (c3.., 10.96.3.1..): clear of the remote clients' on the gateway
-        libreswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, LIBRESWAN_SERVER, ike,
-                            clients + n)
+        libreswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, LIBRESWAN_SERVER,
+                            versions[(n - 1) % len(versions)], clients + n)
         for n in range(1, lan_clients + 1)
     ]
     cfg = merge({"firewall": {"rules": IPSEC_SERVER_RULES}}, masqd_config or {})
@@ -169,7 +172,7 @@ def ipsec_gateway_behind_masqd(
             wan_has(f"src host {FW_WAN_IP} and dst host {LIBRESWAN_SERVER} and ip proto 50",
                     lan_clients, "LAN clients' ESP to the remote gateway"),
         ]  # fmt: skip
-    name = f"ipsec-gw-behind-masqd-ikev{ike}-r{clients}-l{lan_clients}"
+    name = f"ipsec-gw-behind-masqd-ikev{'+'.join(map(str, versions))}-r{clients}-l{lan_clients}"
     return Scenario(name, tuple(peers), tuple(checks), "masqd", cfg, done_timeout=90.0, mem_mb=128)
 
 

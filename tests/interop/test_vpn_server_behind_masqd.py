@@ -2,12 +2,13 @@
 
 IPsec: a libreswan gateway on 10.0.0.2 behind masqd (``ipmasqadm portfw`` UDP 500
 on the WAN symbol + ``ipfwd --masq 10.0.0.2 50``), two remote libreswan
-initiators connecting to 203.0.113.200 at the same time with raw ESP (IKEv2,
-encapsulation=no, @ids), while a LAN client calls out to a remote gateway. PPTP: pptpd on 10.0.0.2 behind masqd (``ipportfw`` TCP
-1723 + ``ipfwd --masq 10.0.0.2 47``) called by two remote pptp-linux clients
-while a LAN client (10.0.0.11) calls out to a remote pptpd at the same time
-(the Linux 2.0 patch could do one or the other, not both). The checks read the
-peers' results, the WAN capture and masqd's own table and counters.
+initiators connecting to 203.0.113.200 at the same time with raw ESP (one IKEv1,
+one IKEv2; encapsulation=no, @ids), while a LAN client (10.0.0.11) calls out to
+a remote gateway. PPTP: pptpd on 10.0.0.2 behind masqd (``ipportfw`` TCP 1723 +
+``ipfwd --masq 10.0.0.2 47``) called by two remote pptp-linux clients while a
+LAN client (10.0.0.11) calls out to a remote pptpd at the same time (the Linux
+2.0 patch could do one or the other, not both). The checks read the peers'
+results, the WAN capture and masqd's own table and counters.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ pytestmark = pytest.mark.interop
 
 
 def test_ipsec_gateway_behind_masqd_two_remote_clients(guest_images: dict[str, Path]) -> None:
-    """Both remote tunnels up; pings through each tunnel from the client side and from the
+    """Remote client r1 speaks IKEv1, r2 IKEv2 (one run covers both). Both remote tunnels up; pings through each tunnel from the client side and from the
     gateway side; ISAKMP answers leave from 203.0.113.200:500 and ESP from 203.0.113.200 to
     both clients; masqd's table shows the UDP 500 forward and the ESP forward with hits. At
     the same time a LAN libreswan client (10.0.0.11) reaches a remote gateway through the
     IPsec masquerade (its ESP pair learned in masqd's table)."""
-    run = run_scenario(catalog.ipsec_gateway_behind_masqd(ike=2, clients=2, lan_clients=1))
+    run = run_scenario(catalog.ipsec_gateway_behind_masqd(ike=(1, 2), clients=2, lan_clients=1))
     assert run.passed, run.report()
 
 
