@@ -21,7 +21,13 @@ IKEv2 IKE SA re-key). The encrypted payload cannot tell whose it is; the
 choice made here is to deliver it to the LAN host that most recently had
 ISAKMP traffic with that remote (else the most recent ESP host), creating no
 state: that host's answer creates the entry. With no candidate the packet is
-not ours (port forwarding may want it).
+not ours (port forwarding may want it). When UDP 500 is port-forwarded to a
+LAN server (a VPN gateway on a private address), a new exchange (responder
+cookie 0) goes to that server instead of being guessed: the configuration
+says who answers unsolicited ISAKMP, even from a remote that a LAN client
+also uses as its gateway (that client's own exchanges keep routing by their
+cookies; a phase-1 re-key the remote starts for it then reaches the server
+and fails, and the client re-keys as initiator).
 
 ESP (SPEC section 3, rules 1-8). Outbound SPIs are seen in LAN traffic; the
 inbound SPI is learned by serialising new outbound SAs per remote: an
@@ -69,7 +75,7 @@ from masqd.engine.expiry import TimerWheel
 from masqd.engine.helpers.base import Helper
 from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp
 from masqd.wire.esp import esp_header, spi_reason
-from masqd.wire.ipv4 import ip_str
+from masqd.wire.ipv4 import UDP, ip_str
 from masqd.wire.isakmp import ZERO_COOKIE, isakmp_header
 
 if TYPE_CHECKING:
@@ -581,6 +587,12 @@ class IPsecHelper(Helper):
         _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], d))
         return True
 
+    def _port_forwarded(self, port: int) -> bool:
+        """A port forward (ipportfw / ipmasqadm portfw) of UDP ``port`` on the current WAN address."""
+        fwd = getattr(self.eng, "forwarders", None)
+        g = fwd.groups.get((UDP, port)) if fwd is not None else None
+        return g is not None and (g.listen is None or g.listen == self.eng.wan_ip)
+
     @staticmethod
     def _touch(e: IkeEntry, now: float, lifetime: float) -> None:
         """Refresh (the timer wheel re-files a refreshed entry lazily when its old bucket comes due)."""
@@ -617,6 +629,8 @@ class IPsecHelper(Helper):
                     eng.event("info", "isakmp_reply", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                               icookie=x.icookie.hex(), rcookie=x.rcookie.hex(), version=x.version)
                 e = x  # (rcookie 0: an IKEv2 COOKIE / INVALID_KE answer to our initiation)
+        if e is None and h.rcookie == ZERO_COOKIE and self._port_forwarded((pkt[ihl + 2] << 8) | pkt[ihl + 3]):
+            return None  # a new exchange while UDP 500 is forwarded: the configured server's
         if e is None:
             r = self._rem.get(int.from_bytes(rem_b, "big"))
             target = 0
