@@ -134,11 +134,6 @@ class EthernetHost:
             return buf[off + 14:]
         return self.rx(buf[off:], now)
 
-    def ready(self, nexthop: int) -> bool:
-        """True when a frame to ``nexthop`` can leave now (its MAC is known)."""
-        n = self.neigh.get(nexthop)
-        return n is not None and n.state != INCOMPLETE
-
     def _arp_rx(self, frame: bytes | bytearray, now: float) -> None:
         c = self.counters
         if len(frame) < 42 or frame[14:20] != _ARP_HDR:
@@ -198,8 +193,8 @@ class EthernetHost:
 
     # ------------------------------------------------------------------ send
 
-    def header(self, nexthop: int, pkt: bytes | bytearray, now: float) -> bytes | None:
-        """Ethernet header for ``pkt`` towards ``nexthop``; None if it was queued or dropped."""
+    def lookup(self, nexthop: int, now: float) -> bytes | None:
+        """Ethernet header towards ``nexthop`` if its MAC is known (nothing is queued), else None."""
         n = self.neigh.get(nexthop)
         if n is not None and n.state != INCOMPLETE:
             if n.state == REACHABLE and now - n.confirmed > self.reachable:
@@ -208,6 +203,14 @@ class EthernetHost:
                 n.next_probe = now
                 self.probing[nexthop] = n
             return n.hdr
+        return None
+
+    def header(self, nexthop: int, pkt: bytes | bytearray, now: float) -> bytes | None:
+        """Ethernet header for ``pkt`` towards ``nexthop``; None if it was queued or dropped."""
+        h = self.lookup(nexthop, now)
+        if h is not None:
+            return h
+        n = self.neigh.get(nexthop)
         c = self.counters
         if n is None:
             if len(self.probing) >= self.max_incomplete:

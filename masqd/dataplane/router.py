@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("masqd.dataplane")
 
 READ_BATCH = 512  # packets per wake-up and port, at most
+BURST_GAP = 20e-6  # readable again this soon after a drain: packets are queueing, read in batches
 VH = vnet.SIZE
 ZERO_VH = vnet.ZERO
 BUF_SIZE = VH + 14 + 65536  # virtio-net header, Ethernet header, largest IPv4 packet
@@ -81,14 +82,15 @@ class Port:
         self.vnet = dev.vnet
         # virtio-net header offsets count from the start of the frame: the Ethernet header in TAP mode
         self.shift = 14 if l2 is not None else 0
+        self.idle_at = 0.0  # when the last drain returned (see _budget)
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
-              handle_v: Callable[[bytes | bytearray, bytes, bytes, Port, float], None], now: float) -> int:
+              handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
         """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``.
 
         On a device with virtio-net headers, packets that carry offload work (a
-        partial checksum, a super-packet) go to ``handle_v`` with the header in
-        IPv4-relative and in device-relative form.
+        partial checksum, a super-packet) go to ``handle_v`` with their header
+        (offsets relative to the frame start: see ``shift``).
         """
         if self.vnet:
             return self._drain_vnet(handle, handle_v, now)
@@ -96,7 +98,8 @@ class Port:
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
         n = 0
-        while n < READ_BATCH:
+        budget = self._budget(now)
+        while n < budget:
             try:
                 data = read(fd, BUF_SIZE)
             except BlockingIOError:
@@ -123,14 +126,27 @@ class Port:
             self.flush_l2()
         return n
 
+    def _budget(self, now: float) -> int:
+        """How many packets to read on this wake-up.
+
+        Under load the fd is readable again right after we return: then read
+        until EAGAIN (up to READ_BATCH). At low rates each wake-up brings one
+        packet and the read that would only say EAGAIN costs more than the
+        packet (an exception in Python): read one and return; epoll is
+        level-triggered, so anything left wakes us again at once, and switches
+        this port to batches.
+        """
+        busy = now - self.idle_at < BURST_GAP
+        return READ_BATCH if busy else 1
+
     def _drain_vnet(self, handle: Callable[[bytes | bytearray, float], None],
-                    handle_v: Callable[[bytes | bytearray, bytes, bytes, Port, float], None], now: float) -> int:
+                    handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
         fd, l2, c = self.fd, self.l2, self.counters
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
-        shift = self.shift
         n = 0
-        while n < READ_BATCH:
+        budget = self._budget(now)
+        while n < budget:
             try:
                 data = read(fd, BUF_SIZE)
             except BlockingIOError:
@@ -157,8 +173,7 @@ class Port:
             if plain:
                 handle(pkt, now)
             else:
-                raw = data[:VH]
-                handle_v(pkt, vnet.shift(raw, -shift) if shift else raw, raw, self, now)
+                handle_v(pkt, data[:VH], self, now)
         if l2 is not None and l2.out:
             self.flush_l2()
         return n
@@ -181,13 +196,14 @@ class Port:
                     self.capture.record(self.iface, pkt)
                 return
             nh = nexthop(self.iface, int.from_bytes(pkt[16:20], "big"))
-            if vh and not l2.ready(nh):
-                # it will wait in the ARP queue and leave as a plain frame: finish it now
-                p2 = self._finish(pkt, vh)
-                if p2 is None:
-                    return
-                pkt, vh = p2, b""
-            hdr = l2.header(nh, pkt, now)
+            hdr = l2.lookup(nh, now)
+            if hdr is None:
+                if vh:  # it will wait in the ARP queue and leave as a plain frame: finish it now
+                    p2 = self._finish(pkt, vh)
+                    if p2 is None:
+                        return
+                    pkt, vh = p2, b""
+                hdr = l2.header(nh, pkt, now)
             if hdr is not None:
                 if self.vnet:
                     os.writev(self.fd, (vh or ZERO_VH, hdr, pkt))
@@ -334,12 +350,15 @@ class Dataplane:
     # ------------------------------------------------------------------ packet path
 
     def _on_readable(self, port: Port) -> None:
-        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self._route_v, self.clock())
+        clock = self.clock
+        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self._route_v, clock())
+        port.idle_at = clock()
 
-    def _route_v(self, pkt: bytes | bytearray, vh: bytes, raw: bytes, inport: Port, now: float) -> None:
-        """A packet with offload work: the engine gives back the header to write with each output."""
+    def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:
+        """A packet with offload work: the engine gives back the header to write with each output
+        (``vh`` itself, relative to the input frame, or a new one relative to the IPv4 header)."""
         try:
-            outs = self.engine.process_vnet(inport.iface, pkt, now, vh)
+            outs = self.engine.process_vnet(inport.iface, pkt, now, vh, inport.shift)
         except Exception:  # noqa: BLE001 - a bug must cost one packet, not the router
             _bump(self.counters, "drop_engine_error")
             if self.counters["drop_engine_error"] <= 10:
@@ -352,8 +371,9 @@ class Dataplane:
                 _bump(self.counters, "drop_no_port")
                 continue
             if oh:
-                if oh is vh and port.shift == inport.shift:
-                    oh = raw
+                if oh is vh:
+                    if port.shift != inport.shift:
+                        oh = vnet.shift(oh, port.shift - inport.shift)
                 elif port.shift:
                     oh = vnet.shift(oh, port.shift)
             port.send(out, nh, now, oh)
@@ -435,9 +455,12 @@ class Dataplane:
         now = self.clock()
         for side in ("lan", "wan"):
             port = self.ports.get(side)
-            icfg = getattr(cfg, side)
-            if port is not None and port.l2 is not None and port.l2.ip != int(icfg.address.ip):
-                port.l2.set_address(int(icfg.address.ip), icfg.address.network.prefixlen, now)
+            addr: ipaddress.IPv4Interface = getattr(cfg, side).address
+            if side == "wan" and cfg.wan.address_source != "config":
+                # a dynamic address (control, interface) outlives a reload: follow the engine's
+                addr = getattr(self.engine, "wan_if", addr)
+            if port is not None and port.l2 is not None and port.l2.ip != int(addr.ip):
+                port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
                 port.flush_l2()
 
     def set_capture(self, tap: CaptureTap | None) -> None:

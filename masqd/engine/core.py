@@ -294,17 +294,22 @@ class Engine:
             return []
 
     def process_vnet(self, iface: str, packet: bytes | bytearray, now: float,
-                     vh: bytes) -> list[tuple[str, bytes, bytes]]:
-        """Route a packet read with a virtio-net header ``vh`` (offsets relative to the IPv4 header).
+                     vh: bytes, base: int = 0) -> list[tuple[str, bytes, bytes]]:
+        """Route a packet read with a virtio-net header ``vh`` whose offsets count ``base`` bytes
+        before the IPv4 header (14 when it was read behind an Ethernet header).
 
-        Returns (iface, packet, header) triples; the header is ``vh`` itself for
-        the forwarded packet when it still carries offload work (a partial
-        checksum, a super-packet), or ``b""`` for an ordinary packet (write it
-        with a zero header). Super-packets are never split here: the rewrite is
-        done once and the kernel segments on the way out. See ``masqd.wire.vnet``.
+        Returns (iface, packet, header) triples. The header is ``vh`` itself (the
+        same object, offsets unchanged) when the forwarded packet keeps its offload
+        work as it came (a partial checksum, a super-packet); a new header with
+        offsets relative to the IPv4 header when the full path re-armed one; or
+        ``b""`` for an ordinary packet (write it with a zero header). Super-packets
+        are never split here: the rewrite is done once and the kernel segments on
+        the way out. See ``masqd.wire.vnet``.
         """
         data = packet if type(packet) is bytes else bytes(packet)
         flags, gso, _hlen, gsz, cstart, coff = vnet.unpack(vh)
+        cstart -= base
+        _hlen -= base
         partial = flags & vnet.F_NEEDS_CSUM
         if not partial and not gso:
             return [(o, p, b"") for o, p in self.process(iface, data, now)]
@@ -331,7 +336,11 @@ class Engine:
                 self.drop("bad_iface")
                 return []
             if r is not None:
-                return [(o, p, vh) for o, p in r]
+                if not r:
+                    return []
+                if seg:
+                    self._count_segments(iface, proto, r[0][0], n, seg, gsz)
+                return [(r[0][0], r[0][1], vh)]
             # The full path works on ordinary packets: finish the checksum here (what the
             # kernel would do for a device without offload) and, for a super-packet, make it
             # partial again on the way out.
@@ -350,6 +359,7 @@ class Engine:
             sent, self._vsent = self._vsent, []
             if not sent:
                 return [(o, p, b"") for o, p in out]
+            self._count_segments(iface, proto, out[sent[0]][0], n, seg, gsz)
             res: list[tuple[str, bytes, bytes]] = []
             for i, (o, p) in enumerate(out):
                 if i in sent and gso:
@@ -358,7 +368,7 @@ class Engine:
                     qo = ql + (16 if q[9] == TCP else 6)
                     _pack_H(q, qo, vnet.partial_seed(q, ql))
                     vnet.ip_header_checksum(q)
-                    res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, _hlen, gsz, ql, qo - ql)))
+                    res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, max(_hlen, 0), gsz, ql, qo - ql)))
                 else:
                     res.append((o, p, b""))
             return res
@@ -369,6 +379,14 @@ class Engine:
             self.drop("internal_error")
             self.event("error", "internal_error", error=repr(exc))
             return []
+
+    def _count_segments(self, iface: str, proto: int, oif: str, n: int, seg: int, gsz: int) -> None:
+        """A forwarded super-packet counts as the packets it will be cut into (one is counted already)."""
+        nseg = -(-(n - (seg - gsz)) // gsz) if gsz else 1
+        pi = _pidx(proto)
+        self.rx_pkts[(0 if iface == LAN else 6) + pi] += nseg - 1
+        self.tx_pkts[(6 if oif == WAN else 0) + pi] += nseg - 1
+        self.c["rx_super_segments"] = self.c.get("rx_super_segments", 0) + nseg
 
     # --------------------------------------------------------------- fast path
     def _fast_out(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:

@@ -95,12 +95,16 @@ def test_tcp_super_packet_is_rewritten_once_and_keeps_its_header() -> None:
     big = tcp(H2, SRV, 40000, 80, "A", payload=payload, seq=2, ack=501)
     assert len(big) > 1500
     h = hdr(big, vnet.GSO_TCPV4, 1448)
+    before = eng.counters["tx_wan_tcp_packets"]
     out = eng.process_vnet("lan", partial(big), 1.0, h)
     assert len(out) == 1 and out[0][2] == h and len(out[0][1]) == len(big)
     fin = completed(out[0][1], out[0][2])
     assert checksums_ok(fin) and IP(fin).src == WAN_IP and IP(fin)[TCP].sport == wport
     assert bytes(IP(fin)[TCP].payload) == payload
     assert eng.counters["rx_super_packets"] == 1
+    # counted as the 45 packets it becomes on the wire (64000 / 1448, rounded up)
+    assert eng.counters["rx_super_segments"] == 45
+    assert eng.counters["tx_wan_tcp_packets"] - before == 45
     back = tcp(SRV, WAN_IP, 80, wport, "A", payload=payload, seq=501, ack=64002)
     out = eng.process_vnet("wan", partial(back), 1.0, hdr(back, vnet.GSO_TCPV4, 1448))
     assert len(out) == 1 and checksums_ok(completed(out[0][1], out[0][2]))
