@@ -656,7 +656,7 @@ class Engine:
                                int.from_bytes(pkt[16:20], "big"), sport, dport, flags)
             if not self._fw_pass(d, "output", oif, pkt, ihl, out, hits):
                 return False
-        if s is not None and None not in hits:
+        if s is not None and None not in hits and not self._helper_port_session(s):
             fw = s.fw
             if fw is None or fw[0] != self._gen:
                 fw = self._fw_trivial if self.rules.trivial else [self._gen, None, None]
@@ -672,6 +672,14 @@ class Engine:
     def _size(self, pkt: bytearray) -> int:
         """Length that must fit the MTU: a super-packet's segments, else the packet."""
         return self._vseg if self._vseg and pkt is self._vpkt else len(pkt)
+
+    def _helper_port_session(self, s: Session) -> bool:
+        """A UDP session on a helper's port pair (ISAKMP 500<->500, 4500<->4500), e.g. a port
+        forward's: the helper tells exchanges apart by cookies, so it never takes the fast path."""
+        if type(s) is not Session:  # a helper's own entry (ESP pair, GRE call)
+            return False
+        m = s.m
+        return m.proto == UDP and m.wan_port in self._udp_helpers and s.in_key[8:10] == s.in_key[10:12]
 
     def _send(self, oif: str, pkt: bytearray, ihl: int, out: list[tuple[str, bytes]]) -> None:
         mtu = self.wan_mtu if oif == WAN else self.lan_mtu

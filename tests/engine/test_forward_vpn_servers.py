@@ -5,7 +5,6 @@ forwarded gateway."""
 
 from __future__ import annotations
 
-import pytest
 from scapy.all import ESP, IP, UDP, raw
 
 from masqd.engine import Engine
@@ -62,9 +61,6 @@ def test_without_a_forward_a_remote_started_exchange_still_goes_to_the_lan_clien
     assert eng.counters["isakmp_remote_initiated"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="core.py _fast_in/_fast_out route UDP 500<->500 by the portfw "
-                   "session before the ISAKMP helper's cookies; keeping the helpers' UDP ports off the "
-                   "fast paths makes this pass (reported to the lead: core.py is not ours)")
 def test_lan_clients_exchange_keeps_its_cookie_routing_after_the_remote_reached_the_server() -> None:
     """Once R2 also talks to the forwarded gateway, the portfw session (R2:500 <-> WAN:500)
     and H3's ISAKMP exchange share one address/port 4-tuple; only the cookies tell them
