@@ -13,7 +13,12 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   and has no PID to charge, so only masqd's figure is given)
 - ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel
 
-Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun] [--json]``
+The machine-wide CPU per delivered packet (from /proc/stat, every CPU and
+process: senders, receivers, softirq) is given for both routers so they can be
+compared on equal terms; it is noisy when anything else runs.
+
+Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
+[--rps auto|off|MASK] [--no-offload] [--json]``
 """
 
 from __future__ import annotations
@@ -78,6 +83,21 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
+def host_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (all CPUs: user, system, irq, softirq)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
 def forwarded(snap: dict[str, Any]) -> int:
     c = snap["counters"]
     return int(c.get("rx_lan_udp_packets", 0)) + int(c.get("rx_wan_udp_packets", 0))
@@ -94,6 +114,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lab.kernel_router_up()
         cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
         cfg += '\n[logging]\nlevel = "warning"\n'
+        cfg += f'\n[dataplane]\nrps = "{args.rps}"\n'
+        if not args.offload:
+            cfg = cfg.replace('bridge = "br-lan"\n', 'bridge = "br-lan"\noffload = false\n')
+            cfg = cfg.replace('name = "tun-lan"\n', 'name = "tun-lan"\noffload = false\n')
         m = lab.start_masqd(cfg)
         srv = lab.popen("srv1", ["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
@@ -104,14 +128,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res[f"tcp1_{name}_gbps"] = tcp_gbps(lab, 1, args.seconds)
             res[f"tcp4_{name}_gbps"] = tcp_gbps(lab, 4, args.seconds)
             if name == "masqd":
-                snap0, cpu0 = m.snapshot(), m.cpu_seconds()
+                snap0, t0 = m.snapshot(), proc_times(m.pid)
+            busy0 = host_busy()
             u = udp_small(lab, args.udp_pps, args.seconds)
+            busy1 = host_busy()
             if name == "masqd":
-                snap1, cpu1 = m.snapshot(), m.cpu_seconds()
+                snap1, t1 = m.snapshot(), proc_times(m.pid)
                 fwd = forwarded(snap1) - forwarded(snap0)
+                cpu = (t1[0] - t0[0]) + (t1[1] - t0[1])
                 res["udp_small_masqd_forwarded"] = fwd
-                res["udp_small_cpu_us_per_pkt"] = (cpu1 - cpu0) / fwd * 1e6 if fwd else float("nan")
-                res["masqd_cpu_s_udp"] = cpu1 - cpu0
+                res["udp_small_cpu_us_per_pkt"] = cpu / fwd * 1e6 if fwd else float("nan")
+                res["udp_small_user_us_per_pkt"] = (t1[0] - t0[0]) / fwd * 1e6 if fwd else float("nan")
+                res["udp_small_sys_us_per_pkt"] = (t1[1] - t0[1]) / fwd * 1e6 if fwd else float("nan")
+                res["masqd_cpu_s_udp"] = cpu
+                res["offload"] = snap1.get("offload")
+                res["rps"] = snap1.get("rps")
+            # whole machine (every process, softirq included) per delivered packet: the two
+            # routers compared on equal terms, noisy if anything else runs
+            delivered = u["pps"] * args.seconds
+            res[f"udp_small_{name}_host_cpu_us_per_pkt"] = ((busy1 - busy0) / delivered * 1e6
+                                                            if delivered else float("nan"))
             res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
             res[f"udp_small_{name}_pps"] = u["pps"]
             res[f"udp_small_{name}_loss_pct"] = u["loss_pct"]
@@ -151,7 +187,11 @@ def table(r: dict[str, Any]) -> str:
     for name, a, b, fmt in rows:
         out.append(f"{name:<26}{fmt.format(a):>12}{fmt.format(b):>12}  {ratio(a, b)}")
     out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
-               f"({r['udp_small_masqd_forwarded']} packets)")
+               f"(user {r['udp_small_user_us_per_pkt']:.2f}, system {r['udp_small_sys_us_per_pkt']:.2f}; "
+               f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')})")
+    out.append(f"whole machine CPU per delivered small UDP packet: masqd path "
+               f"{r['udp_small_masqd_host_cpu_us_per_pkt']:.2f} us, kernel path "
+               f"{r['udp_small_kernel_host_cpu_us_per_pkt']:.2f} us (includes senders and receivers)")
     out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
                f"p99 {r['rtt_added_p99_ms']:+.3f} ms")
     if r.get("masqd_errors"):
@@ -166,6 +206,8 @@ def main() -> int:
     p.add_argument("--pings", type=int, default=300, help="pings at 100 Hz for the RTT figures (max 2000)")
     p.add_argument("--mode", choices=["tap", "tun"], default="tap")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--rps", default="auto", help='masqd\'s dataplane.rps: "auto" (default), "off" or a hex mask')
+    p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     args = p.parse_args()
     args.seconds = min(max(args.seconds, 1.0), 30.0)
     args.pings = min(max(args.pings, 10), 2000)

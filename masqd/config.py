@@ -247,6 +247,34 @@ class Capture(_Frozen):
     wan: str | None = None
 
 
+class DataplaneSettings(_Frozen):
+    """Where the work of the data plane runs.
+
+    ``rps``: the kernel work that follows each write to masqd's devices (the
+    bridge, the next hop's stack when it is a local namespace) runs by default
+    in masqd's own thread. "auto" pins masqd to the first CPU it may use and
+    steers that work (receive packet steering of its devices) to the others;
+    a hex mask names the CPUs for it (masqd then runs on the allowed CPUs
+    outside the mask); "off" leaves both to the kernel's defaults.
+    """
+
+    rps: str = "off"
+
+    @field_validator("rps")
+    @classmethod
+    def _rps(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("off", "auto"):
+            return v
+        try:
+            mask = int(v, 16)
+        except ValueError:
+            raise ValueError('rps must be "off", "auto" or a hex CPU mask such as "2"') from None
+        if mask <= 0:
+            raise ValueError("rps mask must name at least one CPU")
+        return v
+
+
 class Config(_Frozen):
     lan: LanInterface
     wan: WanInterface
@@ -259,6 +287,7 @@ class Config(_Frozen):
     logging: Logging = Logging()
     control: Control = Control()
     capture: Capture = Capture()
+    dataplane: DataplaneSettings = DataplaneSettings()
     expire_interval: float = Field(1.0, gt=0)
     source: str = "<string>"
 

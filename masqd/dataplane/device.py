@@ -87,6 +87,25 @@ def set_offload(fd: int, wanted: int) -> int:
     return 0
 
 
+def set_rps(name: str, netns: str | None, mask: int) -> None:
+    """Receive packet steering for the device's queue: what masqd writes is processed by the kernel
+    on the CPUs in ``mask`` (the device's sysfs is only visible from inside its namespace)."""
+    path = f"/sys/class/net/{name}/queues/rx-0/rps_cpus"
+    if netns:
+        import subprocess
+
+        cp = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", f"echo {mask:x} > {path}"],
+                            capture_output=True, text=True, timeout=10)
+        if cp.returncode != 0:
+            raise DeviceError(f"{name}: cannot set rps_cpus in {netns}: {cp.stderr.strip()}")
+        return
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(f"{mask:x}\n")
+    except OSError as exc:
+        raise DeviceError(f"{name}: cannot set rps_cpus: {exc}") from None
+
+
 @dataclass
 class Device:
     """An open TUN or TAP device (kernel side placed and up); ``fd`` is non-blocking."""

@@ -74,6 +74,7 @@ class EthernetHost:
         self.max_entries = max_entries
         self.neigh: dict[int, Neighbour] = {}
         self.probing: dict[int, Neighbour] = {}  # INCOMPLETE and STALE entries
+        self.version = 0  # bumped when a known MAC changes or an entry goes: header caches drop
         self.out: list[bytes] = []  # frames to write
         self.unreachable: list[tuple[int, bytes | bytearray]] = []  # (next hop, packet) that failed
         self.ip = 0
@@ -85,6 +86,7 @@ class EthernetHost:
 
     def set_address(self, ip: int, prefixlen: int, now: float | None) -> None:
         """Take a (new) address; announce it with a gratuitous ARP when ``now`` is given."""
+        self.version += 1
         self.ip = ip
         self.mask = (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF if prefixlen else 0
         self.net = ip & self.mask
@@ -167,6 +169,7 @@ class EthernetHost:
         if n.mac != mac:
             n.mac = mac
             n.hdr = mac + self.mac + ETH_IP
+            self.version += 1
         n.state = REACHABLE
         n.confirmed = now
         n.probes = 0
@@ -182,6 +185,7 @@ class EthernetHost:
             for old_ip, old in self.neigh.items():
                 if old.state != INCOMPLETE:
                     del self.neigh[old_ip]
+                    self.version += 1
                     self.probing.pop(old_ip, None)
                     _bump(self.counters, f"arp_{self.iface}_evicted")
                     break
@@ -247,6 +251,7 @@ class EthernetHost:
                 continue
             del self.probing[ip]
             self.neigh.pop(ip, None)
+            self.version += 1
             if n.state == INCOMPLETE:
                 _bump(self.counters, f"arp_{self.iface}_failed")
                 for pkt in n.queue:

@@ -42,6 +42,7 @@ from masqd.dataplane.device import (
     open_device,
     parse_mac,
     set_offload,
+    set_rps,
 )
 from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
 from masqd.wire import vnet
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("masqd.dataplane")
 
 READ_BATCH = 512  # packets per wake-up and port, at most
+HCACHE_MAX = 4096
 BURST_GAP = 20e-6  # readable again this soon after a drain: packets are queueing, read in batches
 VH = vnet.SIZE
 ZERO_VH = vnet.ZERO
@@ -69,6 +71,10 @@ def _bump(counters: dict[str, int], key: str, n: int = 1) -> None:
     counters[key] = counters.get(key, 0) + n
 
 
+def _no_handler(pkt: bytes | bytearray, now: float) -> None:
+    raise RuntimeError("port read before Dataplane.start")
+
+
 class Port:
     """One interface: its device fd, its L2 host (TAP mode), and the read/write path."""
 
@@ -83,6 +89,12 @@ class Port:
         # virtio-net header offsets count from the start of the frame: the Ethernet header in TAP mode
         self.shift = 14 if l2 is not None else 0
         self.idle_at = 0.0  # when the last drain returned (see _budget)
+        # TAP: destination address -> Ethernet header (next hop resolved), dropped when the
+        # neighbour table changes, on every L2 tick (so aging is seen) and on reload
+        self.hcache: dict[bytes, bytes] = {}
+        self.hver = -1
+        self.reader = self._drain_vnet if self.vnet else self._drain_plain
+        self.handle: Callable[[bytes | bytearray, float], None] = _no_handler
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
               handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
@@ -92,13 +104,15 @@ class Port:
         partial checksum, a super-packet) go to ``handle_v`` with their header
         (offsets relative to the frame start: see ``shift``).
         """
-        if self.vnet:
-            return self._drain_vnet(handle, handle_v, now)
+        return self.reader(handle, handle_v, now)
+
+    def _drain_plain(self, handle: Callable[[bytes | bytearray, float], None],
+                     handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
         fd, l2, c = self.fd, self.l2, self.counters
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
         n = 0
-        budget = self._budget(now)
+        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1  # see _budget
         while n < budget:
             try:
                 data = read(fd, BUF_SIZE)
@@ -145,7 +159,7 @@ class Port:
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
         n = 0
-        budget = self._budget(now)
+        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1  # see _budget
         while n < budget:
             try:
                 data = read(fd, BUF_SIZE)
@@ -195,15 +209,23 @@ class Port:
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, pkt)
                 return
-            nh = nexthop(self.iface, int.from_bytes(pkt[16:20], "big"))
-            hdr = l2.lookup(nh, now)
+            if l2.version != self.hver:
+                self.hcache.clear()
+                self.hver = l2.version
+            dst = pkt[16:20] if type(pkt) is bytes else bytes(pkt[16:20])
+            hdr = self.hcache.get(dst)
             if hdr is None:
-                if vh:  # it will wait in the ARP queue and leave as a plain frame: finish it now
-                    p2 = self._finish(pkt, vh)
-                    if p2 is None:
-                        return
-                    pkt, vh = p2, b""
-                hdr = l2.header(nh, pkt, now)
+                nh = nexthop(self.iface, int.from_bytes(dst, "big"))
+                hdr = l2.lookup(nh, now)
+                if hdr is None:
+                    if vh:  # it will wait in the ARP queue and leave as a plain frame: finish it now
+                        p2 = self._finish(pkt, vh)
+                        if p2 is None:
+                            return
+                        pkt, vh = p2, b""
+                    hdr = l2.header(nh, pkt, now)
+                elif len(self.hcache) < HCACHE_MAX:
+                    self.hcache[dst] = hdr
             if hdr is not None:
                 if self.vnet:
                     os.writev(self.fd, (vh or ZERO_VH, hdr, pkt))
@@ -260,6 +282,7 @@ class Dataplane:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._started = False
         self.offload = 0  # TUN_F_* flags in force on both devices
+        self.rps: tuple[int, int] | None = None  # (masqd's CPU, steering mask) with dataplane.rps
 
     # ------------------------------------------------------------------ life cycle
 
@@ -274,15 +297,43 @@ class Dataplane:
                     mac = parse_mac(icfg.mac) if icfg.mac else local_mac(icfg.name, str(icfg.address))
                     l2 = EthernetHost(side, mac, int(icfg.address.ip), icfg.address.network.prefixlen,
                                       self.counters)
-                self.ports[side] = Port(side, dev, l2, self.counters)
+                self.add_port(Port(side, dev, l2, self.counters))
                 log.info("opened %s device %s (%s, mtu %d%s%s%s)", side, dev.name, dev.mode, dev.mtu,
                          f", netns {dev.netns}" if dev.netns else "",
                          f", bridge {icfg.bridge}" if icfg.bridge else "",
                          f", mac {format_mac(l2.mac)}" if l2 else "")
             self._negotiate_offloads()
+            self._steer()
         except BaseException:
             self.close()
             raise
+
+    def add_port(self, port: Port) -> None:
+        """Attach an opened port (``open`` does this for the configured devices)."""
+        port.handle = self._handle_lan if port.iface == "lan" else self._handle_wan
+        self.ports[port.iface] = port
+
+    def _steer(self) -> None:
+        """``dataplane.rps``: pin masqd to one CPU, the kernel work after its writes to the others."""
+        rps = self.cfg.dataplane.rps
+        if rps == "off":
+            return
+        allowed = sorted(os.sched_getaffinity(0))
+        if rps == "auto":
+            if len(allowed) < 2:
+                log.info("dataplane.rps = auto: one CPU only, nothing to steer")
+                return
+            own = {allowed[0]}
+            mask = sum(1 << c for c in allowed[1:])
+        else:
+            mask = int(rps, 16)
+            own = {c for c in allowed if not mask >> c & 1} or set(allowed)
+        os.sched_setaffinity(0, own)
+        for port in self.ports.values():
+            set_rps(port.dev.name, port.dev.netns, mask)
+        self.rps = (min(own), mask)
+        log.info("masqd runs on CPU %s; kernel work after its writes on CPU mask %x",
+                 ",".join(map(str, sorted(own))), mask)
 
     def _negotiate_offloads(self) -> None:
         """Turn on the offloads both devices accept (a super-packet read on one side is written
@@ -351,7 +402,7 @@ class Dataplane:
 
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
-        port.drain(self._handle_lan if port.iface == "lan" else self._handle_wan, self._route_v, clock())
+        port.reader(port.handle, self._route_v, clock())
         port.idle_at = clock()
 
     def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:
@@ -422,6 +473,7 @@ class Dataplane:
             if l2 is None:
                 continue
             l2.tick(now)
+            port.hcache.clear()
             if l2.out:
                 port.flush_l2()
             if l2.unreachable:
@@ -453,6 +505,8 @@ class Dataplane:
         """After the engine took a new config: follow address changes on the L2 hosts."""
         self.cfg = cfg
         now = self.clock()
+        for p in self.ports.values():
+            p.hcache.clear()  # routes may have changed
         for side in ("lan", "wan"):
             port = self.ports.get(side)
             addr: ipaddress.IPv4Interface = getattr(cfg, side).address
@@ -487,4 +541,5 @@ class Dataplane:
             "counters": self.all_counters(),
             "neighbours": {side: p.l2.table(now) for side, p in self.ports.items() if p.l2 is not None},
             "offload": offload_names(self.offload),
+            "rps": None if self.rps is None else {"cpu": self.rps[0], "mask": f"{self.rps[1]:x}"},
         }
