@@ -206,7 +206,7 @@ def main() -> int:
     p.add_argument("--pings", type=int, default=300, help="pings at 100 Hz for the RTT figures (max 2000)")
     p.add_argument("--mode", choices=["tap", "tun"], default="tap")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--rps", default="auto", help='masqd\'s dataplane.rps: "auto" (default), "off" or a hex mask')
+    p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     args = p.parse_args()
     args.seconds = min(max(args.seconds, 1.0), 30.0)

@@ -115,3 +115,39 @@ def test_offload_off_by_config_still_routes(own_lab: Callable[[str, str], Lab]) 
         assert m.snapshot()["counters"].get("rx_super_packets", 0) == 0
     finally:
         m.stop()
+
+
+def test_rps_pins_masqd_and_steers_the_kernel_work(own_lab: Callable[[str, str], Lab]) -> None:
+    """dataplane.rps = "auto": masqd runs on its first CPU, its devices' receive steering names
+    the others, and traffic still flows (a 2-CPU machine: CPU 0 for masqd, mask 2 for the kernel)."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert len(allowed) >= 2, "this test needs two CPUs (the CI machine has two)"
+    lab = own_lab("tap", "r")
+    m = lab.start_masqd(lab.masqd_config() + '\n[dataplane]\nrps = "auto"\n')
+    try:
+        mask = sum(1 << c for c in allowed[1:])
+        assert m.snapshot()["rps"] == {"cpu": allowed[0], "mask": f"{mask:x}"}
+        assert os.sched_getaffinity(m.pid) == {allowed[0]}
+        for dev in (f"{lab.prefix}-lan", f"{lab.prefix}-wan"):
+            got = lab.exec("sw", ["cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"]).stdout
+            assert int(got.strip().replace(",", ""), 16) == mask, (dev, got)
+        server = lab.tool_server("srv1", ["tcp-server", "8080"])
+        try:
+            rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", str(4 * 1024 * 1024)], timeout=30)
+        finally:
+            stop_process(server)
+        assert rc == 0 and rep["ok"], rep
+    finally:
+        m.stop()
+
+
+@pytest.mark.parametrize("value", ["sometimes", "0", "xyz"])
+def test_bad_rps_setting_is_refused_by_check(value: str) -> None:
+    from masqd.config import ConfigError, loads
+
+    text = f'[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "203.0.113.200/24"\n[dataplane]\nrps = "{value}"\n'
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert any(e.startswith("dataplane.rps:") for e in exc.value.errors), exc.value.errors
