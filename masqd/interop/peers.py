@@ -372,6 +372,9 @@ def pptp_client(
         " remotename pptpd require-mppe-128 refuse-eap noauth nodefaultroute lock nobsdcomp"
         " nodeflate logfile /peer/pppd.log debug updetach maxfail 1"
         " > /peer/initiate.log 2>&1; result tunnel_rc $?\n"
+        # updetach returns once IPV6CP is up, maybe before IPCP: wait for the IPv4 peer address
+        # (else the first ping takes the default route and an ICMP error ends ping at once)
+        + f"wait_for 10 sh -c 'ip -4 -o addr show dev ppp0 | grep -q \"peer {PPTP_SERVER_IP}/\"'\n"
         + _client_ping(PPTP_SERVER_IP)
         + "ip -br addr show ppp0 > /peer/sas.txt 2>&1\n"
         + _CLIENT_END
