@@ -1297,6 +1297,24 @@ class Engine:
         rows.extend(self.forwarders.entries(now if now is not None else 0.0))
         return rows
 
+    def table_summary(self) -> dict[tuple[str, str], int]:
+        """(protocol, state) -> number of entries, without building the table (for metrics)."""
+        from collections import Counter
+
+        out: dict[tuple[str, str], int] = {}
+        for proto, tbl in self._out.items():
+            pname = PROTO_NAMES.get(proto, str(proto))
+            counts = Counter(s.state for s in tbl.values())
+            for st, n in counts.items():
+                name = TCP_STATE_NAMES[st] if proto == TCP else ("REPLIED" if st == S_REPLIED else "UNREPLIED")
+                key = (pname, name.lower())
+                out[key] = out.get(key, 0) + n
+        now = self._icmp_last
+        for e in [e for h in self.helpers for e in h.entries(now)] + self.forwarders.entries(now):
+            key = (str(e.get("proto", "unknown")).lower(), str(e.get("state", "") or "none").lower())
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def sessions(self) -> list[Session]:
         return [s for s in self._out[TCP].values()] + list(self._out[UDP].values()) + list(self._out[ICMP].values())
 
