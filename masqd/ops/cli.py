@@ -131,8 +131,11 @@ def add_stats(sub: argparse._SubParsersAction) -> None:
 
 
 def add_rules(sub: argparse._SubParsersAction) -> None:
-    p = _parser(sub, "rules", "firewall rules with hit counters: masqd rules list", cmd_rules)
-    p.add_argument("action", choices=["list"])
+    p = _parser(sub, "rules", "firewall rules: masqd rules list (hit counters of the running daemon); "
+                "masqd rules check FILE (offline: validate a rules file, see masqd rules check --help)",
+                cmd_rules)
+    p.add_argument("action", choices=["list"], help="list: the running daemon's rules with hit counters "
+                   "(check FILE is handled offline, before this parser)")
     p.add_argument("--json", action="store_true")
 
 
