@@ -38,7 +38,8 @@ class Neighbour:
         self.confirmed = 0.0
         self.probes = 0
         self.next_probe = 0.0
-        self.queue: list[bytes | bytearray] = []
+        # packets waiting for the MAC; (packet, virtio-net header) for one with offload work
+        self.queue: list[bytes | bytearray | tuple[bytes | bytearray, bytes]] = []
 
 
 def _bump(counters: dict[str, int], key: str, n: int = 1) -> None:
@@ -77,6 +78,7 @@ class EthernetHost:
         self.version = 0  # bumped when a known MAC changes or an entry goes: header caches drop
         self.out: list[bytes] = []  # frames to write
         self.unreachable: list[tuple[int, bytes | bytearray]] = []  # (next hop, packet) that failed
+        self.out_offload: list[tuple[bytes, bytes]] = []  # (virtio-net header, frame) released from queues
         self.ip = 0
         self.net = 0
         self.mask = 0
@@ -176,8 +178,11 @@ class EthernetHost:
         self.probing.pop(n.ip, None)
         if n.queue:
             q, n.queue = n.queue, []
-            for pkt in q:
-                self.out.append(n.hdr + bytes(pkt))
+            for item in q:
+                if isinstance(item, tuple):
+                    self.out_offload.append((item[1], n.hdr + bytes(item[0])))
+                else:
+                    self.out.append(n.hdr + bytes(item))
 
     def _new(self, ip: int) -> Neighbour | None:
         if len(self.neigh) >= self.max_entries:
@@ -209,8 +214,12 @@ class EthernetHost:
             return n.hdr
         return None
 
-    def header(self, nexthop: int, pkt: bytes | bytearray, now: float) -> bytes | None:
-        """Ethernet header for ``pkt`` towards ``nexthop``; None if it was queued or dropped."""
+    def header(self, nexthop: int, pkt: bytes | bytearray, now: float, vh: bytes = b"") -> bytes | None:
+        """Ethernet header for ``pkt`` towards ``nexthop``; None if it was queued or dropped.
+
+        ``vh``: the packet's virtio-net header when it carries offload work; it is
+        kept with the packet in the queue and the frame leaves in ``out_offload``.
+        """
         h = self.lookup(nexthop, now)
         if h is not None:
             return h
@@ -229,7 +238,7 @@ class EthernetHost:
         if len(n.queue) >= self.queue_len:
             n.queue.pop(0)
             _bump(c, "drop_arp_queue_full")
-        n.queue.append(pkt)
+        n.queue.append((pkt, vh) if vh else pkt)
         return None
 
     def _solicit(self, n: Neighbour, now: float) -> None:
@@ -254,8 +263,8 @@ class EthernetHost:
             self.version += 1
             if n.state == INCOMPLETE:
                 _bump(self.counters, f"arp_{self.iface}_failed")
-                for pkt in n.queue:
-                    self.unreachable.append((ip, pkt))
+                for item in n.queue:
+                    self.unreachable.append((ip, item[0] if isinstance(item, tuple) else item))
                 _bump(self.counters, "drop_arp_unresolved", len(n.queue))
             else:
                 _bump(self.counters, f"arp_{self.iface}_stale_removed")

@@ -136,7 +136,7 @@ class Port:
                 handle(data, now)
             else:
                 _bump(c, "drop_non_ipv4")
-        if l2 is not None and l2.out:
+        if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
         return n
 
@@ -188,7 +188,7 @@ class Port:
                 handle(pkt, now)
             else:
                 handle_v(pkt, data[:VH], self, now)
-        if l2 is not None and l2.out:
+        if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
         return n
 
@@ -218,12 +218,7 @@ class Port:
                 nh = nexthop(self.iface, int.from_bytes(dst, "big"))
                 hdr = l2.lookup(nh, now)
                 if hdr is None:
-                    if vh:  # it will wait in the ARP queue and leave as a plain frame: finish it now
-                        p2 = self._finish(pkt, vh)
-                        if p2 is None:
-                            return
-                        pkt, vh = p2, b""
-                    hdr = l2.header(nh, pkt, now)
+                    hdr = l2.header(nh, pkt, now, vh)  # queued (with its offload header) or dropped
                 elif len(self.hcache) < HCACHE_MAX:
                     self.hcache[dst] = hdr
             if hdr is not None:
@@ -233,29 +228,27 @@ class Port:
                     os.writev(self.fd, (hdr, pkt))
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, hdr + bytes(pkt))
-            if l2.out:
+            if l2.out or l2.out_offload:
                 self.flush_l2()
         except OSError as exc:
             _bump(self.counters, f"dp_{self.iface}_write_errors")
             log.debug("write error on %s: %s", self.iface, exc)
-
-    def _finish(self, pkt: bytes | bytearray, vh: bytes) -> bytes | None:
-        """An offload packet that must leave as an ordinary one: complete its checksum (or drop a
-        super-packet, which cannot be cut here)."""
-        flags, gso, _hl, _gs, start, off = vnet.unpack(vh)
-        if gso:
-            _bump(self.counters, "dp_super_packet_unresolved")
-            return None
-        q = bytearray(pkt)
-        if flags & vnet.F_NEEDS_CSUM:
-            vnet.complete_checksum(q, start - self.shift, off, q[9] == 17)
-        return bytes(q)
 
     def flush_l2(self) -> None:
         """Write the frames the L2 host produced (ARP, packets released from a queue)."""
         assert self.l2 is not None
         frames, self.l2.out = self.l2.out, []
         cap = self.capture if self.capture is not None and self.capture.active else None
+        if self.l2.out_offload:
+            held, self.l2.out_offload = self.l2.out_offload, []
+            for vh, frame in held:
+                try:
+                    os.writev(self.fd, (vh, frame))
+                except OSError:
+                    _bump(self.counters, f"dp_{self.iface}_write_errors")
+                    continue
+                if cap is not None:
+                    cap.record(self.iface, frame)
         for frame in frames:
             try:
                 if self.vnet:
@@ -474,7 +467,7 @@ class Dataplane:
                 continue
             l2.tick(now)
             port.hcache.clear()
-            if l2.out:
+            if l2.out or l2.out_offload:
                 port.flush_l2()
             if l2.unreachable:
                 failed, l2.unreachable = l2.unreachable, []

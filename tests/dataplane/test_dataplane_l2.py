@@ -131,3 +131,23 @@ def test_gratuitous_arp_on_address_change() -> None:
     (g,) = h.out
     a = Ether(g)[ARP]
     assert a.op == 1 and a.psrc == a.pdst == "203.0.113.77" and Ether(g).dst == "ff:ff:ff:ff:ff:ff"
+
+
+def test_packets_with_offload_headers_wait_with_their_header() -> None:
+    """A super-packet or partial-checksum packet queued for ARP keeps its virtio-net header: it is
+    released in ``out_offload`` as (header, frame), ordinary packets in ``out`` as before."""
+    h = host()
+    plain, offl = packet("198.51.100.1"), packet("198.51.100.2")
+    vh = bytes([1, 0, 0, 0, 0, 0, 34, 0, 6, 0])
+    assert h.header(ip(GW), plain, 0.0) is None
+    assert h.header(ip(GW), offl, 0.0, vh) is None
+    h.out.clear()
+    h.rx(arp(2, GW, MY_IP, dst=ME), 0.5)
+    assert [bytes(Ether(f)[IP]) for f in h.out] == [plain]
+    assert [(v, bytes(Ether(f)[IP])) for v, f in h.out_offload] == [(vh, offl)]
+    # when resolution fails, the packet (without its header) is handed back for host-unreachable
+    h2 = host()
+    h2.header(ip(GW), offl, 0.0, vh)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        h2.tick(t)
+    assert h2.unreachable == [(ip(GW), offl)]
