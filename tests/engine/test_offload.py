@@ -204,3 +204,56 @@ def test_plain_header_means_the_ordinary_path() -> None:
     b = Engine(make_cfg()).process("lan", data, 0.0)
     assert [(o, p) for o, p, _h in a] == b and a[0][2] == b""
     assert raw(IP(a[0][1])) == a[0][1]
+
+
+def test_pptp_control_inside_a_super_packet_is_rewritten_and_rearmed() -> None:
+    """A PPTP control super-packet (many messages, more than one MSS) from a second client with
+    the same Call ID: the helper sees the whole stream chunk with a real checksum, rewrites the
+    Call ID in the middle of it, and the packet leaves as a super-packet again."""
+    from scapy.layers.pptp import PPTPEchoRequest, PPTPStartControlConnectionRequest
+
+    from tests.engine.test_pptp import Ctl, ocrq
+
+    eng = Engine(make_cfg())
+    first = Ctl(eng, H2, SRV, sport=40000)
+    first.open(0.0)
+    first.send(raw(PPTPStartControlConnectionRequest()))
+    first.send(ocrq(7))
+    c = Ctl(eng, H3, SRV, sport=40001)
+    c.open(0.0)
+    echoes = b"".join(raw(PPTPEchoRequest(identifier=i)) for i in range(250))
+    cut = 60 * len(raw(PPTPEchoRequest()))  # at a message boundary
+    stream = raw(PPTPStartControlConnectionRequest()) + echoes[:cut] + ocrq(7) + echoes[cut:]
+    seg = c._lan_seg(stream, c.cseq, "PA")
+    assert len(stream) > 2 * 1448
+    h = hdr(seg, vnet.GSO_TCPV4, 1448)
+    out = eng.process_vnet("lan", partial(seg), 0.5, h)
+    assert len(out) == 1 and out[0][0] == "wan" and len(out[0][1]) == len(seg)
+    flags, gso, _hl, gsz, start, off = vnet.unpack(out[0][2])
+    assert (flags, gso, gsz, start, off) == (vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 1448, 20, 16)
+    fin = completed(out[0][1], out[0][2])
+    assert checksums_ok(fin)
+    body = bytes(IP(fin)[TCP].payload)
+    pos = len(raw(PPTPStartControlConnectionRequest())) + cut
+    assert body[:pos] == stream[:pos] and body[pos + 14:] == stream[pos + 14:]
+    masq = int.from_bytes(body[pos + 12:pos + 14], "big")
+    assert masq != 7
+    calls = {r["lan"]: r["masq_call_id"] for r in eng.table(0.6) if r["proto"] == "gre"}
+    assert calls[f"{H3}:7"] == masq
+
+
+def test_isakmp_with_partial_checksums_goes_through_the_helper() -> None:
+    """ISAKMP (UDP 500<->500) read with partial checksums: the helper routes by cookies and the
+    packets leave finished, both ways."""
+    from tests.engine.test_forward_vpn_servers import isakmp
+
+    eng = Engine(make_cfg())
+    a, zero, b = b"\xaa" * 8, b"\0" * 8, b"\xbb" * 8
+    out_pkt = udp(H2, SRV, 500, 500, isakmp(a, zero))
+    out = eng.process_vnet("lan", partial(out_pkt), 0.0, hdr(out_pkt))
+    assert len(out) == 1 and out[0][0] == "wan" and out[0][2] == b""
+    assert checksums_ok(out[0][1]) and IP(out[0][1]).src == WAN_IP and IP(out[0][1])[UDP].sport == 500
+    back = udp(SRV, WAN_IP, 500, 500, isakmp(a, b))
+    out = eng.process_vnet("wan", partial(back), 0.1, hdr(back))
+    assert len(out) == 1 and out[0][0] == "lan" and IP(out[0][1]).dst == H2
+    assert checksums_ok(out[0][1]) and bytes(IP(out[0][1])[UDP].payload) == isakmp(a, b)
