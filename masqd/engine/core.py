@@ -151,7 +151,10 @@ class Engine:
         self.filtering = {"endpoint-independent": 0, "address-dependent": 1, "address-and-port-dependent": 2}[
             m.inbound_filtering
         ]
+        old_rules = getattr(self, "rules", None)
         self.rules = fwmod.build_ruleset(cfg)
+        if old_rules is not None:
+            self.rules.carry_counters(old_rules)  # a reload keeps the hits of rules that stay
         self._gen += 1
         self._fw_trivial: list[Any] = [self._gen, (), ()]
         if first:

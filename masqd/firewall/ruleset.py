@@ -286,6 +286,28 @@ class Ruleset:
         """Every rule, chain by chain."""
         return [r for ch in self.chains.values() for r in ch.rules]
 
+    def carry_counters(self, old: Ruleset) -> int:
+        """Take over the hit counters of ``old`` (the ruleset a reload replaces) for every rule
+        that is still there, matched by chain and specification (the n-th equal rule of a
+        chain takes the n-th one's counters), and for the chains' policies. Returns how
+        many rules kept their counters."""
+        kept = 0
+        for name, ch in self.chains.items():
+            prev = old.chains.get(name)
+            if prev is None:
+                continue
+            ch.pkts, ch.bytes = prev.pkts, prev.bytes
+            pool: dict[tuple, list[Rule]] = {}
+            for r in prev.rules:
+                pool.setdefault(r.key(), []).append(r)
+            for r in ch.rules:
+                same = pool.get(r.key())
+                if same:
+                    o = same.pop(0)
+                    r.pkts, r.bytes = o.pkts, o.bytes
+                    kept += 1
+        return kept
+
     def zero(self) -> None:
         """Reset every counter (``ipchains -Z``)."""
         for ch in self.chains.values():

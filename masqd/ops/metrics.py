@@ -335,7 +335,8 @@ class MasqdCollector:
         if not isinstance(chains, dict):
             return
         pk = CounterMetricFamily("masqd_rule_packets", "Packets matched per firewall rule (rule = position "
-                                 "in its chain, 0 = the chain policy); restart at 0 after a reload.",
+                                 "in its chain, 0 = the chain policy); a reload keeps the counts of rules that "
+                                 "stay, whose position may change.",
                                  labels=["chain", "rule"])
         by = CounterMetricFamily("masqd_rule_bytes", "Bytes matched per firewall rule (see masqd_rule_packets).",
                                  labels=["chain", "rule"])

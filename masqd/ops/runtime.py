@@ -92,7 +92,7 @@ _VERDICTS = {0: "ACCEPT", 1: "DENY", 2: "REJECT", 3: "MASQ"}
 def rule_rows(engine: Any) -> list[dict[str, Any]] | None:
     """The engine's ruleset as rows (chain, num, rule text, packet/byte hits); None if it has none.
 
-    ``num`` 0 is the chain's policy. Hit counters restart at 0 after a reload (new ruleset).
+    ``num`` 0 is the chain's policy. A reload keeps the hit counters of the rules that stay.
     """
     rs = getattr(engine, "rules", None)
     chains = getattr(rs, "chains", None)

@@ -74,3 +74,25 @@ def test_reject_sends_icmp_port_unreachable_and_logs() -> None:
     assert p[ICMP].type == 3 and p[ICMP].code == 3 and p.dst == H2
     events = [e for e in eng.drain_events() if e[1] == "rule_match"]
     assert events and events[0][2]["verdict"] == "REJECT"
+
+
+def test_reload_keeps_the_hit_counters_of_rules_that_stay() -> None:
+    """A reload that adds a rule keeps the counters of the rules that are still there (matched by
+    chain and specification) and the policies'; the new rule starts at 0, a removed one is gone."""
+    base = 'rules = """\nipchains -A forward -p udp -s 10.0.0.0/8 -d 0/0 53 -j MASQ\nipchains -A forward -j MASQ\n"""\n'
+    eng = Engine(make_cfg("[firewall]\n" + base))
+    for i in range(3):
+        eng.process("lan", udp(H2, SRV, 4000 + i, 53), 0.0)
+    eng.process("lan", tcp(H2, SRV, 5000, 80, "S"), 0.0)
+    dns, catch_all = eng.rules.chains["forward"].rules
+    assert (dns.pkts, catch_all.pkts) == (3, 1)
+    grown = base.replace('ipchains -A forward -j MASQ', 'ipchains -A forward -p tcp -d 0/0 25 -j DENY\nipchains -A forward -j MASQ')
+    eng.reload(make_cfg("[firewall]\n" + grown))
+    dns, smtp, catch_all = eng.rules.chains["forward"].rules
+    assert (dns.pkts, smtp.pkts, catch_all.pkts) == (3, 0, 1)
+    assert dns.bytes > 0
+    eng.process("lan", udp(H2, SRV, 4010, 53), 1.0)
+    assert eng.rules.chains["forward"].rules[0].pkts == 4
+    eng.reload(make_cfg("[firewall]\nrules = \"ipchains -A forward -j MASQ\"\n"))
+    (only,) = eng.rules.chains["forward"].rules
+    assert only.pkts == 1
