@@ -44,6 +44,17 @@ def capture(lab: Lab, role: str, filt: str, count: int) -> subprocess.Popen[str]
     return proc
 
 
+def upload(lab: Lab, nbytes: int, timeout: float = 30) -> dict[str, object]:
+    """lan2 sends ``nbytes`` to srv1:8080 through masqd; both ends' sha256 must agree."""
+    server = lab.tool_server("srv1", ["tcp-server", "8080"], timeout=timeout + 30)
+    try:
+        rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", str(nbytes)], timeout=timeout)
+    finally:
+        stop_process(server)
+    assert rc == 0 and rep["ok"], rep
+    return rep
+
+
 def send_corrupted(lab: Lab, port: int) -> None:
     """A TCP segment with a wrong checksum from lan2 to srv1, through masqd (raw socket, scapy)."""
     script = (
@@ -63,13 +74,8 @@ def test_transfers_with_offloads_arrive_with_correct_checksums(
         assert m.snapshot()["offload"] == ALL
         err0 = {r: csum_errors(lab, r) for r in ("srv1", "lan2")}
         dump = capture(lab, "srv1", f"dst host {SRV1} and tcp dst port 8080", 400)
-        server = lab.tool_server("srv1", ["tcp-server", "8080"], timeout=60)
-        try:
-            rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", str(40 * 1024 * 1024)], timeout=60)
-        finally:
-            stop_process(server)
-        assert rc == 0 and rep["ok"], rep  # 40 MiB, sha256 equal on both ends
-        assert rep["seen_as"].split(":")[0] == FW_WAN
+        rep = upload(lab, 40 * 1024 * 1024, timeout=60)  # 40 MiB, sha256 equal on both ends
+        assert str(rep["seen_as"]).split(":")[0] == FW_WAN
         # the other way: srv1 sends, lan2 receives (and verifies) through masqd
         iperf = lab.popen("srv1", ["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
@@ -106,12 +112,7 @@ def test_offload_off_by_config_still_routes(own_lab: Callable[[str, str], Lab]) 
     try:
         assert m.snapshot()["offload"] == "none"
         assert "offloads off (config: lan)" in m.log()
-        server = lab.tool_server("srv1", ["tcp-server", "8080"])
-        try:
-            rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", str(2 * 1024 * 1024)], timeout=30)
-        finally:
-            stop_process(server)
-        assert rc == 0 and rep["ok"], rep
+        upload(lab, 2 * 1024 * 1024)
         assert m.snapshot()["counters"].get("rx_super_packets", 0) == 0
     finally:
         m.stop()
@@ -133,12 +134,7 @@ def test_rps_pins_masqd_and_steers_the_kernel_work(own_lab: Callable[[str, str],
         for dev in (f"{lab.prefix}-lan", f"{lab.prefix}-wan"):
             got = lab.exec("sw", ["cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"]).stdout
             assert int(got.strip().replace(",", ""), 16) == mask, (dev, got)
-        server = lab.tool_server("srv1", ["tcp-server", "8080"])
-        try:
-            rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", str(4 * 1024 * 1024)], timeout=30)
-        finally:
-            stop_process(server)
-        assert rc == 0 and rep["ok"], rep
+        upload(lab, 4 * 1024 * 1024)
     finally:
         m.stop()
 
