@@ -13,12 +13,8 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   and has no PID to charge, so only masqd's figure is given)
 - ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel
 
-The machine-wide CPU per delivered packet (from /proc/stat, every CPU and
-process: senders, receivers, softirq) is given for both routers so they can be
-compared on equal terms; it is noisy when anything else runs.
-
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--no-offload] [--json]``
+[--rps auto|off|MASK] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
 """
 
 from __future__ import annotations
@@ -83,13 +79,6 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def host_busy() -> float:
-    """Busy CPU seconds of the whole machine so far (all CPUs: user, system, irq, softirq)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        v = [int(x) for x in f.readline().split()[1:8]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
-
-
 def proc_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
@@ -129,9 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res[f"tcp4_{name}_gbps"] = tcp_gbps(lab, 4, args.seconds)
             if name == "masqd":
                 snap0, t0 = m.snapshot(), proc_times(m.pid)
-            busy0 = host_busy()
             u = udp_small(lab, args.udp_pps, args.seconds)
-            busy1 = host_busy()
             if name == "masqd":
                 snap1, t1 = m.snapshot(), proc_times(m.pid)
                 fwd = forwarded(snap1) - forwarded(snap0)
@@ -143,11 +130,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["masqd_cpu_s_udp"] = cpu
                 res["offload"] = snap1.get("offload")
                 res["rps"] = snap1.get("rps")
-            # whole machine (every process, softirq included) per delivered packet: the two
-            # routers compared on equal terms, noisy if anything else runs
-            delivered = u["pps"] * args.seconds
-            res[f"udp_small_{name}_host_cpu_us_per_pkt"] = ((busy1 - busy0) / delivered * 1e6
-                                                            if delivered else float("nan"))
             res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
             res[f"udp_small_{name}_pps"] = u["pps"]
             res[f"udp_small_{name}_loss_pct"] = u["loss_pct"]
@@ -189,9 +171,6 @@ def table(r: dict[str, Any]) -> str:
     out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
                f"(user {r['udp_small_user_us_per_pkt']:.2f}, system {r['udp_small_sys_us_per_pkt']:.2f}; "
                f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')})")
-    out.append(f"whole machine CPU per delivered small UDP packet: masqd path "
-               f"{r['udp_small_masqd_host_cpu_us_per_pkt']:.2f} us, kernel path "
-               f"{r['udp_small_kernel_host_cpu_us_per_pkt']:.2f} us (includes senders and receivers)")
     out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
                f"p99 {r['rtt_added_p99_ms']:+.3f} ms")
     if r.get("masqd_errors"):
@@ -208,15 +187,37 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
+    p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")
     args = p.parse_args()
     args.seconds = min(max(args.seconds, 1.0), 30.0)
     args.pings = min(max(args.pings, 10), 2000)
+    args.runs = min(max(args.runs, 1), 10)
     if os.geteuid() != 0:
         print("bench/e2e.py: needs root (network namespaces)", file=sys.stderr)
         return 1
-    res = run(args)
-    print(json.dumps(res, sort_keys=True) if args.json else table(res))
+    results = []
+    for _ in range(args.runs):
+        res = run(args)
+        results.append(res)
+        print(json.dumps(res, sort_keys=True) if args.json else table(res) + "\n", flush=True)
+    if args.runs > 1 and not args.json:
+        print(summary(results))
     return 0
+
+
+SUMMARY_KEYS = ("tcp1_masqd_gbps", "tcp1_kernel_gbps", "tcp4_masqd_gbps", "tcp4_kernel_gbps",
+                "udp_small_cpu_us_per_pkt", "rtt_added_median_ms", "rtt_added_p99_ms")
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Min / median / max over the runs of the figures the offload issue asks for."""
+    out = [f"over {len(results)} runs: {'figure':<26}{'min':>9}{'median':>9}{'max':>9}"]
+    ratios = [r["tcp1_masqd_gbps"] / r["tcp1_kernel_gbps"] for r in results if r["tcp1_kernel_gbps"]]
+    rows = [(k, [float(r[k]) for r in results]) for k in SUMMARY_KEYS] + [("tcp1 ratio", ratios)]
+    for name, vals in rows:
+        if vals:
+            out.append(f"{'':<15}{name:<26}{min(vals):9.3f}{statistics.median(vals):9.3f}{max(vals):9.3f}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
