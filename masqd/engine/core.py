@@ -73,6 +73,7 @@ from masqd.wire.ipv4 import (
     build_ipv4,
     check_ipv4,
     ip_str,
+    set_ip_checksum,
 )
 
 _H = struct.Struct("!H")
@@ -370,7 +371,7 @@ class Engine:
                     ql = (q[0] & 15) << 2
                     qo = ql + (16 if q[9] == TCP else 6)
                     _pack_H(q, qo, vnet.partial_seed(q, ql))
-                    vnet.ip_header_checksum(q)
+                    set_ip_checksum(q, ql)
                     res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, max(_hlen, 0), gsz, ql, qo - ql)))
                 else:
                     res.append((o, p, b""))
@@ -442,7 +443,7 @@ class Engine:
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, 20, True, now):
                 return []
         if seg:  # a super-packet: the kernel reads this header as is (always recompute it)
-            vnet.ip_header_checksum(pkt)
+            set_ip_checksum(pkt, 20)
         s.expires = now + s.tmo
         for r in fw[1]:
             r.pkts += 1
@@ -506,7 +507,7 @@ class Engine:
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, 20, False, now):
                 return []
         if seg:
-            vnet.ip_header_checksum(pkt)
+            set_ip_checksum(pkt, 20)
         s.expires = now + s.tmo
         for r in fw[2]:
             r.pkts += 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 
-from masqd.wire.checksum import fold, ones_sum
+from masqd.wire.checksum import fold, ones_sum, pseudo_header_sum
 
 SIZE = 10
 F_NEEDS_CSUM = 1
@@ -70,20 +70,11 @@ def complete_checksum(pkt: bytearray, start: int, offset: int, udp: bool = False
     pkt[pos + 1] = c & 0xFF
 
 
-def ip_header_checksum(pkt: bytearray) -> None:
-    """Recompute the IPv4 header checksum in place."""
-    ihl = (pkt[0] & 15) << 2
-    pkt[10] = pkt[11] = 0
-    c = (~ones_sum(pkt[:ihl])) & 0xFFFF
-    pkt[10] = c >> 8
-    pkt[11] = c & 0xFF
-
-
 def partial_seed(pkt: bytes | bytearray, ihl: int) -> int:
     """The pseudo-header sum a partial TCP/UDP checksum field holds (folded, not inverted)."""
-    s = ((pkt[12] << 8 | pkt[13]) + (pkt[14] << 8 | pkt[15]) + (pkt[16] << 8 | pkt[17])
-         + (pkt[18] << 8 | pkt[19]) + pkt[9] + len(pkt) - ihl)
-    return fold(s)
+    src = int.from_bytes(pkt[12:16], "big")
+    dst = int.from_bytes(pkt[16:20], "big")
+    return fold(pseudo_header_sum(src, dst, pkt[9], len(pkt) - ihl))
 
 
 def segment_size(pkt: bytes | bytearray, ihl: int, gso_type: int, gso_size: int) -> int:
