@@ -103,16 +103,21 @@ class EthernetHost:
 
     def rx(self, frame: bytes | bytearray, now: float) -> bytes | bytearray | None:
         """One received frame -> the IPv4 packet inside it for the router, or None."""
-        n = len(frame)
+        return self.rx_at(frame, 0, now)
+
+    def rx_at(self, buf: bytes | bytearray, off: int, now: float) -> bytes | bytearray | None:
+        """:meth:`rx` for a frame that starts at ``buf[off]`` (after a virtio-net header)."""
+        n = len(buf) - off
         # fast path: IPv4 unicast to our MAC (no slices before the one that is the packet)
-        if n >= 34 and frame[12] == 8 and frame[13] == 0 and frame.startswith(self.mac):
-            tl = (frame[16] << 8) | frame[17]
+        if n >= 34 and buf[off + 12] == 8 and buf[off + 13] == 0 and buf.startswith(self.mac, off):
+            tl = (buf[off + 16] << 8) | buf[off + 17]
             if 20 <= tl < n - 14:
-                return frame[14 : 14 + tl]  # without the padding of short frames
-            return frame[14:]
+                return buf[off + 14: off + 14 + tl]  # without the padding of short frames
+            return buf[off + 14:]
         if n < 14:
             _bump(self.counters, "drop_l2_runt")
             return None
+        frame = buf[off:] if off else buf
         dst = frame[0:6]
         etype = frame[12:14]
         if etype == ETH_IP:
@@ -127,16 +132,6 @@ class EthernetHost:
             return None
         _bump(self.counters, "drop_non_ipv4")
         return None
-
-    def rx_at(self, buf: bytes, off: int, now: float) -> bytes | bytearray | None:
-        """Like :meth:`rx` for a frame that starts at ``buf[off]`` (after a virtio-net header)."""
-        n = len(buf) - off
-        if n >= 34 and buf[off + 12] == 8 and buf[off + 13] == 0 and buf.startswith(self.mac, off):
-            tl = (buf[off + 16] << 8) | buf[off + 17]
-            if 20 <= tl < n - 14:
-                return buf[off + 14: off + 14 + tl]
-            return buf[off + 14:]
-        return self.rx(buf[off:], now)
 
     def _arp_rx(self, frame: bytes | bytearray, now: float) -> None:
         c = self.counters

@@ -88,31 +88,34 @@ class Port:
         self.vnet = dev.vnet
         # virtio-net header offsets count from the start of the frame: the Ethernet header in TAP mode
         self.shift = 14 if l2 is not None else 0
-        self.idle_at = 0.0  # when the last drain returned (see _budget)
+        self.idle_at = 0.0  # when the last drain returned (see drain)
         # TAP: destination address -> Ethernet header (next hop resolved), dropped when the
         # neighbour table changes, on every L2 tick (so aging is seen) and on reload
         self.hcache: dict[bytes, bytes] = {}
         self.hver = -1
-        self.reader = self._drain_vnet if self.vnet else self._drain_plain
+        self.hlen = VH if self.vnet else 0  # bytes before the frame in every read and write
         self.handle: Callable[[bytes | bytearray, float], None] = _no_handler
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
               handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
-        """Read until EAGAIN (or READ_BATCH); pass each IPv4 packet to ``handle``.
+        """Read and pass each IPv4 packet to ``handle``; returns how many reads were made.
 
         On a device with virtio-net headers, packets that carry offload work (a
         partial checksum, a super-packet) go to ``handle_v`` with their header
         (offsets relative to the frame start: see ``shift``).
-        """
-        return self.reader(handle, handle_v, now)
 
-    def _drain_plain(self, handle: Callable[[bytes | bytearray, float], None],
-                     handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
-        fd, l2, c = self.fd, self.l2, self.counters
+        How many: under load the fd is readable again right after a drain
+        returns (``BURST_GAP``), and reads go until EAGAIN (up to READ_BATCH).
+        At low rates a wake-up brings one packet, and the read that would only
+        say EAGAIN costs more than the packet (an exception in Python): one read,
+        then back to the loop; epoll is level-triggered, so anything left wakes
+        us again at once and switches the port to batches.
+        """
+        fd, l2, c, hl = self.fd, self.l2, self.counters, self.hlen
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
         n = 0
-        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1  # see _budget
+        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1
         while n < budget:
             try:
                 data = read(fd, BUF_SIZE)
@@ -126,68 +129,20 @@ class Port:
                 break
             n += 1
             if cap is not None:
-                cap.record(self.iface, data)
+                cap.record(self.iface, data[hl:])
             if l2 is not None:
-                pkt = l2.rx(data, now)
+                pkt = l2.rx_at(data, hl, now)
                 if pkt is None:
                     continue
-                handle(pkt, now)
-            elif len(data) >= 20 and data[0] >> 4 == 4:
-                handle(data, now)
+            elif len(data) >= hl + 20 and data[hl] >> 4 == 4:
+                pkt = data[hl:]  # the same object when there is no header
             else:
                 _bump(c, "drop_non_ipv4")
-        if l2 is not None and (l2.out or l2.out_offload):
-            self.flush_l2()
-        return n
-
-    def _budget(self, now: float) -> int:
-        """How many packets to read on this wake-up.
-
-        Under load the fd is readable again right after we return: then read
-        until EAGAIN (up to READ_BATCH). At low rates each wake-up brings one
-        packet and the read that would only say EAGAIN costs more than the
-        packet (an exception in Python): read one and return; epoll is
-        level-triggered, so anything left wakes us again at once, and switches
-        this port to batches.
-        """
-        busy = now - self.idle_at < BURST_GAP
-        return READ_BATCH if busy else 1
-
-    def _drain_vnet(self, handle: Callable[[bytes | bytearray, float], None],
-                    handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
-        fd, l2, c = self.fd, self.l2, self.counters
-        cap = self.capture if self.capture is not None and self.capture.active else None
-        read = os.read
-        n = 0
-        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1  # see _budget
-        while n < budget:
-            try:
-                data = read(fd, BUF_SIZE)
-            except BlockingIOError:
-                break
-            except InterruptedError:
                 continue
-            except OSError as exc:
-                _bump(c, f"dp_{self.iface}_read_errors")
-                log.warning("read error on %s: %s", self.iface, exc)
-                break
-            n += 1
-            if cap is not None:
-                cap.record(self.iface, data[VH:])
-            plain = data[0] & 1 == 0 and data[1] == 0  # no partial checksum, not a super-packet
-            if l2 is not None:
-                pkt = l2.rx_at(data, VH, now)
-                if pkt is None:
-                    continue
-            elif len(data) >= VH + 20 and data[VH] >> 4 == 4:
-                pkt = data[VH:]
-            else:
-                _bump(c, "drop_non_ipv4" if len(data) >= VH else "dp_runt_reads")
-                continue
-            if plain:
+            if not hl or (data[0] & 1 == 0 and data[1] == 0):  # no partial checksum, no super-packet
                 handle(pkt, now)
             else:
-                handle_v(pkt, data[:VH], self, now)
+                handle_v(pkt, data[:hl], self, now)
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
         return n
@@ -344,8 +299,7 @@ class Dataplane:
         common = got[0]
         for g in got[1:]:
             common &= g
-        if common != OFFLOAD_ALL:
-            common = set_offload(ports[0].fd, common) if common else 0
+        if common != OFFLOAD_ALL:  # bring every device down to the set they all accept
             for p in ports:
                 set_offload(p.fd, common)
         for p in ports:
@@ -395,7 +349,7 @@ class Dataplane:
 
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
-        port.reader(port.handle, self._route_v, clock())
+        port.drain(port.handle, self._route_v, clock())
         port.idle_at = clock()
 
     def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:
@@ -503,8 +457,7 @@ class Dataplane:
         for side in ("lan", "wan"):
             port = self.ports.get(side)
             addr: ipaddress.IPv4Interface = getattr(cfg, side).address
-            if side == "wan" and cfg.wan.address_source != "config":
-                # a dynamic address (control, interface) outlives a reload: follow the engine's
+            if side == "wan":  # the engine decides (a dynamic address outlives a reload)
                 addr = getattr(self.engine, "wan_if", addr)
             if port is not None and port.l2 is not None and port.l2.ip != int(addr.ip):
                 port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
