@@ -81,7 +81,6 @@ _pack_H = _H.pack_into
 _pack_H4s = struct.Struct("!H4s").pack_into
 
 LAN, WAN = "lan", "wan"
-_TTL_DELTA = TTL_DELTA
 # protocol index for per-packet counters
 _PIDX = {TCP: 0, UDP: 1, ICMP: 2, 47: 3, 50: 4}
 _PNAMES = ("tcp", "udp", "icmp", "gre", "esp", "other")
@@ -311,9 +310,9 @@ class Engine:
         the way out. See ``masqd.wire.vnet``.
         """
         data = packet if type(packet) is bytes else bytes(packet)
-        flags, gso, _hlen, gsz, cstart, coff = vnet.unpack(vh)
+        flags, gso, hlen, gsz, cstart, coff = vnet.unpack(vh)
         cstart -= base
-        _hlen -= base
+        hlen -= base
         partial = flags & vnet.F_NEEDS_CSUM
         if not partial and not gso:
             return [(o, p, b"") for o, p in self.process(iface, data, now)]
@@ -372,7 +371,7 @@ class Engine:
                     qo = ql + (16 if q[9] == TCP else 6)
                     _pack_H(q, qo, vnet.partial_seed(q, ql))
                     set_ip_checksum(q, ql)
-                    res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, max(_hlen, 0), gsz, ql, qo - ql)))
+                    res.append((o, bytes(q), vnet.pack(vnet.F_NEEDS_CSUM, gso, max(hlen, 0), gsz, ql, qo - ql)))
                 else:
                     res.append((o, p, b""))
             return res
@@ -422,7 +421,7 @@ class Engine:
         _pack_H(pkt, 20, m.wan_port)
         if partial:  # the field holds the pseudo-header sum: addresses only, not inverted
             o = 26 if proto == UDP else 36
-            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_out - _TTL_DELTA
+            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_out - TTL_DELTA
             u = (u & 0xFFFF) + (u >> 16)
             _pack_H(pkt, o, (u & 0xFFFF) + (u >> 16))
             k = 7 if proto == UDP else 6
@@ -486,7 +485,7 @@ class Engine:
         _pack_H(pkt, 22, m.lan_port)
         if partial:  # the field holds the pseudo-header sum: addresses only, not inverted
             o = 26 if proto == UDP else 36
-            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_in - _TTL_DELTA
+            u = (pkt[o] << 8 | pkt[o + 1]) + m.dip_in - TTL_DELTA
             u = (u & 0xFFFF) + (u >> 16)
             _pack_H(pkt, o, (u & 0xFFFF) + (u >> 16))
             i = 7 if proto == UDP else 6
