@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +46,7 @@ from masqd.interop.peers import (
     strongswan_responder,
 )
 from masqd.interop.router import FW_WAN_IP, LabLike, MasqdRouter
-from masqd.interop.scenario import RUN_ROOT, make_lab, new_prefix, prune_runs
+from masqd.interop.scenario import RUN_ROOT, finish_run, make_lab, new_prefix
 
 NEW_WAN_IP = "203.0.113.201"
 SERVER = "198.51.100.10"
@@ -370,14 +368,7 @@ def run_dynaddr(run_root: Path = RUN_ROOT, keep: bool | None = None, max_tunnel_
             pcaps["lan"], f"src host {FAR_IP} and dst host {STREAM_IP} and tcp port {STREAM_PORT} "
                           "and tcp[tcpflags] & tcp-rst != 0")
         run.problems += _checks(run, max_tunnel_gap)
-    run.timings["total"] = time.monotonic() - t_start
-    if keep is None:
-        keep = os.environ.get("MASQD_INTEROP_KEEP") == "1"
-    run.kept = keep or not run.passed
-    (run.run_dir / "report.txt").write_text(run.report() + "\n")
-    if not run.kept:
-        shutil.rmtree(run.run_dir, ignore_errors=True)
-    prune_runs(run_root)
+    finish_run(run, run_root, keep, t_start)
     return run
 
 

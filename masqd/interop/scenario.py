@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from masqd.interop.netns import Capture, MiniLab, add_kernel_router, ip, read_pcap_summary
 from masqd.interop.peers import Peer, PeerSpec
@@ -499,6 +499,26 @@ def run_scenario(
                 run.problems += check(run)
             except Exception as exc:  # a broken check is a finding, not a crash
                 run.problems.append(f"check {getattr(check, '__qualname__', check)} raised {exc!r}")
+    finish_run(run, run_root, keep, t_start)
+    return run
+
+
+class FinishedRun(Protocol):
+    """What :func:`finish_run` needs from a run record (ScenarioRun, DynaddrRun)."""
+
+    run_dir: Path
+    timings: dict[str, float]
+    kept: bool
+
+    @property
+    def passed(self) -> bool: ...
+
+    def report(self) -> str: ...
+
+
+def finish_run(run: FinishedRun, run_root: Path, keep: bool | None, t_start: float) -> None:
+    """Close a run: total time, report.txt, evidence kept on failure (or when asked:
+    ``keep`` / MASQD_INTEROP_KEEP=1), old run directories pruned."""
     run.timings["total"] = time.monotonic() - t_start
     if keep is None:
         keep = os.environ.get("MASQD_INTEROP_KEEP") == "1"
@@ -507,7 +527,6 @@ def run_scenario(
     if not run.kept:
         shutil.rmtree(run.run_dir, ignore_errors=True)
     prune_runs(run_root)
-    return run
 
 
 def prune_runs(run_root: Path, keep: int = KEEP_RUNS) -> None:
