@@ -288,13 +288,18 @@ class Engine:
             out: list[tuple[str, bytes]] = []
             self._slow(iface, data, now, out)
             return out
-        except Malformed as exc:
-            self.drop(exc.reason)
-            return []
         except Exception as exc:  # never let one packet take the router down
+            return self._refused(exc)
+
+    def _refused(self, exc: Exception) -> list[Any]:
+        """A packet that raised: a Malformed one is dropped by its reason, anything else is
+        counted as an internal error with an event. Nothing is sent."""
+        if isinstance(exc, Malformed):
+            self.drop(exc.reason)
+        else:
             self.drop("internal_error")
             self.event("error", "internal_error", error=repr(exc))
-            return []
+        return []
 
     def process_vnet(self, iface: str, packet: bytes | bytearray, now: float,
                      vh: bytes, base: int = 0) -> list[tuple[str, bytes, bytes]]:
@@ -375,13 +380,8 @@ class Engine:
                 else:
                     res.append((o, p, b""))
             return res
-        except Malformed as exc:
-            self.drop(exc.reason)
-            return []
         except Exception as exc:  # never let one packet take the router down
-            self.drop("internal_error")
-            self.event("error", "internal_error", error=repr(exc))
-            return []
+            return self._refused(exc)
 
     def _count_segments(self, iface: str, proto: int, oif: str, n: int, seg: int, gsz: int) -> None:
         """A forwarded super-packet counts as the packets it will be cut into (one is counted already)."""
