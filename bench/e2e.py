@@ -14,7 +14,7 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
 - ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
+[--rps auto|off|MASK] [--napi off|threaded] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lab.kernel_router_up()
         cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
         cfg += '\n[logging]\nlevel = "warning"\n'
-        cfg += f'\n[dataplane]\nrps = "{args.rps}"\n'
+        cfg += f'\n[dataplane]\nrps = "{args.rps}"\nnapi = "{args.napi}"\n'
         if not args.offload:
             cfg = cfg.replace('bridge = "br-lan"\n', 'bridge = "br-lan"\noffload = false\n')
             cfg = cfg.replace('name = "tun-lan"\n', 'name = "tun-lan"\noffload = false\n')
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["masqd_cpu_s_udp"] = cpu
                 res["offload"] = snap1.get("offload")
                 res["rps"] = snap1.get("rps")
+                res["napi"] = snap1.get("napi")
             res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
             res[f"udp_small_{name}_pps"] = u["pps"]
             res[f"udp_small_{name}_loss_pct"] = u["loss_pct"]
@@ -170,7 +171,7 @@ def table(r: dict[str, Any]) -> str:
         out.append(f"{name:<26}{fmt.format(a):>12}{fmt.format(b):>12}  {ratio(a, b)}")
     out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
                f"(user {r['udp_small_user_us_per_pkt']:.2f}, system {r['udp_small_sys_us_per_pkt']:.2f}; "
-               f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')})")
+               f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')}, napi {r.get('napi')})")
     out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
                f"p99 {r['rtt_added_p99_ms']:+.3f} ms")
     if r.get("masqd_errors"):
@@ -186,6 +187,8 @@ def main() -> int:
     p.add_argument("--mode", choices=["tap", "tun"], default="tap")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
+    p.add_argument("--napi", choices=["off", "threaded"], default="off",
+                   help="masqd's dataplane.napi: off (default) or threaded")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")
     args = p.parse_args()

@@ -256,9 +256,17 @@ class DataplaneSettings(_Frozen):
     steers that work (receive packet steering of its devices) to the others;
     a hex mask names the CPUs for it (masqd then runs on the allowed CPUs
     outside the mask); "off" leaves both to the kernel's defaults.
+
+    ``napi``: "threaded" opens both devices with IFF_NAPI and turns on threaded
+    NAPI for them: a write only queues the packet, and a kernel thread per
+    device ("napi/<dev>-<id>") runs the receive path that follows, in batches,
+    on whichever CPU the scheduler gives it; "off" (the default) runs it in
+    masqd's thread within the write. Both need the devices recreated: a
+    change is refused by a reload.
     """
 
     rps: str = "off"
+    napi: Literal["off", "threaded"] = "off"
 
     @field_validator("rps")
     @classmethod

@@ -17,6 +17,11 @@ header (masqd.wire.vnet). The TUNSETOFFLOAD flags are negotiated by the data
 plane for both devices together (:func:`set_offload`): a super-packet read on
 one side must be writable on the other.
 
+Threaded NAPI (config ``dataplane.napi``): the device is opened with IFF_NAPI
+and its sysfs ``threaded`` is set, so a write only queues the packet and a
+kernel thread runs the receive path that follows (bridge, veth, the next
+namespace's stack), instead of masqd's thread within the write.
+
 python-pytun only opens the device; all I/O is done by the data plane with
 ``os.read``/``os.write`` on ``fileno()`` (pytun's own read raises pytun.Error
 on EAGAIN instead of BlockingIOError).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -33,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from masqd.config import Interface
+
+log = logging.getLogger("masqd.dataplane")
 
 NETNS_DIR = "/run/netns"
 VNET_HDR_SIZE = 10
@@ -60,6 +68,8 @@ def format_mac(mac: bytes) -> str:
 # linux/if_tun.h
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETIFF = 0x800454D2
+IFF_NAPI = 0x0010
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
 OFFLOAD_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6
 # tried in order: TSO needs CSUM (EINVAL otherwise); USO4 and USO6 go together; older kernels lack USO
@@ -87,23 +97,40 @@ def set_offload(fd: int, wanted: int) -> int:
     return 0
 
 
-def set_rps(name: str, netns: str | None, mask: int) -> None:
-    """Receive packet steering for the device's queue: what masqd writes is processed by the kernel
-    on the CPUs in ``mask`` (the device's sysfs is only visible from inside its namespace)."""
-    path = f"/sys/class/net/{name}/queues/rx-0/rps_cpus"
+def _write_sysfs(name: str, netns: str | None, leaf: str, value: str) -> None:
+    """Write ``value`` to /sys/class/net/NAME/LEAF (a device's sysfs is only visible from inside
+    its namespace, hence ``ip netns exec``)."""
+    path = f"/sys/class/net/{name}/{leaf}"
     if netns:
         import subprocess
 
-        cp = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", f"echo {mask:x} > {path}"],
+        cp = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", f"echo {value} > {path}"],
                             capture_output=True, text=True, timeout=10)
         if cp.returncode != 0:
-            raise DeviceError(f"{name}: cannot set rps_cpus in {netns}: {cp.stderr.strip()}")
+            raise DeviceError(f"{name}: cannot set {leaf} in {netns}: {cp.stderr.strip()}")
         return
     try:
         with open(path, "w", encoding="ascii") as f:
-            f.write(f"{mask:x}\n")
+            f.write(f"{value}\n")
     except OSError as exc:
-        raise DeviceError(f"{name}: cannot set rps_cpus: {exc}") from None
+        raise DeviceError(f"{name}: cannot set {leaf}: {exc}") from None
+
+
+def set_threaded(name: str, netns: str | None) -> None:
+    """Threaded NAPI for a device opened with IFF_NAPI: its receive work runs in a kernel thread."""
+    _write_sysfs(name, netns, "threaded", "1")
+
+
+def device_flags(fd: int) -> int:
+    """The IFF_* flags of the device behind ``fd`` (TUNGETIFF)."""
+    ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    return int(struct.unpack_from("H", ifr, 16)[0])
+
+
+def set_rps(name: str, netns: str | None, mask: int) -> None:
+    """Receive packet steering for the device's queue: what masqd writes is processed by the kernel
+    on the CPUs in ``mask``."""
+    _write_sysfs(name, netns, "queues/rx-0/rps_cpus", f"{mask:x}")
 
 
 @dataclass
@@ -120,6 +147,7 @@ class Device:
     closed: bool = field(default=False)
     vnet: bool = False  # every read and write starts with a virtio-net header (masqd.wire.vnet)
     offload: int = 0  # TUN_F_* flags in force
+    napi: str = "off"  # "threaded": writes are queued, a kernel thread receives them
 
     def close(self) -> None:
         """Close the fd; a non-persistent device disappears with it."""
@@ -151,12 +179,14 @@ def _leave() -> None:
     pnetns.popns()
 
 
-def _open_pytun(name: str, mode: str, vnet: bool = False) -> Any:
+def _open_pytun(name: str, mode: str, vnet: bool = False, napi: bool = False) -> Any:
     import pytun
 
     flags = (pytun.IFF_TAP if mode == "tap" else pytun.IFF_TUN) | pytun.IFF_NO_PI
     if vnet:
         flags |= pytun.IFF_VNET_HDR
+    if napi:
+        flags |= IFF_NAPI
     try:
         return pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
@@ -186,17 +216,33 @@ def _configure(name: str, mtu: int, netns: str | None, bridge: str | None) -> No
             raise DeviceError(f"cannot set up {name!r} (mtu {mtu}, bridge {bridge}): {exc}") from None
 
 
-def open_device(iface: Interface) -> Device:
-    """Open (create or attach to) the device of an interface section and place it."""
+def open_device(iface: Interface, napi: str = "off") -> Device:
+    """Open (create or attach to) the device of an interface section and place it.
+
+    ``napi = "threaded"``: IFF_NAPI, then threaded NAPI once the device is in
+    place (``Device.napi`` says what was obtained: a kernel that refuses either
+    step leaves the device working the usual way, with a warning).
+    """
     vnet = bool(iface.offload)
+    want_napi = napi == "threaded"
+
+    def _open() -> Any:
+        if not want_napi:
+            return _open_pytun(iface.name, iface.mode, vnet)
+        try:
+            return _open_pytun(iface.name, iface.mode, vnet, napi=True)
+        except DeviceError as exc:
+            log.warning("%s: IFF_NAPI refused (%s): writes are received in masqd's thread", iface.name, exc)
+            return _open_pytun(iface.name, iface.mode, vnet)
+
     if iface.netns:
         _enter(iface.netns)
         try:
-            handle = _open_pytun(iface.name, iface.mode, vnet)
+            handle = _open()
         finally:
             _leave()
     else:
-        handle = _open_pytun(iface.name, iface.mode, vnet)
+        handle = _open()
     dev = Device(iface.name, iface.mode, iface.mtu, iface.netns, iface.persistent, handle)
     try:
         if iface.persistent:
@@ -211,6 +257,13 @@ def open_device(iface: Interface) -> Device:
             # until both sides agree (Dataplane.open), nothing is offloaded: plain packets
             set_offload(dev.fd, 0)
         _configure(handle.name, iface.mtu, iface.netns, iface.bridge)
+        if want_napi and device_flags(dev.fd) & IFF_NAPI:
+            try:
+                set_threaded(handle.name, iface.netns)
+                dev.napi = "threaded"
+            except DeviceError as exc:
+                log.warning("%s: threaded NAPI refused (%s): writes are received in masqd's thread",
+                            iface.name, exc)
         flags = fcntl.fcntl(dev.fd, fcntl.F_GETFL)
         fcntl.fcntl(dev.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     except BaseException:

@@ -239,17 +239,18 @@ class Dataplane:
         try:
             for side in ("lan", "wan"):
                 icfg: Interface = getattr(self.cfg, side)
-                dev = open_device(icfg)
+                dev = open_device(icfg, self.cfg.dataplane.napi)
                 l2 = None
                 if icfg.mode == "tap":
                     mac = parse_mac(icfg.mac) if icfg.mac else local_mac(icfg.name, str(icfg.address))
                     l2 = EthernetHost(side, mac, int(icfg.address.ip), icfg.address.network.prefixlen,
                                       self.counters)
                 self.add_port(Port(side, dev, l2, self.counters))
-                log.info("opened %s device %s (%s, mtu %d%s%s%s)", side, dev.name, dev.mode, dev.mtu,
+                log.info("opened %s device %s (%s, mtu %d%s%s%s%s)", side, dev.name, dev.mode, dev.mtu,
                          f", netns {dev.netns}" if dev.netns else "",
                          f", bridge {icfg.bridge}" if icfg.bridge else "",
-                         f", mac {format_mac(l2.mac)}" if l2 else "")
+                         f", mac {format_mac(l2.mac)}" if l2 else "",
+                         ", threaded NAPI" if dev.napi == "threaded" else "")
             self._negotiate_offloads()
             self._steer()
         except BaseException:
@@ -488,4 +489,5 @@ class Dataplane:
             "neighbours": {side: p.l2.table(now) for side, p in self.ports.items() if p.l2 is not None},
             "offload": offload_names(self.offload),
             "rps": None if self.rps is None else {"cpu": self.rps[0], "mask": f"{self.rps[1]:x}"},
+            "napi": {side: p.dev.napi for side, p in self.ports.items()},
         }

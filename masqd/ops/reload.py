@@ -31,6 +31,7 @@ from masqd.ops.metrics import OpsCounters
 
 # Fields whose change needs the devices recreated (restart, not reload).
 _RESTART_FIELDS = ("name", "mode", "netns", "bridge", "persistent", "offload")
+_RESTART_DATAPLANE = ("rps", "napi")  # applied when the devices are opened
 
 
 @dataclass
@@ -53,6 +54,11 @@ def restart_only_changes(old: Any, new: Any) -> list[str]:
             if getattr(a, f, None) != getattr(b, f, None):
                 out.append(f"{side}.{f}: changed from {getattr(a, f, None)!r} to {getattr(b, f, None)!r}; "
                            "this needs a restart, not a reload")
+    a, b = getattr(old, "dataplane", None), getattr(new, "dataplane", None)
+    for f in _RESTART_DATAPLANE:
+        if getattr(a, f, None) != getattr(b, f, None):
+            out.append(f"dataplane.{f}: changed from {getattr(a, f, None)!r} to {getattr(b, f, None)!r}; "
+                       "this needs a restart, not a reload")
     return out
 
 
