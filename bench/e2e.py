@@ -11,10 +11,11 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   and masqd's CPU time per forwarded packet (utime+stime from /proc/PID/stat
   over the packets masqd forwarded; the kernel's forwarding runs in softirq
   and has no PID to charge, so only masqd's figure is given)
-- ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel
+- ping at 100 Hz (low load): RTT median and p99; "added" = masqd - kernel;
+  masqd's CPU share meanwhile
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--napi off|threaded] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
+[--rps auto|off|MASK] [--napi off|threaded] [--keep-warm S] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lab.kernel_router_up()
         cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
         cfg += '\n[logging]\nlevel = "warning"\n'
-        cfg += f'\n[dataplane]\nrps = "{args.rps}"\nnapi = "{args.napi}"\n'
+        cfg += f'\n[dataplane]\nrps = "{args.rps}"\nnapi = "{args.napi}"\nkeep_warm = {args.keep_warm}\n'
         if not args.offload:
             cfg = cfg.replace('bridge = "br-lan"\n', 'bridge = "br-lan"\noffload = false\n')
             cfg = cfg.replace('name = "tun-lan"\n', 'name = "tun-lan"\noffload = false\n')
@@ -131,10 +132,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["offload"] = snap1.get("offload")
                 res["rps"] = snap1.get("rps")
                 res["napi"] = snap1.get("napi")
+                res["keep_warm"] = snap1.get("keep_warm")
             res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
             res[f"udp_small_{name}_pps"] = u["pps"]
             res[f"udp_small_{name}_loss_pct"] = u["loss_pct"]
+            tp0, w0 = proc_times(m.pid), time.monotonic()
             r = rtts(lab, args.pings)
+            if name == "masqd":  # what the 100 Hz ping costs masqd (keep_warm shows here)
+                tp1 = proc_times(m.pid)
+                res["rtt_masqd_cpu_pct"] = 100 * (sum(tp1) - sum(tp0)) / (time.monotonic() - w0)
             res[f"rtt_{name}_median_ms"] = statistics.median(r) if r else float("nan")
             res[f"rtt_{name}_p99_ms"] = pct(r, 99)
             res[f"rtt_{name}_samples"] = len(r)
@@ -171,9 +177,9 @@ def table(r: dict[str, Any]) -> str:
         out.append(f"{name:<26}{fmt.format(a):>12}{fmt.format(b):>12}  {ratio(a, b)}")
     out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
                f"(user {r['udp_small_user_us_per_pkt']:.2f}, system {r['udp_small_sys_us_per_pkt']:.2f}; "
-               f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')}, napi {r.get('napi')})")
+               f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')}, napi {r.get('napi')}, keep_warm {r.get('keep_warm')})")
     out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
-               f"p99 {r['rtt_added_p99_ms']:+.3f} ms")
+               f"p99 {r['rtt_added_p99_ms']:+.3f} ms (masqd's CPU meanwhile: {r['rtt_masqd_cpu_pct']:.1f} %)")
     if r.get("masqd_errors"):
         out.append(f"masqd error counters: {r['masqd_errors']}")
     return "\n".join(out)
@@ -189,6 +195,8 @@ def main() -> int:
     p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
     p.add_argument("--napi", choices=["off", "threaded"], default="off",
                    help="masqd's dataplane.napi: off (default) or threaded")
+    p.add_argument("--keep-warm", type=float, default=0.0, metavar="SECONDS",
+                   help="masqd's dataplane.keep_warm (0 = off, the default)")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")
     args = p.parse_args()

@@ -45,6 +45,7 @@ from masqd.dataplane.device import (
     set_rps,
 )
 from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
+from masqd.dataplane.warm import Warmer
 from masqd.wire import vnet
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class Dataplane:
         self._started = False
         self.offload = 0  # TUN_F_* flags in force on both devices
         self.rps: tuple[int, int] | None = None  # (masqd's CPU, steering mask) with dataplane.rps
+        self.warmer: Warmer | None = None  # dataplane.keep_warm
 
     # ------------------------------------------------------------------ life cycle
 
@@ -325,11 +327,31 @@ class Dataplane:
         self._timers["expire"] = loop.call_later(self.cfg.expire_interval, self._expire)
         if any(p.l2 is not None for p in self.ports.values()):
             self._timers["l2"] = loop.call_later(L2_TICK, self._l2_tick)
+        self._set_keep_warm()
         log.debug("data plane started at %.3f", now)
+
+    def _set_keep_warm(self) -> None:
+        """Start, retune or stop the keep-warm shadow for ``cfg.dataplane.keep_warm``."""
+        period = self.cfg.dataplane.keep_warm
+        if not period:
+            if self.warmer is not None:
+                self.warmer.stop()
+                self.warmer = None
+            return
+        if self.warmer is None:
+            self.warmer = Warmer(self.cfg, self.engine, period, self.clock, self.counters)
+            log.info("keep_warm: a shadow exchange every %.2f ms while traffic is recent", period * 1e3)
+        else:
+            self.warmer.period = period
+            self.warmer.rebuild(self.cfg, self.engine)
+        if self.loop is not None:
+            self.warmer.start(self.loop)
 
     def stop(self) -> None:
         """Remove readers and timers (the devices stay open until ``close``)."""
         self._started = False
+        if self.warmer is not None:
+            self.warmer.stop()
         for t in self._timers.values():
             t.cancel()
         self._timers.clear()
@@ -351,7 +373,9 @@ class Dataplane:
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
         port.drain(port.handle, self._route_v, clock())
-        port.idle_at = clock()
+        port.idle_at = now = clock()
+        if self.warmer is not None:
+            self.warmer.poke(now)
 
     def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:
         """A packet with offload work: the engine gives back the header to write with each output
@@ -455,6 +479,8 @@ class Dataplane:
         now = self.clock()
         for p in self.ports.values():
             p.hcache.clear()  # routes may have changed
+        if self._started:
+            self._set_keep_warm()
         for side in ("lan", "wan"):
             port = self.ports.get(side)
             addr: ipaddress.IPv4Interface = getattr(cfg, side).address
@@ -490,4 +516,5 @@ class Dataplane:
             "offload": offload_names(self.offload),
             "rps": None if self.rps is None else {"cpu": self.rps[0], "mask": f"{self.rps[1]:x}"},
             "napi": {side: p.dev.napi for side, p in self.ports.items()},
+            "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
         }
