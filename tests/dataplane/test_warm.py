@@ -37,13 +37,13 @@ def test_shadow_runs_while_traffic_is_recent_then_stops() -> None:
     try:
         w.start(loop)
         run_for(loop, 0.03)
-        assert counters.get("dp_keep_warm_runs", 0) == 0  # no traffic yet: nothing runs
+        assert counters.get("keep_warm_runs", 0) == 0  # no traffic yet: nothing runs
         w.poke(clock())
         run_for(loop, 0.05)
-        assert counters.get("dp_keep_warm_runs", 0) == 0  # the clock stood still: traffic "just now"
+        assert counters.get("keep_warm_runs", 0) == 0  # the clock stood still: traffic "just now"
         clock.t += 0.002  # 2 ms without a packet: the path would go cold
         run_for(loop, 0.05)
-        ran = counters["dp_keep_warm_runs"]
+        ran = counters["keep_warm_runs"]
         assert 5 <= ran <= 120  # one per tick of the loop's millisecond clock, never a spin
         # both directions went through the shadow: one UDP session, seen out and back
         rows = w.shadow.table(clock())
@@ -57,14 +57,14 @@ def test_shadow_runs_while_traffic_is_recent_then_stops() -> None:
         clock.t += warm.SPAN + 0.1
         run_for(loop, 0.02)
         assert w.timer is None
-        stopped = counters["dp_keep_warm_runs"]
+        stopped = counters["keep_warm_runs"]
         run_for(loop, 0.03)
-        assert counters["dp_keep_warm_runs"] == stopped
+        assert counters["keep_warm_runs"] == stopped
         # and the next packet read starts it again
         w.poke(clock())
         clock.t += 0.002
         run_for(loop, 0.03)
-        assert counters["dp_keep_warm_runs"] > stopped
+        assert counters["keep_warm_runs"] > stopped
     finally:
         w.stop()
         loop.close()

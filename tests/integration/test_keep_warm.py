@@ -23,20 +23,20 @@ def test_keep_warm_runs_with_traffic_and_stops_without(own_lab: Callable[[str, s
     try:
         snap = m.snapshot()
         assert snap["keep_warm"] == 0.001
-        assert snap["counters"].get("dp_keep_warm_runs", 0) == 0  # no traffic yet
+        assert snap["counters"].get("keep_warm_runs", 0) == 0  # no traffic yet
         time.sleep(1.0)  # tcpdump listening
         out = lab.exec("lan2", ["ping", "-n", "-c", "100", "-i", "0.01", "-W", "1", SRV1]).stdout
         assert " 0% packet loss" in out, out
         snap = m.snapshot()
-        runs = snap["counters"].get("dp_keep_warm_runs", 0)
+        runs = snap["counters"].get("keep_warm_runs", 0)
         # ~1 s of pings 10 ms apart, a run per quiet tick of the loop's millisecond clock (which
         # fires a 1 ms timer 0-1 ms after it is set): a thousand or two, where a spin makes 50 000+
         assert 100 < runs < 5000, runs
         assert all("198.51.100.77" not in str(row) for row in snap["table"]), snap["table"]
         time.sleep(1.5)  # quiet for longer than the keep-warm span
-        quiet = m.snapshot()["counters"]["dp_keep_warm_runs"]
+        quiet = m.snapshot()["counters"]["keep_warm_runs"]
         time.sleep(0.5)
-        assert m.snapshot()["counters"]["dp_keep_warm_runs"] == quiet
+        assert m.snapshot()["counters"]["keep_warm_runs"] == quiet
     finally:
         rc = m.stop()
         cap.terminate()
