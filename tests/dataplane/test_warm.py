@@ -116,3 +116,25 @@ def test_bad_keep_warm_is_refused(value: str) -> None:
     with pytest.raises(ConfigError) as exc:
         loads(BASE + f"[dataplane]\nkeep_warm = {value}\n")
     assert any(e.startswith("dataplane.keep_warm:") for e in exc.value.errors), exc.value.errors
+
+
+def test_reload_starts_retunes_and_stops_keep_warm() -> None:
+    from masqd.dataplane.router import Dataplane
+
+    cfg0 = loads(BASE)
+    dp = Dataplane(cfg0, Engine(cfg0))
+    loop = asyncio.new_event_loop()
+    try:
+        dp.start(loop)
+        assert dp.warmer is None
+        dp.on_reload(loads(BASE + "[dataplane]\nkeep_warm = 0.002\n"))
+        assert dp.warmer is not None and dp.warmer.period == 0.002 and dp.warmer.loop is loop
+        assert dp.snapshot()["keep_warm"] == 0.002
+        first = dp.warmer
+        dp.on_reload(loads(BASE + "[dataplane]\nkeep_warm = 0.005\n"))
+        assert dp.warmer is first and first.period == 0.005 and first.shadow is not None
+        dp.on_reload(loads(BASE))
+        assert dp.warmer is None and first.loop is None
+        dp.stop()
+    finally:
+        loop.close()
