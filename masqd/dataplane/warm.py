@@ -7,8 +7,9 @@ machine: an echo request took 100-200 µs from masqd's wake-up to its write
 when it came alone, the reply that followed at once 20 µs.
 
 With ``keep_warm = T`` (seconds) and packets still coming (the last one less
-than ``SPAN`` ago), whenever T has passed without a packet, a synthetic UDP
-exchange (out and back) runs through a *shadow* engine: a private instance of the engine's class built
+than ``SPAN`` ago), whenever T has passed without a packet, a synthetic
+exchange (out and back: UDP and ICMP echo in turn) runs through a *shadow*
+engine: a private instance of the engine's class built
 from the same config. The same code runs on the same kind of data; nothing is
 written to any device, and the real engine's table and counters are untouched.
 After ``SPAN`` without traffic the timer stops (an idle router pays nothing);
@@ -35,13 +36,14 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from masqd.wire.ipv4 import set_ip_checksum
+from masqd.wire.ipv4 import build_icmp, set_ip_checksum
 
 log = logging.getLogger("masqd.dataplane")
 
 SPAN = 1.0  # keep warm this long after the last packet read
 PEER = int(ipaddress.IPv4Address("198.51.100.77"))  # the shadow flow's far end (never on any wire)
 SPORT, DPORT = 40000, 9
+ECHO_ID = 0x6B77
 
 
 def udp_packet(src: int, dst: int, sport: int, dport: int, payload: bytes = b"keepwarm") -> bytes:
@@ -64,8 +66,9 @@ class Warmer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.shadow: Any = None
-        self.out_pkt = b""
-        self.back_pkt: bytes | None = None
+        # (out from the LAN, back from the WAN or None when nothing came out), run in turn
+        self.exchanges: list[tuple[bytes, bytes | None]] = []
+        self.turn = 0
         self.rebuild(cfg, engine)
 
     def rebuild(self, cfg: Any, engine: Any) -> None:
@@ -78,16 +81,29 @@ class Warmer:
             return
         try:
             shadow = type(engine)(cfg)
-            self.out_pkt = udp_packet(int(net.broadcast_address) - 1, PEER, SPORT, DPORT)
-            self.back_pkt = None
-            for _oif, out in shadow.process("lan", self.out_pkt, self.clock()):
-                if len(out) >= 28 and out[9] == 17:
-                    self.back_pkt = udp_packet(PEER, int.from_bytes(out[12:16], "big"), DPORT,
-                                               int.from_bytes(out[20:22], "big"))
+            host = int(net.broadcast_address) - 1
+            self.exchanges = [self._rehearse(shadow, pkt) for pkt in (
+                udp_packet(host, PEER, SPORT, DPORT),
+                bytes(build_icmp(host, PEER, 8, 0, ECHO_ID << 16 | 1, b"keepwarm")),
+            )]
         except Exception:  # noqa: BLE001 - an optional aid must not stop the router
             log.exception("dataplane.keep_warm: the shadow engine failed; off")
             return
         self.shadow = shadow
+
+    def _rehearse(self, shadow: Any, out_pkt: bytes) -> tuple[bytes, bytes | None]:
+        """Send ``out_pkt`` through the shadow once and build the answer to what came out."""
+        back = None
+        for _oif, out in shadow.process("lan", out_pkt, self.clock()):
+            if len(out) < 28:
+                continue
+            wan = int.from_bytes(out[12:16], "big")
+            if out[9] == 17:
+                back = udp_packet(PEER, wan, DPORT, int.from_bytes(out[20:22], "big"))
+            elif out[9] == 1 and out[20] == 8:
+                back = bytes(build_icmp(PEER, wan, 0, 0, int.from_bytes(out[24:26], "big") << 16 | 1,
+                                        b"keepwarm"))
+        return out_pkt, back
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -114,10 +130,12 @@ class Warmer:
         if since < self.period:  # a real packet ran the path just now: no need, look again later
             self.timer = self.loop.call_later(self.period, self._tick)
             return
+        out, back = self.exchanges[self.turn]
+        self.turn = (self.turn + 1) % len(self.exchanges)
         try:
-            shadow.process("lan", self.out_pkt, now)
-            if self.back_pkt is not None:
-                shadow.process("wan", self.back_pkt, now)
+            shadow.process("lan", out, now)
+            if back is not None:
+                shadow.process("wan", back, now)
         except Exception:  # noqa: BLE001
             log.exception("dataplane.keep_warm: the shadow engine failed; off")
             self.shadow = None

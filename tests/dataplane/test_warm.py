@@ -32,7 +32,7 @@ def test_shadow_runs_while_traffic_is_recent_then_stops() -> None:
     real = Engine(cfg)
     clock, counters = Clock(), {}  # type: ignore[var-annotated]
     w = Warmer(cfg, real, cfg.dataplane.keep_warm, clock, counters)
-    assert w.shadow is not None and w.back_pkt is not None
+    assert w.shadow is not None and all(back is not None for _out, back in w.exchanges)
     loop = asyncio.new_event_loop()
     try:
         w.start(loop)
@@ -45,11 +45,11 @@ def test_shadow_runs_while_traffic_is_recent_then_stops() -> None:
         run_for(loop, 0.05)
         ran = counters["keep_warm_runs"]
         assert 5 <= ran <= 120  # one per tick of the loop's millisecond clock, never a spin
-        # both directions went through the shadow: one UDP session, seen out and back
+        # both directions went through the shadow, UDP and ICMP echo in turn: two sessions
         rows = w.shadow.table(clock())
-        assert len(rows) == 1, rows
-        assert w.shadow.rx_pkts[0 * 6 + 1] >= ran and w.shadow.rx_pkts[1 * 6 + 1] >= ran  # lan udp, wan udp
-        assert w.shadow.tx_pkts[0 * 6 + 1] >= ran and w.shadow.tx_pkts[1 * 6 + 1] >= ran
+        assert sorted(r["proto"] for r in rows) == ["icmp", "udp"], rows
+        for proto in (1, 2):  # udp, icmp: from the LAN and from the WAN, each about half the runs
+            assert w.shadow.rx_pkts[proto] >= ran // 2 and w.shadow.rx_pkts[6 + proto] >= ran // 2, proto
         # the real engine saw nothing
         assert real.table(clock()) == []
         assert not any(real.rx_pkts) and not any(real.tx_pkts)
@@ -76,7 +76,7 @@ def test_shadow_flow_stays_out_of_the_real_table_through_a_denying_firewall() ->
     real = Engine(cfg)
     w = Warmer(cfg, real, 0.001, Clock(), {})
     assert w.shadow is not None
-    assert w.back_pkt is None  # nothing came out, so there is no way back to rehearse
+    assert [back for _out, back in w.exchanges] == [None, None]  # nothing came out: no way back
     w.poke(0.0)
     w._tick()  # without a loop: runs once, no timer
     assert real.table(0.0) == []
