@@ -99,7 +99,8 @@ class Port:
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
               handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
-        """Read and pass each IPv4 packet to ``handle``; returns how many reads were made.
+        """Read and pass each IPv4 packet to ``handle``; returns how many packets were passed on
+        (frames the L2 host consumed, such as ARP, and dropped non-IPv4 input are not counted).
 
         On a device with virtio-net headers, packets that carry offload work (a
         partial checksum, a super-packet) go to ``handle_v`` with their header
@@ -115,7 +116,7 @@ class Port:
         fd, l2, c, hl = self.fd, self.l2, self.counters, self.hlen
         cap = self.capture if self.capture is not None and self.capture.active else None
         read = os.read
-        n = 0
+        n = passed = 0
         budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1
         while n < budget:
             try:
@@ -140,13 +141,14 @@ class Port:
             else:
                 _bump(c, "drop_non_ipv4")
                 continue
+            passed += 1
             if not hl or (data[0] & 1 == 0 and data[1] == 0):  # no partial checksum, no super-packet
                 handle(pkt, now)
             else:
                 handle_v(pkt, data[:hl], self, now)
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
-        return n
+        return passed
 
     def send(self, pkt: bytes | bytearray, nexthop: Callable[[str, int], int], now: float,
              vh: bytes = b"") -> None:
@@ -372,9 +374,9 @@ class Dataplane:
 
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
-        port.drain(port.handle, self._route_v, clock())
+        passed = port.drain(port.handle, self._route_v, clock())
         port.idle_at = now = clock()
-        if self.warmer is not None:
+        if passed and self.warmer is not None:  # IPv4 traffic (not ARP, not IPv6 chatter)
             self.warmer.poke(now)
 
     def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:

@@ -138,3 +138,33 @@ def test_reload_starts_retunes_and_stops_keep_warm() -> None:
         dp.stop()
     finally:
         loop.close()
+
+
+def test_only_ipv4_traffic_keeps_it_warm() -> None:
+    """A wake-up that passed no IPv4 packet on (ARP, IPv6 chatter) does not start the shadow."""
+    from masqd.dataplane.router import Dataplane
+
+    cfg = loads(BASE + "[dataplane]\nkeep_warm = 0.001\n")
+    dp = Dataplane(cfg, Engine(cfg))
+
+    class FakePort:
+        handle = None
+        idle_at = 0.0
+        passed = 0
+
+        def drain(self, handle: object, handle_v: object, now: float) -> int:
+            return self.passed
+
+    loop = asyncio.new_event_loop()
+    try:
+        dp.start(loop)
+        assert dp.warmer is not None
+        port = FakePort()
+        dp._on_readable(port)  # type: ignore[arg-type]
+        assert dp.warmer.timer is None and dp.warmer.last_traffic == float("-inf")
+        port.passed = 3
+        dp._on_readable(port)  # type: ignore[arg-type]
+        assert dp.warmer.timer is not None and dp.warmer.last_traffic == port.idle_at
+        dp.stop()
+    finally:
+        loop.close()

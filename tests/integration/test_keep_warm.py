@@ -23,7 +23,6 @@ def test_keep_warm_runs_with_traffic_and_stops_without(own_lab: Callable[[str, s
     try:
         snap = m.snapshot()
         assert snap["keep_warm"] == 0.001
-        assert snap["counters"].get("keep_warm_runs", 0) == 0  # no traffic yet
         time.sleep(1.0)  # tcpdump listening
         out = lab.exec("lan2", ["ping", "-n", "-c", "100", "-i", "0.01", "-W", "1", SRV1]).stdout
         assert " 0% packet loss" in out, out
