@@ -13,7 +13,7 @@ engine: a private instance of the engine's class built
 from the same config. The same code runs on the same kind of data; nothing is
 written to any device, and the real engine's table and counters are untouched.
 After ``SPAN`` without traffic the timer stops (an idle router pays nothing);
-the next packet read starts it again. The timer also keeps the CPU from
+the next IPv4 packet read starts it again. The timer also keeps the CPU from
 settling into deep idle between sparse packets.
 
 T is at least 1 ms: the loop's timers (libuv) count whole milliseconds, and a
