@@ -38,8 +38,8 @@ class Neighbour:
         self.confirmed = 0.0
         self.probes = 0
         self.next_probe = 0.0
-        # packets waiting for the MAC; (packet, virtio-net header) for one with offload work
-        self.queue: list[bytes | bytearray | tuple[bytes | bytearray, bytes]] = []
+        # packets waiting for the MAC, each with its virtio-net header (b"" when it has no offload work)
+        self.queue: list[tuple[bytes | bytearray, bytes]] = []
 
 
 def _bump(counters: dict[str, int], key: str, n: int = 1) -> None:
@@ -173,11 +173,11 @@ class EthernetHost:
         self.probing.pop(n.ip, None)
         if n.queue:
             q, n.queue = n.queue, []
-            for item in q:
-                if isinstance(item, tuple):
-                    self.out_offload.append((item[1], n.hdr + bytes(item[0])))
+            for pkt, vh in q:
+                if vh:
+                    self.out_offload.append((vh, n.hdr + bytes(pkt)))
                 else:
-                    self.out.append(n.hdr + bytes(item))
+                    self.out.append(n.hdr + bytes(pkt))
 
     def _new(self, ip: int) -> Neighbour | None:
         if len(self.neigh) >= self.max_entries:
@@ -233,7 +233,7 @@ class EthernetHost:
         if len(n.queue) >= self.queue_len:
             n.queue.pop(0)
             _bump(c, "drop_arp_queue_full")
-        n.queue.append((pkt, vh) if vh else pkt)
+        n.queue.append((pkt, vh))
         return None
 
     def _solicit(self, n: Neighbour, now: float) -> None:
@@ -258,8 +258,8 @@ class EthernetHost:
             self.version += 1
             if n.state == INCOMPLETE:
                 _bump(self.counters, f"arp_{self.iface}_failed")
-                for item in n.queue:
-                    self.unreachable.append((ip, item[0] if isinstance(item, tuple) else item))
+                for pkt, _vh in n.queue:
+                    self.unreachable.append((ip, pkt))
                 _bump(self.counters, "drop_arp_unresolved", len(n.queue))
             else:
                 _bump(self.counters, f"arp_{self.iface}_stale_removed")
