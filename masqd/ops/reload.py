@@ -29,9 +29,13 @@ from typing import Any
 from masqd import config as config_mod
 from masqd.ops.metrics import OpsCounters
 
-# Fields whose change needs the devices recreated (restart, not reload).
-_RESTART_FIELDS = ("name", "mode", "netns", "bridge", "persistent", "offload")
-_RESTART_DATAPLANE = ("rps", "napi")  # applied when the devices are opened
+# Fields whose change needs the devices recreated (restart, not reload), by section.
+_DEVICE_FIELDS = ("name", "mode", "netns", "bridge", "persistent", "offload")
+_RESTART_FIELDS = {
+    "lan": _DEVICE_FIELDS,
+    "wan": _DEVICE_FIELDS,
+    "dataplane": ("rps", "napi"),  # applied when the devices are opened
+}
 
 
 @dataclass
@@ -48,17 +52,12 @@ class ReloadResult:
 def restart_only_changes(old: Any, new: Any) -> list[str]:
     """Fields that differ between two configs and that a reload cannot apply."""
     out: list[str] = []
-    for side in ("lan", "wan"):
-        a, b = getattr(old, side), getattr(new, side)
-        for f in _RESTART_FIELDS:
+    for section, fields in _RESTART_FIELDS.items():
+        a, b = getattr(old, section, None), getattr(new, section, None)
+        for f in fields:
             if getattr(a, f, None) != getattr(b, f, None):
-                out.append(f"{side}.{f}: changed from {getattr(a, f, None)!r} to {getattr(b, f, None)!r}; "
+                out.append(f"{section}.{f}: changed from {getattr(a, f, None)!r} to {getattr(b, f, None)!r}; "
                            "this needs a restart, not a reload")
-    a, b = getattr(old, "dataplane", None), getattr(new, "dataplane", None)
-    for f in _RESTART_DATAPLANE:
-        if getattr(a, f, None) != getattr(b, f, None):
-            out.append(f"dataplane.{f}: changed from {getattr(a, f, None)!r} to {getattr(b, f, None)!r}; "
-                       "this needs a restart, not a reload")
     return out
 
 
