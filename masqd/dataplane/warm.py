@@ -36,7 +36,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from masqd.wire.ipv4 import build_icmp, set_ip_checksum
+from masqd.wire.ipv4 import UDP, build_icmp, build_ipv4
 
 log = logging.getLogger("masqd.dataplane")
 
@@ -48,10 +48,8 @@ ECHO_ID = 0x6B77
 
 def udp_packet(src: int, dst: int, sport: int, dport: int, payload: bytes = b"keepwarm") -> bytes:
     """A minimal IPv4/UDP packet (UDP checksum 0: none)."""
-    b = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 28 + len(payload), 0, 0x4000, 64, 17, 0, src, dst))
-    b += struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    set_ip_checksum(b, 20)
-    return bytes(b)
+    return bytes(build_ipv4(src, dst, UDP, struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload,
+                            df=True))
 
 
 class Warmer:
@@ -98,7 +96,7 @@ class Warmer:
             if len(out) < 28:
                 continue
             wan = int.from_bytes(out[12:16], "big")
-            if out[9] == 17:
+            if out[9] == UDP:
                 back = udp_packet(PEER, wan, DPORT, int.from_bytes(out[20:22], "big"))
             elif out[9] == 1 and out[20] == 8:
                 back = bytes(build_icmp(PEER, wan, 0, 0, int.from_bytes(out[24:26], "big") << 16 | 1,

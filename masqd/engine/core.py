@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from masqd import firewall as fwmod
@@ -1302,8 +1302,6 @@ class Engine:
 
     def table_summary(self) -> dict[tuple[str, str], int]:
         """(protocol, state) -> number of entries, without building the table (for metrics)."""
-        from collections import Counter
-
         out: dict[tuple[str, str], int] = {}
         for proto, tbl in self._out.items():
             pname = PROTO_NAMES.get(proto, str(proto))
