@@ -268,11 +268,19 @@ class DataplaneSettings(_Frozen):
     shadow engine while traffic is recent, so that sparse packets find the
     packet path in the CPU caches (lower latency at low rates, for some CPU);
     0 (the default) is off. See masqd.dataplane.warm.
+
+    ``fastpath``: "native" (the default) lets a flow cache written in C forward
+    the packets of established TCP/UDP flows once the engine has forwarded one
+    of them (the engine still decides everything; the cache repeats its rewrite
+    and is emptied whenever a decision could change); "python" sends every
+    packet through the Python engine. A reload applies a change. See
+    masqd/dataplane/_fastpath.c.
     """
 
     rps: str = "off"
     napi: Literal["off", "threaded"] = "off"
     keep_warm: float = 0.0
+    fastpath: Literal["native", "python"] = "native"
 
     @field_validator("keep_warm")
     @classmethod

@@ -48,6 +48,11 @@ from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
 from masqd.dataplane.warm import Warmer
 from masqd.wire import vnet
 
+try:
+    from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
+except ImportError:  # installed without a C compiler: the Python fast path only
+    _fastpath = None
+
 if TYPE_CHECKING:
     from masqd.config import Config, Interface
 
@@ -76,6 +81,10 @@ def _no_handler(pkt: bytes | bytearray, now: float) -> None:
     raise RuntimeError("port read before Dataplane.start")
 
 
+def _nothing() -> None:
+    pass
+
+
 class Port:
     """One interface: its device fd, its L2 host (TAP mode), and the read/write path."""
 
@@ -96,6 +105,11 @@ class Port:
         self.hver = -1
         self.hlen = VH if self.vnet else 0  # bytes before the frame in every read and write
         self.handle: Callable[[bytes | bytearray, float], None] = _no_handler
+        # the native fast path (see Dataplane._set_native): the flow cache, this port's index in
+        # it, and the check that empties it when the engine's or the neighbours' state moved
+        self.native: Any = None
+        self.native_idx = 0
+        self.native_check: Callable[[], None] = _nothing
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
               handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
@@ -112,24 +126,38 @@ class Port:
         say EAGAIN costs more than the packet (an exception in Python): one read,
         then back to the loop; epoll is level-triggered, so anything left wakes
         us again at once and switches the port to batches.
+
+        With the native fast path, the reads are done by the flow cache, which
+        forwards the packets of the flows it knows and hands back the first one
+        it does not: that one takes the path below, then the cache goes on.
         """
         fd, l2, c, hl = self.fd, self.l2, self.counters, self.hlen
         cap = self.capture if self.capture is not None and self.capture.active else None
+        native = self.native if cap is None else None
         read = os.read
         n = passed = 0
         budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1
         while n < budget:
-            try:
-                data = read(fd, BUF_SIZE)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                _bump(c, f"dp_{self.iface}_read_errors")
-                log.warning("read error on %s: %s", self.iface, exc)
-                break
-            n += 1
+            if native is None:
+                try:
+                    data = read(fd, BUF_SIZE)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    self._read_error(exc)
+                    break
+                n += 1
+            else:
+                self.native_check()  # before the first read, and after each packet Python handled
+                k, fwd, data = native.drain(self.native_idx, budget - n, now)
+                n += k
+                passed += fwd
+                if type(data) is not bytes:
+                    if data is not None:  # an errno
+                        self._read_error(OSError(data, os.strerror(data)))
+                    break
             if cap is not None:
                 cap.record(self.iface, data[hl:])
             if l2 is not None:
@@ -149,6 +177,10 @@ class Port:
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
         return passed
+
+    def _read_error(self, exc: OSError) -> None:
+        _bump(self.counters, f"dp_{self.iface}_read_errors")
+        log.warning("read error on %s: %s", self.iface, exc)
 
     def send(self, pkt: bytes | bytearray, nexthop: Callable[[str, int], int], now: float,
              vh: bytes = b"") -> None:
@@ -235,6 +267,8 @@ class Dataplane:
         self.offload = 0  # TUN_F_* flags in force on both devices
         self.rps: tuple[int, int] | None = None  # (masqd's CPU, steering mask) with dataplane.rps
         self.warmer: Warmer | None = None  # dataplane.keep_warm
+        self.native: Any = None  # dataplane.fastpath = "native": the flow cache (_fastpath.FlowCache)
+        self._nstate: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -330,7 +364,112 @@ class Dataplane:
         if any(p.l2 is not None for p in self.ports.values()):
             self._timers["l2"] = loop.call_later(L2_TICK, self._l2_tick)
         self._set_keep_warm()
+        self._set_native()
         log.debug("data plane started at %.3f", now)
+
+    # ------------------------------------------------------------------ native fast path
+
+    def _set_native(self) -> None:
+        """Start or stop the native fast path for ``cfg.dataplane.fastpath``."""
+        want = self.cfg.dataplane.fastpath == "native"
+        if not want or len(self.ports) != 2 or not hasattr(self.engine, "epoch"):
+            if self.native is not None:
+                self.close_native()
+                log.info("native fast path off: every packet goes through Python")
+            return
+        if self.native is not None:
+            return
+        if _fastpath is None:
+            if self.counters.get("fastpath_native_unavailable", 0) == 0:
+                log.warning("dataplane.fastpath = native, but masqd was installed without its native "
+                            "module (no C compiler?): every packet goes through Python")
+            _bump(self.counters, "fastpath_native_unavailable")
+            return
+        fc = _fastpath.FlowCache()
+        for idx, side in enumerate(("lan", "wan")):
+            port = self.ports[side]
+            fc.set_port(idx, port.fd, bool(port.hlen), port.l2 is not None,
+                        port.l2.mac if port.l2 is not None else b"")
+            port.native, port.native_idx, port.native_check = fc, idx, self._native_check
+        self.native = fc
+        self._nstate = None
+        self.engine.sync_hook = self.sync_native
+        log.info("native fast path on: established TCP/UDP flows are forwarded without Python")
+
+    def _native_check(self) -> None:
+        """Empty the flow cache when a cached decision could be void: the engine's epoch moved
+        (a session removed or rebound, a new config) or a neighbour table changed (TAP)."""
+        lan, wan = self.ports["lan"].l2, self.ports["wan"].l2
+        st = (self.engine.epoch, lan.version if lan is not None else 0, wan.version if wan is not None else 0)
+        if st != self._nstate:
+            self._nstate = st
+            if len(self.native):
+                self._fold(self.native.clear())
+
+    def sync_native(self, clear: bool = False) -> None:
+        """Fold what the flow cache counted into the engine (sessions' expiry, firewall hits,
+        packet counters) and into the data plane's counters; ``clear``: forget its flows too."""
+        fc = self.native
+        if fc is None:
+            return
+        self._fold(fc.clear() if clear else fc.sync())
+        lan_err, wan_err, full = fc.take_errors()
+        if lan_err:
+            _bump(self.counters, "dp_lan_write_errors", lan_err)
+        if wan_err:
+            _bump(self.counters, "dp_wan_write_errors", wan_err)
+        if full:
+            _bump(self.counters, "fastpath_native_full", full)
+
+    def _fold(self, rows: list[tuple[Any, int, int, int, int, float]]) -> None:
+        eng = self.engine
+        rxp, rxb, txp, txb = eng.rx_pkts, eng.rx_bytes, eng.tx_pkts, eng.tx_bytes
+        total = 0
+        for s, d, proto, pk, by, last in rows:
+            total += pk
+            if not s.dead and last + s.tmo > s.expires:
+                s.expires = last + s.tmo
+            fw = s.fw
+            hits = fw[1 + d] if fw is not None else None
+            if hits:
+                for r in hits:
+                    r.pkts += pk
+                    r.bytes += by
+            i = 0 if proto == 6 else 1  # the engine's protocol index: tcp, udp
+            a, b = (i, i + 6) if d == 0 else (i + 6, i)
+            rxp[a] += pk
+            rxb[a] += by
+            txp[b] += pk
+            txb[b] += by
+        if total:
+            _bump(self.counters, "fastpath_native_packets", total)
+
+    def _learn(self, iface: str, pkt: bytes | bytearray, oif: str, opkt: bytes | bytearray) -> None:
+        """The engine's fast path just forwarded ``pkt``: teach the flow cache the same rewrite."""
+        eng = self.engine
+        s, eng.fast_hit = eng.fast_hit, None
+        if s is None or s.helper is not None or s.dead:
+            return
+        port = self.ports.get(oif)
+        if port is None:
+            return
+        hdr: bytes | None = b""
+        if port.l2 is not None:
+            hdr = port.hcache.get(bytes(opkt[16:20]))  # the next hop is resolved (Port.send cached it)
+            if hdr is None:
+                return
+        m = s.m
+        if iface == "lan":
+            args = (0, pkt[9], bytes(pkt[12:24]), s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out,
+                    eng.wan_mtu, hdr)
+        else:
+            args = (1, pkt[9], bytes(pkt[12:24]), s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in,
+                    eng.lan_mtu, hdr)
+        try:
+            self.native.add(*args)
+        except RuntimeError:  # the key was another session's, with counts: fold them first
+            self.sync_native()
+            self.native.add(*args)
 
     def _set_keep_warm(self) -> None:
         """Start, retune or stop the keep-warm shadow for ``cfg.dataplane.keep_warm``."""
@@ -352,6 +491,7 @@ class Dataplane:
     def stop(self) -> None:
         """Remove readers and timers (the devices stay open until ``close``)."""
         self._started = False
+        self.close_native()
         if self.warmer is not None:
             self.warmer.stop()
         for t in self._timers.values():
@@ -402,6 +542,8 @@ class Dataplane:
                 elif port.shift:
                     oh = vnet.shift(oh, port.shift)
             port.send(out, nh, now, oh)
+        if self.native is not None and self.engine.fast_hit is not None and outs:
+            self._learn(inport.iface, pkt, outs[0][0], outs[0][1])
 
     def _handle_lan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("lan", pkt, now)
@@ -425,6 +567,8 @@ class Dataplane:
                     _bump(self.counters, "drop_no_port")
                     continue
                 port.send(out, nh, now)
+            if self.native is not None and self.engine.fast_hit is not None:
+                self._learn(iface, pkt, outs[0][0], outs[0][1])
 
     # ------------------------------------------------------------------ timers
 
@@ -432,7 +576,7 @@ class Dataplane:
         if not self._started or self.loop is None:
             return
         try:
-            self.engine.expire(self.clock())
+            self.engine.expire(self.clock())  # the engine syncs the native counts first
         except Exception:  # noqa: BLE001
             _bump(self.counters, "dp_expire_errors")
             log.exception("engine.expire failed")
@@ -448,6 +592,8 @@ class Dataplane:
                 continue
             l2.tick(now)
             port.hcache.clear()
+            if self.native is not None:  # neighbours age: every flow goes through Python again
+                self._nstate = None
             if l2.out or l2.out_offload:
                 port.flush_l2()
             if l2.unreachable:
@@ -483,6 +629,7 @@ class Dataplane:
             p.hcache.clear()  # routes may have changed
         if self._started:
             self._set_keep_warm()
+            self._set_native()
         for side in ("lan", "wan"):
             port = self.ports.get(side)
             addr: ipaddress.IPv4Interface = getattr(cfg, side).address
@@ -491,6 +638,16 @@ class Dataplane:
             if port is not None and port.l2 is not None and port.l2.ip != int(addr.ip):
                 port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
                 port.flush_l2()
+
+    def close_native(self) -> None:
+        """Fold the last counts and drop the flow cache (the devices are closing)."""
+        if self.native is not None:
+            self.sync_native(clear=True)
+            self.engine.sync_hook = None
+            self.native = None
+            for port in self.ports.values():
+                port.native = None
+                port.native_check = _nothing
 
     def set_capture(self, tap: CaptureTap | None) -> None:
         for port in self.ports.values():
@@ -519,4 +676,5 @@ class Dataplane:
             "rps": None if self.rps is None else {"cpu": self.rps[0], "mask": f"{self.rps[1]:x}"},
             "napi": {side: p.dev.napi for side, p in self.ports.items()},
             "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
+            "fastpath": "native" if self.native is not None else "python",
         }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from masqd import firewall as fwmod
@@ -122,11 +123,19 @@ class Engine:
         self._vpkt: bytearray | None = None
         self._vseg = 0
         self._vsent: list[int] = []
+        # Decisions cached outside the engine (the native fast path of the data plane): ``epoch``
+        # is bumped whenever one could be void (a session removed or rebound, a new config);
+        # ``fast_hit`` is the session whose packet the fast path just forwarded; ``sync_hook``
+        # folds the counts kept outside back in before anyone reads them.
+        self.epoch = 0
+        self.fast_hit: Session | None = None
+        self.sync_hook: Callable[[], None] | None = None
         self._apply(cfg, first=True)
 
     # ------------------------------------------------------------------ config
     def _apply(self, cfg: Config, first: bool = False) -> None:
         self.cfg = cfg
+        self.epoch += 1
         m = cfg.masquerade
         self.tmo = m.effective_timeouts
         self.lan_ip = int(cfg.lan.address.ip)
@@ -187,6 +196,7 @@ class Engine:
                 self._tcp_helpers.setdefault(p, h)
 
     def _set_wan(self, addr: ipaddress.IPv4Interface) -> None:
+        self.epoch += 1
         self.wan_if = addr
         self.wan_ip = int(addr.ip)
         self.wan_ip_b = self.wan_ip.to_bytes(4, "big")
@@ -195,6 +205,7 @@ class Engine:
     def reload(self, cfg: Config) -> None:
         """Swap the configuration atomically, keeping the masquerade table."""
         old_wan = self.wan_if
+        self.sync()
         self._apply(cfg)
         self._count("reloads")
         if cfg.wan.address != old_wan and cfg.wan.address_source == "config":
@@ -218,8 +229,14 @@ class Engine:
         self._events.clear()
         return ev
 
+    def sync(self) -> None:
+        """Fold in what was counted outside the engine (see ``sync_hook``)."""
+        if self.sync_hook is not None:
+            self.sync_hook()
+
     @property
     def counters(self) -> dict[str, int]:
+        self.sync()
         out = dict(self.c)
         for i, ifn in enumerate((LAN, WAN)):
             for j, pn in enumerate(_PNAMES):
@@ -452,6 +469,7 @@ class Engine:
         self.rx_bytes[i] += n
         self.tx_pkts[i + 6] += 1
         self.tx_bytes[i + 6] += n
+        self.fast_hit = s
         return [(WAN, bytes(pkt))]
 
     def _fast_in(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:
@@ -515,6 +533,7 @@ class Engine:
         self.rx_bytes[i] += n
         self.tx_pkts[i - 6] += 1
         self.tx_bytes[i - 6] += n
+        self.fast_hit = s
         return [(LAN, bytes(pkt))]
 
     # --------------------------------------------------------------- full path
@@ -831,6 +850,7 @@ class Engine:
         if s.dead:
             return
         s.dead = True
+        self.epoch += 1
         m = s.m
         out_t, in_t = self._out[m.proto], self._in[m.proto]
         if out_t.get(s.out_key) is s:
@@ -1256,6 +1276,7 @@ class Engine:
     # ------------------------------------------------------------------ expiry
     def expire(self, now: float) -> None:
         """Remove what timed out."""
+        self.sync()
         for s in self._wheel.due(now, lambda x: x.dead, lambda x: x.expires):
             self.event("debug", "entry_expired", proto=PROTO_NAMES.get(s.m.proto, s.m.proto),
                        lan=f"{ip_str(s.m.lan_ip)}:{s.m.lan_port}", wan_port=s.m.wan_port)
@@ -1272,6 +1293,7 @@ class Engine:
     # ---------------------------------------------------------------- listing
     def table(self, now: float | None = None) -> list[dict[str, Any]]:
         """Snapshot of the masquerade entries."""
+        self.sync()
         rows: list[dict[str, Any]] = []
         seen: set[int] = set()
         for proto, tbl in self._out.items():
@@ -1321,6 +1343,7 @@ class Engine:
 
     def flush(self, proto: int | None = None, lan_ip: int | None = None) -> int:
         """Remove entries (all, or those matching); returns how many."""
+        self.sync()
         n = 0
         for s in self.sessions():
             if proto is not None and s.m.proto != proto:
@@ -1338,6 +1361,7 @@ class Engine:
     # ------------------------------------------------------- dynamic address
     def set_wan_address(self, addr: ipaddress.IPv4Interface, now: float) -> list[tuple[str, bytes]]:
         """The WAN address changed (ip_dynaddr). Returns packets to send (TCP resets towards the LAN)."""
+        self.sync()
         old = self.wan_ip
         self._set_wan(addr)
         if old == self.wan_ip:
@@ -1364,6 +1388,7 @@ class Engine:
         return out
 
     def _rebind(self, s: Session, new_ip: int) -> None:
+        self.epoch += 1
         m = s.m
         in_t = self._in[m.proto]
         for x in list(m.sessions()):

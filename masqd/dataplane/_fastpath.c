@@ -1,0 +1,526 @@
+/*
+ * masqd.dataplane._fastpath: the native fast path. It forwards packets of
+ * established TCP/UDP flows between the two device fds without entering Python.
+ *
+ * The Python engine stays the only place where decisions are made. Once the
+ * engine's own fast path has forwarded a packet of a flow, the data plane
+ * teaches this cache the rewrite it did (new address and port, the
+ * precomputed RFC 1624 checksum deltas, the MTU to check, the output port and
+ * its Ethernet header). `drain` then reads packets until the fd would block;
+ * every packet that matches a cached flow under the same conditions as the
+ * engine's fast path (IPv4 without options or fragments, TTL > 1, TCP without
+ * SYN/FIN/RST, length within the MTU, no super-packet) is rewritten in place and
+ * written out, its flow's counters and last-seen time updated. The first packet
+ * that does not match is handed back to Python as bytes, so the order of
+ * packets is kept. The data plane folds the counters back into the engine
+ * (`sync`) and empties the cache whenever the engine's state could have
+ * changed a decision (`clear`).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define SLOT_BITS 16
+#define NSLOTS (1u << SLOT_BITS)
+#define MAX_ENTRIES (NSLOTS / 2)
+#define VH 10
+#define BUF_SIZE (VH + 14 + 65536)
+#define TTL_DELTA 0xFEFF
+#define TCP 6
+#define UDP 17
+
+typedef struct {
+    uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
+    PyObject *token;   /* the engine's session (a strong reference) */
+    double last;       /* last packet forwarded (the drain's clock) */
+    uint64_t pkts, bytes; /* since the last sync */
+    int64_t dip, dl4;  /* checksum deltas: IPv4 header (with the TTL), TCP/UDP */
+    uint32_t slot;
+    uint32_t mtu;
+    uint8_t dir;       /* 0: LAN -> WAN (rewrite the source), 1: WAN -> LAN (the destination) */
+    uint8_t proto;
+    uint8_t addr[4];
+    uint8_t port[2];
+    uint8_t l2[14];
+    uint8_t has_l2;
+} entry_t;
+
+typedef struct {
+    int fd;
+    int vnet;          /* every read and write carries a virtio-net header */
+    int tap;           /* frames carry an Ethernet header */
+    uint8_t mac[6];
+    uint64_t write_errors;
+} port_t;
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t *slots;   /* 0: empty, else entry index + 1 */
+    entry_t *entries;
+    uint32_t n;
+    uint64_t full;     /* refused additions: the cache was full */
+    port_t ports[2];
+    uint8_t *buf;
+} FlowCache;
+
+static inline void make_key(const uint8_t *k12, int dir, int proto, uint64_t *k0, uint64_t *k1)
+{
+    uint32_t tail;
+    memcpy(k0, k12, 8);
+    memcpy(&tail, k12 + 8, 4);
+    *k1 = (uint64_t)tail | ((uint64_t)(dir + 1) << 32) | ((uint64_t)proto << 40);
+}
+
+static inline uint32_t slot_of(uint64_t k0, uint64_t k1)
+{
+    uint64_t h = k0 * 0x9E3779B97F4A7C15ull ^ k1 * 0xC2B2AE3D27D4EB4Full;
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ull;
+    return (uint32_t)(h >> (64 - SLOT_BITS));
+}
+
+static inline entry_t *lookup(FlowCache *self, uint64_t k0, uint64_t k1)
+{
+    uint32_t i = slot_of(k0, k1);
+    for (;;) {
+        uint32_t v = self->slots[i];
+        if (!v)
+            return NULL;
+        entry_t *e = &self->entries[v - 1];
+        if (e->k0 == k0 && e->k1 == k1)
+            return e;
+        i = (i + 1) & (NSLOTS - 1);
+    }
+}
+
+static inline int64_t fold2(int64_t c)
+{
+    c = (c & 0xFFFF) + (c >> 16);
+    return (c & 0xFFFF) + (c >> 16);
+}
+
+static inline void put16(uint8_t *p, unsigned v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* 1: the packet was forwarded (or counted as a failed write); 0: Python must see it. */
+static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
+{
+    port_t *ip = &self->ports[in];
+    int hl = ip->vnet ? VH : 0;
+    int sh = ip->tap ? 14 : 0;
+    int partial = 0;
+    if (r < hl + sh + 40)
+        return 0;
+    if (hl) {
+        if (buf[1] != 0) /* a super-packet */
+            return 0;
+        partial = buf[0] & 1;
+    }
+    uint8_t *f = buf + hl;
+    if (sh && (f[12] != 8 || f[13] != 0 || memcmp(f, ip->mac, 6) != 0))
+        return 0;
+    uint8_t *p = f + sh;
+    ssize_t n = r - hl - sh;
+    if (p[0] != 0x45 || (p[6] & 0x3F) || p[7] || p[8] <= 1)
+        return 0;
+    ssize_t tl = (p[2] << 8) | p[3];
+    if (sh && tl >= 20 && tl < n)
+        n = tl; /* a short frame's padding */
+    if (tl != n || n < 40)
+        return 0;
+    int proto = p[9];
+    if (proto == TCP) {
+        if (p[33] & 7)
+            return 0;
+    } else if (proto != UDP) {
+        return 0;
+    }
+    int o = proto == UDP ? 26 : 36;
+    if (partial) {
+        unsigned cstart = buf[6] | (buf[7] << 8), coff = buf[8] | (buf[9] << 8);
+        if (cstart != (unsigned)(sh + 20) || coff != (unsigned)(o - 20))
+            return 0;
+    }
+    uint64_t k0, k1;
+    make_key(p + 12, in, proto, &k0, &k1);
+    entry_t *e = lookup(self, k0, k1);
+    if (e == NULL || (uint64_t)n > e->mtu)
+        return 0;
+    port_t *op = &self->ports[e->dir ? 0 : 1];
+    if ((op->tap && !e->has_l2) || (partial && !op->vnet))
+        return 0;
+
+    /* the field of a partial checksum holds the pseudo-header sum (addresses only, not inverted) */
+    int64_t u = 0;
+    if (partial) {
+        u = ((p[o] << 8) | p[o + 1]) + e->dip - TTL_DELTA;
+        u = (u & 0xFFFF) + (u >> 16);
+        u = (u & 0xFFFF) + (u >> 16);
+        if (u < 0 || u > 0xFFFF)
+            return 0; /* Python decides what such a packet is */
+    }
+    p[8] -= 1;
+    int64_t c = fold2((((p[10] << 8) | p[11]) ^ 0xFFFF) + e->dip);
+    put16(p + 10, (unsigned)(c ^ 0xFFFF));
+    if (e->dir == 0) {
+        memcpy(p + 12, e->addr, 4);
+        memcpy(p + 20, e->port, 2);
+    } else {
+        memcpy(p + 16, e->addr, 4);
+        memcpy(p + 22, e->port, 2);
+    }
+    if (partial) {
+        put16(p + o, (unsigned)u);
+    } else if (proto == UDP) {
+        u = (p[26] << 8) | p[27];
+        if (u) {
+            u = fold2((u ^ 0xFFFF) + e->dl4) ^ 0xFFFF;
+            put16(p + 26, (unsigned)(u ? u : 0xFFFF));
+        }
+    } else {
+        u = fold2((((p[36] << 8) | p[37]) ^ 0xFFFF) + e->dl4);
+        put16(p + 36, (unsigned)(u ^ 0xFFFF));
+    }
+
+    uint8_t vh[VH];
+    struct iovec iov[3];
+    int k = 0;
+    if (op->vnet) {
+        if (partial) { /* the header as read, its checksum start moved to the output's framing */
+            unsigned cs = 20 + (op->tap ? 14 : 0);
+            memcpy(vh, buf, VH);
+            vh[6] = (uint8_t)cs;
+            vh[7] = (uint8_t)(cs >> 8);
+        } else {
+            memset(vh, 0, VH);
+        }
+        iov[k].iov_base = vh;
+        iov[k++].iov_len = VH;
+    }
+    if (op->tap) {
+        iov[k].iov_base = e->l2;
+        iov[k++].iov_len = 14;
+    }
+    iov[k].iov_base = p;
+    iov[k++].iov_len = (size_t)n;
+    if (writev(op->fd, iov, k) < 0)
+        op->write_errors++;
+    e->pkts++;
+    e->bytes += (uint64_t)n;
+    e->last = now;
+    return 1;
+}
+
+static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "drain(port, budget, now)");
+        return NULL;
+    }
+    long in = PyLong_AsLong(args[0]);
+    long budget = PyLong_AsLong(args[1]);
+    double now = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (in < 0 || in > 1 || self->ports[in].fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "drain: port not set");
+        return NULL;
+    }
+    int fd = self->ports[in].fd;
+    long reads = 0, fwd = 0;
+    PyObject *rest = NULL;
+    while (reads < budget) {
+        ssize_t r = read(fd, self->buf, BUF_SIZE);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                rest = PyLong_FromLong(errno);
+            break;
+        }
+        reads++;
+        if (forward(self, (int)in, self->buf, r, now)) {
+            fwd++;
+            continue;
+        }
+        rest = PyBytes_FromStringAndSize((const char *)self->buf, r);
+        if (rest == NULL)
+            return NULL;
+        break;
+    }
+    if (rest == NULL) {
+        rest = Py_None;
+        Py_INCREF(rest);
+    }
+    PyObject *res = Py_BuildValue("(llN)", reads, fwd, rest);
+    return res;
+}
+
+static PyObject *FlowCache_set_port(FlowCache *self, PyObject *args)
+{
+    int idx, fd, vnet, tap;
+    Py_buffer mac;
+    if (!PyArg_ParseTuple(args, "iipiy*", &idx, &fd, &vnet, &tap, &mac))
+        return NULL;
+    if (idx < 0 || idx > 1 || (tap && mac.len != 6)) {
+        PyBuffer_Release(&mac);
+        PyErr_SetString(PyExc_ValueError, "set_port(idx 0|1, fd, vnet, tap, mac of 6 bytes)");
+        return NULL;
+    }
+    port_t *p = &self->ports[idx];
+    p->fd = fd;
+    p->vnet = vnet;
+    p->tap = tap;
+    memset(p->mac, 0, 6);
+    if (tap)
+        memcpy(p->mac, mac.buf, 6);
+    PyBuffer_Release(&mac);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
+{
+    int dir, proto, port;
+    long long dip, dl4;
+    unsigned int mtu;
+    Py_buffer key, addr, l2;
+    PyObject *token;
+    if (!PyArg_ParseTuple(args, "iiy*Oy*iLLIy*", &dir, &proto, &key, &token, &addr, &port, &dip, &dl4,
+                          &mtu, &l2))
+        return NULL;
+    PyObject *res = NULL;
+    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP) || key.len != 12 || addr.len != 4
+        || port < 0 || port > 0xFFFF || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0
+        || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
+        PyErr_SetString(PyExc_ValueError, "add: bad entry");
+        goto done;
+    }
+    uint64_t k0, k1;
+    make_key((const uint8_t *)key.buf, dir, proto, &k0, &k1);
+    entry_t *e = lookup(self, k0, k1);
+    if (e == NULL) {
+        if (self->n >= MAX_ENTRIES) {
+            self->full++;
+            res = Py_False;
+            Py_INCREF(res);
+            goto done;
+        }
+        uint32_t i = slot_of(k0, k1);
+        while (self->slots[i])
+            i = (i + 1) & (NSLOTS - 1);
+        e = &self->entries[self->n];
+        memset(e, 0, sizeof(*e));
+        e->k0 = k0;
+        e->k1 = k1;
+        e->slot = i;
+        self->slots[i] = ++self->n;
+    } else if (e->token != token && e->pkts) {
+        /* a new session under the same key: its predecessor's counts must not be lost */
+        PyErr_SetString(PyExc_RuntimeError, "add: sync before replacing an entry with counts");
+        goto done;
+    }
+    Py_INCREF(token);
+    Py_XSETREF(e->token, token);
+    e->dir = (uint8_t)dir;
+    e->proto = (uint8_t)proto;
+    memcpy(e->addr, addr.buf, 4);
+    put16(e->port, (unsigned)port);
+    e->dip = dip;
+    e->dl4 = dl4;
+    e->mtu = mtu;
+    e->has_l2 = l2.len == 14;
+    if (e->has_l2)
+        memcpy(e->l2, l2.buf, 14);
+    res = Py_True;
+    Py_INCREF(res);
+done:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&addr);
+    PyBuffer_Release(&l2);
+    return res;
+}
+
+/* (token, dir, proto, packets, bytes, last) of every entry that forwarded since the last call */
+static PyObject *collect(FlowCache *self)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (uint32_t i = 0; i < self->n; i++) {
+        entry_t *e = &self->entries[i];
+        if (!e->pkts)
+            continue;
+        PyObject *t = Py_BuildValue("(OiiKKd)", e->token, e->dir, e->proto, (unsigned long long)e->pkts,
+                                    (unsigned long long)e->bytes, e->last);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+        e->pkts = e->bytes = 0;
+    }
+    return out;
+}
+
+static PyObject *FlowCache_sync(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    return collect(self);
+}
+
+static void drop_all(FlowCache *self)
+{
+    for (uint32_t i = 0; i < self->n; i++) {
+        entry_t *e = &self->entries[i];
+        self->slots[e->slot] = 0;
+        Py_CLEAR(e->token);
+    }
+    self->n = 0;
+}
+
+static PyObject *FlowCache_clear(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = collect(self);
+    if (out == NULL)
+        return NULL;
+    drop_all(self);
+    return out;
+}
+
+static PyObject *FlowCache_take_errors(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *t = Py_BuildValue("(KKK)", (unsigned long long)self->ports[0].write_errors,
+                                (unsigned long long)self->ports[1].write_errors,
+                                (unsigned long long)self->full);
+    self->ports[0].write_errors = self->ports[1].write_errors = 0;
+    self->full = 0;
+    return t;
+}
+
+static Py_ssize_t FlowCache_len(FlowCache *self)
+{
+    return (Py_ssize_t)self->n;
+}
+
+static int FlowCache_traverse(FlowCache *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    for (uint32_t i = 0; i < self->n; i++)
+        Py_VISIT(self->entries[i].token);
+    return 0;
+}
+
+static int FlowCache_tp_clear(FlowCache *self)
+{
+    if (self->entries != NULL)
+        drop_all(self);
+    return 0;
+}
+
+static void FlowCache_dealloc(FlowCache *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    FlowCache_tp_clear(self);
+    PyMem_Free(self->slots);
+    PyMem_Free(self->entries);
+    PyMem_Free(self->buf);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *FlowCache_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "FlowCache() takes no arguments");
+        return NULL;
+    }
+    FlowCache *self = (FlowCache *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->slots = PyMem_Calloc(NSLOTS, sizeof(uint32_t));
+    self->entries = PyMem_Calloc(MAX_ENTRIES, sizeof(entry_t));
+    self->buf = PyMem_Malloc(BUF_SIZE);
+    self->ports[0].fd = self->ports[1].fd = -1;
+    if (self->slots == NULL || self->entries == NULL || self->buf == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef FlowCache_methods[] = {
+    {"drain", (PyCFunction)(void (*)(void))FlowCache_drain, METH_FASTCALL,
+     "drain(port, budget, now) -> (reads, forwarded, rest): read from port 0 (LAN) or 1 (WAN) and "
+     "forward cached flows; rest is the first packet Python must handle (bytes, as read), None when "
+     "the fd would block or the budget is spent, or an errno (int) when a read failed."},
+    {"set_port", (PyCFunction)FlowCache_set_port, METH_VARARGS,
+     "set_port(idx, fd, vnet, tap, mac): the device of port 0 (LAN) or 1 (WAN)."},
+    {"add", (PyCFunction)FlowCache_add, METH_VARARGS,
+     "add(dir, proto, key12, token, addr4, port, dip, dl4, mtu, l2hdr) -> bool: cache a flow's "
+     "rewrite (False: the cache is full)."},
+    {"sync", (PyCFunction)FlowCache_sync, METH_NOARGS,
+     "sync() -> [(token, dir, proto, packets, bytes, last)]: counts since the last sync."},
+    {"clear", (PyCFunction)FlowCache_clear, METH_NOARGS, "clear() -> like sync(), then forget every flow."},
+    {"take_errors", (PyCFunction)FlowCache_take_errors, METH_NOARGS,
+     "take_errors() -> (LAN write errors, WAN write errors, refused additions) since the last call."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot FlowCache_slots[] = {
+    {Py_tp_doc, "Established flows forwarded without Python (see the module's documentation)."},
+    {Py_tp_new, FlowCache_new},
+    {Py_tp_dealloc, FlowCache_dealloc},
+    {Py_tp_traverse, FlowCache_traverse},
+    {Py_tp_clear, FlowCache_tp_clear},
+    {Py_tp_methods, FlowCache_methods},
+    {Py_mp_length, FlowCache_len},
+    {0, NULL},
+};
+
+static PyType_Spec FlowCache_spec = {
+    .name = "masqd.dataplane._fastpath.FlowCache",
+    .basicsize = sizeof(FlowCache),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = FlowCache_slots,
+};
+
+static int module_exec(PyObject *m)
+{
+    PyObject *t = PyType_FromModuleAndSpec(m, &FlowCache_spec, NULL);
+    if (t == NULL)
+        return -1;
+    if (PyModule_AddObject(m, "FlowCache", t) < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(m, "MAX_ENTRIES", MAX_ENTRIES) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "masqd.dataplane._fastpath",
+    .m_doc = "The native fast path: established TCP/UDP flows forwarded between the device fds "
+             "without entering Python.",
+    .m_size = 0,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

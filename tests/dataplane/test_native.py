@@ -1,0 +1,329 @@
+"""The native fast path (dataplane.fastpath = "native") against the Python path, byte for byte.
+
+Two data planes over socket pairs (SOCK_SEQPACKET keeps packet boundaries,
+like a TUN/TAP fd): one with the flow cache, one without. The same random
+traffic goes into both (flows in both directions, TCP flags, TTL 1, options,
+fragments, oversize packets, partial checksums, super-packet headers, frames
+for other hosts, garbage), with flushes, expiry, reloads and neighbour
+changes in between. Every step must write the same bytes on both sides, and at
+the end the engines must agree on counters, the table (expiry times) and
+firewall hits, while the native side forwarded most packets without Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+
+from masqd.config import loads
+from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
+from masqd.dataplane.device import Device, local_mac
+from masqd.dataplane.l2 import EthernetHost
+from masqd.dataplane.router import Dataplane, Port
+from masqd.engine import Engine
+from masqd.ops.runtime import rule_rows
+from masqd.wire import vnet
+
+LAN_HOSTS = ["10.0.0.2", "10.0.0.3"]
+REMOTES = ["198.51.100.1", "198.51.100.2"]
+WAN_IP, GW = "203.0.113.200", "203.0.113.1"
+RULES = ('rules = """\nipchains -A forward -p udp -s 10.0.0.0/8 -d 0/0 53 -j MASQ\n'
+         'ipchains -A forward -j MASQ\nipchains -A output -p tcp -j ACCEPT\n"""\n')
+
+
+def config(mode: str, offload: bool, fastpath: str, extra: str = "") -> str:
+    off = "" if offload else "offload = false\n"
+    return (f'[lan]\nname = "l"\nmode = "{mode}"\naddress = "10.0.0.1/8"\nmtu = 1500\n{off}'
+            f'[wan]\nname = "w"\nmode = "{mode}"\naddress = "{WAN_IP}/24"\ngateway = "{GW}"\nmtu = 1400\n{off}'
+            f'[dataplane]\nfastpath = "{fastpath}"\n[firewall]\n{RULES}{extra}')
+
+
+def mac_of(host: str) -> str:
+    return "02:aa:" + ":".join(f"{int(x):02x}" for x in host.split("."))
+
+
+@dataclass
+class Side:
+    """One data plane and the far ends of its two devices."""
+
+    dp: Dataplane
+    wires: dict[str, socket.socket]
+    clock: list[float]
+    socks: list[socket.socket] = field(default_factory=list)
+
+    def feed(self, iface: str, data: bytes) -> list[tuple[str, bytes]]:
+        self.wires[iface].send(data)
+        self.dp._on_readable(self.dp.ports[iface])
+        return self.collect()
+
+    def collect(self) -> list[tuple[str, bytes]]:
+        out = []
+        for iface, w in self.wires.items():
+            while True:
+                try:
+                    out.append((iface, w.recv(70000)))
+                except BlockingIOError:
+                    break
+        return out
+
+    def close(self) -> None:
+        self.dp.stop()
+        assert self.dp.loop is not None
+        self.dp.loop.close()
+        for s in self.socks:
+            s.close()
+
+
+def make_side(mode: str, offload: bool, fastpath: str) -> Side:
+    cfg = loads(config(mode, offload, fastpath))
+    clock = [1000.0]
+    dp = Dataplane(cfg, Engine(cfg), clock=lambda: clock[0])
+    wires: dict[str, socket.socket] = {}
+    socks = []
+    for side in ("lan", "wan"):
+        icfg = getattr(cfg, side)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        b.setblocking(False)
+        socks += [a, b]
+        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload)
+        l2 = None
+        if mode == "tap":
+            l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
+                              icfg.address.network.prefixlen, dp.counters)
+        dp.add_port(Port(side, dev, l2, dp.counters))
+        wires[side] = b
+    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it, never run: the test calls them
+    dp._started = True
+    dp._set_native()
+    return Side(dp, wires, clock, socks)
+
+
+class Traffic:
+    """Random packets for both sides; replies go to the WAN ports the Python side mapped."""
+
+    def __init__(self, seed: int, mode: str, offload: bool) -> None:
+        self.r = random.Random(seed)
+        self.mode, self.offload = mode, offload
+        self.flows = [(self.r.choice(LAN_HOSTS), 4000 + i % 5, self.r.choice(REMOTES),
+                       self.r.choice([53, 80, 5201]), self.r.choice(["tcp", "udp"])) for i in range(10)]
+        self.mapped: dict[tuple[str, int, str, int, str], int] = {}
+
+    def learn(self, outs: list[tuple[str, bytes]]) -> None:
+        """Note the WAN port given to each flow (from what went out on the WAN)."""
+        for iface, data in outs:
+            if iface != "wan":
+                continue
+            frame = data[vnet.SIZE:] if self.offload else data
+            if self.mode == "tap":
+                if frame[12:14] != b"\x08\x00":
+                    continue
+                frame = frame[14:]
+            p = IP(frame)
+            l4 = p.payload
+            if not isinstance(l4, (TCP, UDP)):
+                continue
+            for f in self.flows:
+                if f[2] == p.dst and f[3] == l4.dport and f[4] == ("tcp" if p.proto == 6 else "udp"):
+                    self.mapped.setdefault(f, l4.sport)
+
+    def frame(self, iface: str, ip: bytes, our_mac: str | None = None, partial: bool = False,
+              gso: bool = False) -> bytes:
+        r = self.r
+        data = ip
+        if self.mode == "tap":
+            peer = mac_of(LAN_HOSTS[0]) if iface == "lan" else mac_of(GW)
+            dst = our_mac if r.random() > 0.03 else "02:00:00:00:00:99"  # sometimes flooded unicast
+            data = bytes(Ether(src=peer, dst=dst, type=0x0800)) + ip
+            if len(data) < 60 and r.random() < 0.5:
+                data += bytes(60 - len(data))  # a short frame's padding
+        if self.offload:
+            shift = 14 if self.mode == "tap" else 0
+            if gso:
+                vh = vnet.pack(vnet.F_NEEDS_CSUM, 1, shift + 40, 1448, shift + 20, 16)
+            elif partial and ip[9] in (6, 17):
+                vh = vnet.pack(vnet.F_NEEDS_CSUM, 0, 0, 0, shift + 20, 16 if ip[9] == 6 else 6)
+                if r.random() < 0.05:  # a bad checksum offset: the engine refuses it
+                    vh = vnet.pack(vnet.F_NEEDS_CSUM, 0, 0, 0, shift + 20, 4)
+            else:
+                vh = vnet.ZERO
+            data = vh + data
+        return data
+
+    def packet(self, our_macs: dict[str, str]) -> tuple[str, bytes]:
+        r = self.r
+        x = r.random()
+        if x < 0.02:
+            return r.choice(["lan", "wan"]), bytes(r.getrandbits(8) for _ in range(r.randrange(0, 80)))
+        f = r.choice(self.flows)
+        lan, lport, rem, rport, proto = f
+        inbound = x < 0.45 and f in self.mapped
+        if inbound:
+            src, dst, sport, dport, iface = rem, WAN_IP, rport, self.mapped[f], "wan"
+        else:
+            src, dst, sport, dport, iface = lan, rem, lport, rport, "lan"
+        payload = bytes(r.getrandbits(8) for _ in range(r.choice([0, 1, 18, 64, 200])))
+        if r.random() < 0.02:
+            payload = bytes(1500)  # over the WAN MTU (1400) or not
+        ttl = 1 if r.random() < 0.02 else 64
+        kw: dict[str, Any] = {"flags": "DF"} if r.random() < 0.5 else {}
+        if r.random() < 0.02:
+            kw = {"flags": "MF"}
+        opts: dict[str, Any] = {"options": [b"\x01\x01\x01\x00"]} if r.random() < 0.02 else {}
+        if proto == "tcp":
+            fl = r.choices(["A", "PA", "S", "SA", "F", "FA", "R"], [40, 40, 3, 3, 2, 2, 1])[0]
+            l4: Any = TCP(sport=sport, dport=dport, flags=fl, seq=r.getrandbits(32), ack=r.getrandbits(32))
+        else:
+            l4 = UDP(sport=sport, dport=dport)
+        p = IP(src=src, dst=dst, ttl=ttl, **kw, **opts) / l4 / payload
+        raw = bytearray(bytes(p))
+        if proto == "udp" and r.random() < 0.05:
+            raw[26:28] = b"\x00\x00"  # no UDP checksum: stays 0
+        gso = self.offload and r.random() < 0.02
+        return iface, self.frame(iface, bytes(raw), our_macs[iface], partial=self.offload and r.random() < 0.5,
+                                 gso=gso)
+
+
+def arp_in(mode: str, iface: str, host: str, target: str) -> bytes:
+    return bytes(Ether(src=mac_of(host), dst="ff:ff:ff:ff:ff:ff") /
+                 ARP(op=1, hwsrc=mac_of(host), psrc=host, pdst=target))
+
+
+def event(sides: list[Side], r: random.Random, mode: str, offload: bool, step: int) -> str:
+    """Something that can void cached decisions, the same on both sides."""
+    what = r.choice(["expire", "flush", "tick", "reload", "neighbour", "time"])
+    later = r.choice([5.0, 40.0, 400.0])
+    for s in sides:
+        eng = s.dp.engine
+        if what == "expire":
+            s.clock[0] += later
+            s.dp._expire()
+        elif what == "flush":
+            eng.flush(lan_ip=int.from_bytes(bytes(int(x) for x in LAN_HOSTS[0].split(".")), "big"))
+        elif what == "tick":
+            s.dp._l2_tick()
+        elif what == "reload":
+            mtu = "1400" if step % 2 else "1300"
+            cfg = loads(config(mode, offload, "native" if s.dp.native is not None else "python")
+                        .replace("mtu = 1400", f"mtu = {mtu}"))
+            eng.reload(cfg)
+            s.dp.on_reload(cfg)
+        elif what == "neighbour" and mode == "tap":
+            # the gateway answers from a new MAC: packets must follow it at once
+            new = f"02:bb:00:00:00:{step % 250:02x}"
+            frame = bytes(Ether(src=new, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=new, psrc=GW, pdst=WAN_IP))
+            s.wires["wan"].send((vnet.ZERO if offload else b"") + frame)
+            s.dp._on_readable(s.dp.ports["wan"])
+        else:
+            s.clock[0] += 0.5
+    return what
+
+
+def counters(s: Side) -> dict[str, int]:
+    return {k: v for k, v in s.dp.all_counters().items() if not k.startswith("fastpath_")}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("mode", ["tun", "tap"])
+def test_native_writes_what_python_writes(mode: str, offload: bool, seed: int) -> None:
+    py, nat = make_side(mode, offload, "python"), make_side(mode, offload, "native")
+    sides = [py, nat]
+    try:
+        assert py.dp.native is None and nat.dp.native is not None
+        macs = {side: ":".join(f"{b:02x}" for b in nat.dp.ports[side].l2.mac) if mode == "tap" else ""
+                for side in ("lan", "wan")}
+        if mode == "tap":  # the hosts and the gateway announce themselves
+            for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("lan", LAN_HOSTS[1], "10.0.0.1"),
+                                        ("wan", GW, WAN_IP)):
+                for s in sides:
+                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(mode, iface, host, target))
+        t = Traffic(seed, mode, offload)
+        r = random.Random(seed * 7919)
+        for step in range(700):
+            if r.random() < 0.03:
+                event(sides, r, mode, offload, step)
+                assert py.collect() == nat.collect(), step
+                continue
+            iface, data = t.packet(macs)
+            for s in sides:
+                s.clock[0] += 0.001
+            a, b = py.feed(iface, data), nat.feed(iface, data)
+            assert a == b, (step, iface, data.hex())
+            t.learn(a)
+        native = nat.dp.all_counters().get("fastpath_native_packets", 0)
+        assert native > 150, native  # most established traffic skipped Python
+        assert "fastpath_native_packets" not in py.dp.all_counters()
+        assert counters(py) == counters(nat)
+        now = py.clock[0]
+        assert py.dp.engine.table(now) == nat.dp.engine.table(now)
+        assert rule_rows(py.dp.engine) == rule_rows(nat.dp.engine)
+        assert any(row["pkts"] for row in rule_rows(nat.dp.engine) or [])
+    finally:
+        for s in sides:
+            s.close()
+
+
+def test_flow_cache_refuses_bad_entries_and_keeps_counts() -> None:
+    fc = _fastpath.FlowCache()
+    good = (0, 17, bytes(12), object(), bytes(4), 1, 1, 1, 1500, b"")
+    assert fc.add(*good) is True and len(fc) == 1
+    for bad in [(2, *good[1:]), (0, 1, *good[2:]), (0, 17, bytes(11), *good[3:]), (*good[:5], 70000, *good[6:]),
+                (*good[:6], -1, *good[7:]), (*good[:9], bytes(13))]:
+        with pytest.raises(ValueError):
+            fc.add(*bad)
+    with pytest.raises(TypeError):
+        fc.drain(0)
+    with pytest.raises(ValueError):
+        fc.drain(0, 1, 0.0)  # no device set
+    assert fc.sync() == [] and fc.clear() == [] and len(fc) == 0
+    assert fc.take_errors() == (0, 0, 0)
+
+
+def test_flow_cache_fills_up_and_says_so() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        for s in (a, b, c, d):
+            s.setblocking(False)
+        fc = _fastpath.FlowCache()
+        fc.set_port(0, a.fileno(), False, False, b"")
+        fc.set_port(1, c.fileno(), False, False, b"")
+        token = object()
+        added = sum(fc.add(0, 17, struct.pack("!IIHH", i, 7, 1, 2), token, bytes(4), 9, 0, 0, 1500, b"")
+                    for i in range(_fastpath.MAX_ENTRIES + 10))
+        assert added == _fastpath.MAX_ENTRIES == len(fc)
+        assert fc.take_errors() == (0, 0, 10)
+        # a cached flow is forwarded: source rewritten, TTL decremented; others come back as read
+        pkt = bytes(IP(src="0.0.0.5", dst="0.0.0.7", ttl=9) / UDP(sport=1, dport=2) / (b"x" * 20))
+        b.send(pkt)
+        b.send(b"not a packet")
+        reads, fwd, rest = fc.drain(0, 10, 5.0)
+        assert (reads, fwd, rest) == (2, 1, b"not a packet")
+        out = IP(d.recv(2000))
+        assert out.src == "0.0.0.0" and out.ttl == 8 and out[UDP].sport == 9
+        assert fc.drain(0, 10, 5.0) == (0, 0, None)  # would block
+        rows = fc.clear()
+        assert rows == [(token, 0, 17, 1, len(pkt), 5.0)] and len(fc) == 0
+        # a write that fails is counted, not raised
+        fc.add(0, 17, struct.pack("!IIHH", 5, 7, 1, 2), token, bytes(4), 9, 0, 0, 1500, b"")
+        ro = os.open("/dev/null", os.O_RDONLY)
+        try:
+            fc.set_port(1, ro, False, False, b"")
+            b.send(pkt)
+            assert fc.drain(0, 10, 6.0) == (1, 1, None)
+            assert fc.take_errors() == (0, 1, 0)
+        finally:
+            os.close(ro)
+    finally:
+        for s in (a, b, c, d):
+            s.close()
