@@ -15,7 +15,7 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   masqd's CPU share meanwhile
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--napi off|threaded] [--keep-warm S] [--fastpath native|python] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
+[--rps auto|off|MASK] [--napi off|threaded] [--keep-warm S] [--coalesce S] [--fastpath native|python] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
         cfg += '\n[logging]\nlevel = "warning"\n'
         cfg += f'\n[dataplane]\nrps = "{args.rps}"\nnapi = "{args.napi}"\nkeep_warm = {args.keep_warm}\n'
-        cfg += f'fastpath = "{args.fastpath}"\n'
+        cfg += f'fastpath = "{args.fastpath}"\ncoalesce = {args.coalesce}\n'
         if not args.offload:
             cfg = cfg.replace('bridge = "br-lan"\n', 'bridge = "br-lan"\noffload = false\n')
             cfg = cfg.replace('name = "tun-lan"\n', 'name = "tun-lan"\noffload = false\n')
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["napi"] = snap1.get("napi")
                 res["keep_warm"] = snap1.get("keep_warm")
                 res["fastpath"] = snap1.get("fastpath")
+                res["coalesce"] = snap1.get("coalesce")
                 nat = [int(x["counters"].get("fastpath_native_packets", 0)) for x in (snap0, snap1)]
                 res["udp_small_native_pct"] = (nat[1] - nat[0]) / fwd * 100 if fwd else float("nan")
             res[f"udp_small_{name}_offered_pps"] = u["offered_pps"]
@@ -182,7 +183,7 @@ def table(r: dict[str, Any]) -> str:
     out.append(f"masqd CPU per forwarded small UDP packet: {r['udp_small_cpu_us_per_pkt']:.2f} us "
                f"(user {r['udp_small_user_us_per_pkt']:.2f}, system {r['udp_small_sys_us_per_pkt']:.2f}; "
                f"{r['udp_small_masqd_forwarded']} packets; offload {r.get('offload')}, rps {r.get('rps')}, napi {r.get('napi')}, keep_warm {r.get('keep_warm')}, "
-               f"fastpath {r.get('fastpath')}: {r.get('udp_small_native_pct', float('nan')):.1f} % native)")
+               f"coalesce {r.get('coalesce')}, fastpath {r.get('fastpath')}: {r.get('udp_small_native_pct', float('nan')):.1f} % native)")
     out.append(f"RTT added by masqd at low load: median {r['rtt_added_median_ms']:+.3f} ms, "
                f"p99 {r['rtt_added_p99_ms']:+.3f} ms (masqd's CPU meanwhile: {r['rtt_masqd_cpu_pct']:.1f} %)")
     if r.get("masqd_errors"):
@@ -202,6 +203,8 @@ def main() -> int:
                    help="masqd's dataplane.napi: off (default) or threaded")
     p.add_argument("--fastpath", choices=("native", "python"), default="native",
                    help="masqd's dataplane.fastpath (python: every packet through the engine)")
+    p.add_argument("--coalesce", type=float, default=0.0, metavar="SECONDS",
+                   help="masqd's dataplane.coalesce (interrupt moderation under load; 0: off)")
     p.add_argument("--keep-warm", type=float, default=0.0, metavar="SECONDS",
                    help="masqd's dataplane.keep_warm (0 = off, the default)")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")

@@ -275,12 +275,27 @@ class DataplaneSettings(_Frozen):
     and is emptied whenever a decision could change); "python" sends every
     packet through the Python engine. A reload applies a change. See
     masqd/dataplane/_fastpath.c.
+
+    ``coalesce``: seconds. Under load (a wake-up that finds packets queued back
+    to back), masqd sleeps this long and drains both devices again, in rounds,
+    as long as each round finds packets (interrupt moderation, as a NIC's
+    ``rx-usecs``): at a steady rate it wakes once per period instead of once per
+    burst, for up to that much latency under load and none at low rates. 0 (the
+    default) is off; a reload applies a change.
     """
 
     rps: str = "off"
     napi: Literal["off", "threaded"] = "off"
     keep_warm: float = 0.0
     fastpath: Literal["native", "python"] = "native"
+    coalesce: float = 0.0
+
+    @field_validator("coalesce")
+    @classmethod
+    def _coalesce(cls, v: float) -> float:
+        if v != 0 and not 0.00002 <= v <= 0.001:
+            raise ValueError("coalesce must be 0 (off) or between 0.00002 and 0.001 seconds (20 µs to 1 ms)")
+        return v
 
     @field_validator("keep_warm")
     @classmethod

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("masqd.dataplane")
 
 READ_BATCH = 512  # packets per wake-up and port, at most
+COALESCE_MIN = 2  # dataplane.coalesce: a drain that passes on this many packets means "under load"
+COALESCE_HOLD = 0.002  # ... and the loop is held for at most this long before its other work runs
 HCACHE_MAX = 4096
 BURST_GAP = 20e-6  # readable again this soon after a drain: packets are queueing, read in batches
 VH = vnet.SIZE
@@ -83,6 +85,16 @@ def _no_handler(pkt: bytes | bytearray, now: float) -> None:
 
 def _nothing() -> None:
     pass
+
+
+def _set_timer_slack(ns: int) -> bool:
+    """prctl(PR_SET_TIMERSLACK): how late the kernel may fire this process's timers (sleeps)."""
+    try:
+        import ctypes
+
+        return int(ctypes.CDLL(None, use_errno=True).prctl(29, ns, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class Port:
@@ -136,7 +148,8 @@ class Port:
         native = self.native if cap is None else None
         read = os.read
         n = passed = 0
-        budget = READ_BATCH if now - self.idle_at < BURST_GAP else 1
+        # (the flow cache reads until EAGAIN: a read that would block costs it no exception)
+        budget = READ_BATCH if native is not None or now - self.idle_at < BURST_GAP else 1
         while n < budget:
             if native is None:
                 try:
@@ -269,6 +282,8 @@ class Dataplane:
         self.warmer: Warmer | None = None  # dataplane.keep_warm
         self.native: Any = None  # dataplane.fastpath = "native": the flow cache (_fastpath.FlowCache)
         self._nstate: tuple[int, int, int] | None = None
+        self.coalesce = 0.0  # seconds between drains under load (dataplane.coalesce; 0: off)
+        self.coalesce_slack_set = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -365,7 +380,18 @@ class Dataplane:
             self._timers["l2"] = loop.call_later(L2_TICK, self._l2_tick)
         self._set_keep_warm()
         self._set_native()
+        self._set_coalesce()
         log.debug("data plane started at %.3f", now)
+
+    def _set_coalesce(self) -> None:
+        """Follow ``cfg.dataplane.coalesce``; a short pause needs a fine timer slack (the default
+        50 µs would stretch it), so the process's slack is set to 1 µs while it is on."""
+        period = self.cfg.dataplane.coalesce
+        if period and not self.coalesce_slack_set:
+            self.coalesce_slack_set = _set_timer_slack(1000)
+        if period and period != self.coalesce:
+            log.info("coalesce: under load, drains every %.0f µs instead of one per burst", period * 1e6)
+        self.coalesce = period
 
     # ------------------------------------------------------------------ native fast path
 
@@ -515,9 +541,35 @@ class Dataplane:
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
         passed = port.drain(port.handle, self._route_v, clock())
+        if passed >= COALESCE_MIN and self.coalesce:
+            passed += self._coalesce()
         port.idle_at = now = clock()
         if passed and self.warmer is not None:  # IPv4 traffic (not ARP, not IPv6 chatter)
             self.warmer.poke(now)
+
+    def _coalesce(self) -> int:
+        """``dataplane.coalesce``: under load, sleep and drain both ports in rounds (what a NIC's
+        interrupt moderation does) instead of waking for every burst; returns packets passed on.
+
+        Rounds go on while each finds at least COALESCE_MIN packets, for at most
+        COALESCE_HOLD, then the loop runs its timers and other readers (epoll is
+        level-triggered: whatever is queued brings masqd straight back)."""
+        clock, pause, route_v, mono = self.clock, self.coalesce, self._route_v, time.monotonic
+        ports = list(self.ports.values())
+        end = mono() + COALESCE_HOLD  # real time, whatever clock the packets are stamped with
+        total = rounds = 0
+        while True:
+            time.sleep(pause)
+            now = clock()
+            rounds += 1
+            n = 0
+            for p in ports:
+                n += p.drain(p.handle, route_v, now)
+            total += n
+            if n < COALESCE_MIN or mono() >= end:
+                break
+        _bump(self.counters, "dp_coalesce_rounds", rounds)
+        return total
 
     def _route_v(self, pkt: bytes | bytearray, vh: bytes, inport: Port, now: float) -> None:
         """A packet with offload work: the engine gives back the header to write with each output
@@ -627,6 +679,7 @@ class Dataplane:
         now = self.clock()
         for p in self.ports.values():
             p.hcache.clear()  # routes may have changed
+        self._set_coalesce()
         if self._started:
             self._set_keep_warm()
             self._set_native()
@@ -677,4 +730,5 @@ class Dataplane:
             "napi": {side: p.dev.napi for side, p in self.ports.items()},
             "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
             "fastpath": "native" if self.native is not None else "python",
+            "coalesce": self.coalesce,
         }

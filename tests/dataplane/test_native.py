@@ -92,8 +92,9 @@ def make_side(mode: str, offload: bool, fastpath: str) -> Side:
     for side in ("lan", "wan"):
         icfg = getattr(cfg, side)
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        a.setblocking(False)
-        b.setblocking(False)
+        for x in (a, b):
+            x.setblocking(False)
+            x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
         socks += [a, b]
         dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload)
         l2 = None
@@ -327,3 +328,60 @@ def test_flow_cache_fills_up_and_says_so() -> None:
     finally:
         for s in (a, b, c, d):
             s.close()
+
+
+def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet() -> None:
+    """dataplane.coalesce: a wake-up that finds a burst sleeps and drains both ports again while
+    packets keep coming (bounded in time); a lone packet is forwarded at once, no round."""
+    import threading
+    import time
+
+    s = make_side("tun", False, "native")
+    try:
+        cfg = loads(config("tun", False, "native").replace(
+            '[dataplane]\nfastpath = "native"\n', '[dataplane]\nfastpath = "native"\ncoalesce = 0.0002\n'))
+        s.dp.engine.reload(cfg)
+        s.dp.on_reload(cfg)
+        assert s.dp.coalesce == 0.0002
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / b"q")
+        assert len(s.feed("lan", flow)) == 1  # alone: no round
+        assert "dp_coalesce_rounds" not in s.dp.counters
+        # a sender keeps bursts coming every 100 µs or so for 20 ms while masqd drains in rounds
+        stop = time.monotonic() + 0.02
+        sent = [0]
+
+        def sender() -> None:
+            w = socket.socket(fileno=os.dup(s.wires["lan"].fileno()))
+            try:
+                while time.monotonic() < stop:
+                    for _ in range(3):
+                        w.send(flow)
+                    sent[0] += 3
+                    time.sleep(0.0001)
+            finally:
+                w.close()
+
+        t = threading.Thread(target=sender)
+        s.wires["lan"].send(flow)
+        s.wires["lan"].send(flow)
+        t.start()
+        start = time.monotonic()
+        s.dp._on_readable(s.dp.ports["lan"])
+        held = time.monotonic() - start
+        t.join()
+        while True:  # what is left (epoll would bring masqd back at once)
+            before = s.dp.all_counters().get("tx_wan_udp_packets", 0)
+            s.dp._on_readable(s.dp.ports["lan"])
+            if s.dp.all_counters().get("tx_wan_udp_packets", 0) == before:
+                break
+        rounds = s.dp.counters["dp_coalesce_rounds"]
+        assert rounds >= 3, rounds
+        assert held < 0.002 + 0.0002 + 0.01, held  # COALESCE_HOLD plus one pause (and a slow machine)
+        out = s.collect()
+        assert len(out) == sent[0] + 2 and all(i == "wan" for i, _ in out)
+        assert not any(k.endswith("_errors") for k in s.dp.counters), s.dp.counters
+        assert s.dp.snapshot()["coalesce"] == 0.0002
+    finally:
+        s.close()
+    with pytest.raises(Exception, match="coalesce"):
+        loads(config("tun", False, "native").replace('fastpath = "native"\n', 'fastpath = "native"\ncoalesce = 0.01\n'))
