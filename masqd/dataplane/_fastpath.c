@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SLOT_BITS 16
@@ -32,6 +33,7 @@
 #define TTL_DELTA 0xFEFF
 #define TCP 6
 #define UDP 17
+#define POLL_BATCH 512
 
 typedef struct {
     uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
@@ -263,6 +265,75 @@ static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssiz
     return res;
 }
 
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/*
+ * poll(pause, min, end, sleep_first) -> (forwarded, rounds, port, rest): interrupt moderation.
+ * Rounds of: sleep `pause` seconds (not before the first round unless sleep_first), then read
+ * both ports until EAGAIN, forwarding cached flows, stamped with CLOCK_MONOTONIC (the clock of
+ * Python's time.monotonic). Stops after a round that forwarded fewer than `min` packets or once
+ * `end` (monotonic seconds) has passed: rest None. Returns at once when a packet needs Python:
+ * port 0 or 1 and rest the bytes as read, or rest an errno (int) for a failed read.
+ */
+static PyObject *FlowCache_poll(FlowCache *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "poll(pause, min, end, sleep_first)");
+        return NULL;
+    }
+    double pause = PyFloat_AsDouble(args[0]);
+    long minp = PyLong_AsLong(args[1]);
+    double end = PyFloat_AsDouble(args[2]);
+    int sleep_first = PyObject_IsTrue(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->ports[0].fd < 0 || self->ports[1].fd < 0 || !(pause >= 0 && pause < 1)) {
+        PyErr_SetString(PyExc_ValueError, "poll: ports not set or pause out of range");
+        return NULL;
+    }
+    long fwd = 0, rounds = 0;
+    for (;;) {
+        if (sleep_first) {
+            struct timespec ts = {0, (long)(pause * 1e9)};
+            Py_BEGIN_ALLOW_THREADS
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+            rounds++;
+        }
+        sleep_first = 1;
+        double now = monotonic_now();
+        long n = 0;
+        for (int i = 0; i < 2; i++) {
+            for (int k = 0; k < POLL_BATCH; k++) {
+                ssize_t r = read(self->ports[i].fd, self->buf, BUF_SIZE);
+                if (r < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    if (errno == EAGAIN || errno == EWOULDBLOCK)
+                        break;
+                    return Py_BuildValue("(lliN)", fwd + n, rounds, i, PyLong_FromLong(errno));
+                }
+                if (forward(self, i, self->buf, r, now)) {
+                    n++;
+                    continue;
+                }
+                PyObject *rest = PyBytes_FromStringAndSize((const char *)self->buf, r);
+                if (rest == NULL)
+                    return NULL;
+                return Py_BuildValue("(lliN)", fwd + n, rounds, i, rest);
+            }
+        }
+        fwd += n;
+        if (n < minp || now >= end)
+            return Py_BuildValue("(lliO)", fwd, rounds, -1, Py_None);
+    }
+}
+
 static PyObject *FlowCache_set_port(FlowCache *self, PyObject *args)
 {
     int idx, fd, vnet, tap;
@@ -461,6 +532,10 @@ static PyMethodDef FlowCache_methods[] = {
      "drain(port, budget, now) -> (reads, forwarded, rest): read from port 0 (LAN) or 1 (WAN) and "
      "forward cached flows; rest is the first packet Python must handle (bytes, as read), None when "
      "the fd would block or the budget is spent, or an errno (int) when a read failed."},
+    {"poll", (PyCFunction)(void (*)(void))FlowCache_poll, METH_FASTCALL,
+     "poll(pause, min, end, sleep_first) -> (forwarded, rounds, port, rest): rounds of sleep and "
+     "drain of both ports, until a round forwards fewer than min packets or end (monotonic) "
+     "passes (rest None), or a packet needs Python (port, its bytes) or a read fails (port, errno)."},
     {"set_port", (PyCFunction)FlowCache_set_port, METH_VARARGS,
      "set_port(idx, fd, vnet, tap, mac): the device of port 0 (LAN) or 1 (WAN)."},
     {"add", (PyCFunction)FlowCache_add, METH_VARARGS,
