@@ -31,6 +31,7 @@
 #define VH 10
 #define BUF_SIZE (VH + 14 + 65536)
 #define TTL_DELTA 0xFEFF
+#define ICMP 1
 #define TCP 6
 #define UDP 17
 #define POLL_BATCH 512
@@ -138,20 +139,35 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     if (tl != n || n < 40)
         return 0;
     int proto = p[9];
+    uint8_t key[12];
+    const uint8_t *kp = p + 12;
+    int o; /* the TCP/UDP/ICMP checksum field */
     if (proto == TCP) {
         if (p[33] & 7)
             return 0;
-    } else if (proto != UDP) {
+        o = 36;
+    } else if (proto == UDP) {
+        o = 26;
+    } else if (proto == ICMP) {
+        /* echo or timestamp request out, their reply in; the identifier is the port */
+        uint8_t t = p[20];
+        if (partial || (in == 0 ? (t != 8 && t != 13) : (t != 0 && t != 14)))
+            return 0;
+        memcpy(key, p + 12, 8);
+        memset(key + 8, 0, 4);
+        memcpy(key + (in == 0 ? 8 : 10), p + 24, 2);
+        kp = key;
+        o = 22;
+    } else {
         return 0;
     }
-    int o = proto == UDP ? 26 : 36;
     if (partial) {
         unsigned cstart = buf[6] | (buf[7] << 8), coff = buf[8] | (buf[9] << 8);
         if (cstart != (unsigned)(sh + 20) || coff != (unsigned)(o - 20))
             return 0;
     }
     uint64_t k0, k1;
-    make_key(p + 12, in, proto, &k0, &k1);
+    make_key(kp, in, proto, &k0, &k1);
     entry_t *e = lookup(self, k0, k1);
     if (e == NULL || (uint64_t)n > e->mtu)
         return 0;
@@ -173,10 +189,10 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     put16(p + 10, (unsigned)(c ^ 0xFFFF));
     if (e->dir == 0) {
         memcpy(p + 12, e->addr, 4);
-        memcpy(p + 20, e->port, 2);
+        memcpy(p + (proto == ICMP ? 24 : 20), e->port, 2);
     } else {
         memcpy(p + 16, e->addr, 4);
-        memcpy(p + 22, e->port, 2);
+        memcpy(p + (proto == ICMP ? 24 : 22), e->port, 2);
     }
     if (partial) {
         put16(p + o, (unsigned)u);
@@ -186,9 +202,9 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
             u = fold2((u ^ 0xFFFF) + e->dl4) ^ 0xFFFF;
             put16(p + 26, (unsigned)(u ? u : 0xFFFF));
         }
-    } else {
-        u = fold2((((p[36] << 8) | p[37]) ^ 0xFFFF) + e->dl4);
-        put16(p + 36, (unsigned)(u ^ 0xFFFF));
+    } else { /* TCP, ICMP */
+        u = fold2((((p[o] << 8) | p[o + 1]) ^ 0xFFFF) + e->dl4);
+        put16(p + o, (unsigned)(u ^ 0xFFFF));
     }
 
     uint8_t vh[VH];
@@ -367,7 +383,7 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
                           &mtu, &l2))
         return NULL;
     PyObject *res = NULL;
-    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP) || key.len != 12 || addr.len != 4
+    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP && proto != ICMP) || key.len != 12 || addr.len != 4
         || port < 0 || port > 0xFFFF || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0
         || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
         PyErr_SetString(PyExc_ValueError, "add: bad entry");

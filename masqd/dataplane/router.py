@@ -488,7 +488,7 @@ class Dataplane:
                 for r in hits:
                     r.pkts += pk
                     r.bytes += by
-            i = 0 if proto == 6 else 1  # the engine's protocol index: tcp, udp
+            i = 0 if proto == 6 else 1 if proto == 17 else 2  # the engine's protocol index: tcp, udp, icmp
             a, b = (i, i + 6) if d == 0 else (i + 6, i)
             rxp[a] += pk
             rxb[a] += by
@@ -512,12 +512,16 @@ class Dataplane:
             if hdr is None:
                 return
         m = s.m
-        if iface == "lan":
-            args = (0, pkt[9], bytes(pkt[12:24]), s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out,
-                    eng.wan_mtu, hdr)
+        proto = pkt[9]
+        if proto == 1:  # ICMP query: the identifier stands for the port (see masqd.engine.core._fast_icmp)
+            ident = bytes(pkt[24:26])
+            key = bytes(pkt[12:20]) + (ident + b"\0\0" if iface == "lan" else b"\0\0" + ident)
         else:
-            args = (1, pkt[9], bytes(pkt[12:24]), s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in,
-                    eng.lan_mtu, hdr)
+            key = bytes(pkt[12:24])
+        if iface == "lan":
+            args = (0, proto, key, s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out, eng.wan_mtu, hdr)
+        else:
+            args = (1, proto, key, s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in, eng.lan_mtu, hdr)
         try:
             self.native.add(*args)
         except RuntimeError:  # the key was another session's, with counts: fold them first

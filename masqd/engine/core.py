@@ -112,6 +112,8 @@ class Engine:
         self._out_udp = self._out[UDP]
         self._in_tcp = self._in[TCP]
         self._in_udp = self._in[UDP]
+        self._out_icmp = self._out[ICMP]
+        self._in_icmp = self._in[ICMP]
         self._maps: dict[tuple[int, int, int], Mapping] = {}
         self._wheel = TimerWheel()
         self.nsessions = 0
@@ -420,6 +422,8 @@ class Engine:
             if data[33] & 7:
                 return None
             s = self._out_tcp.get(data[12:24])
+        elif proto == ICMP:
+            return self._fast_icmp(data, now, True) if data[20] in ICMP_QUERIES else None
         else:
             fp = self._fast_po.get(proto)
             return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
@@ -483,6 +487,8 @@ class Engine:
             if data[33] & 7:
                 return None
             s = self._in_tcp.get(data[12:24])
+        elif proto == ICMP:
+            return self._fast_icmp(data, now, False) if data[20] in ICMP_REPLIES else None
         else:
             fp = self._fast_pi.get(proto)
             return None if fp is None else fp(data, now)  # type: ignore[no-any-return]
@@ -535,6 +541,54 @@ class Engine:
         self.tx_bytes[i - 6] += n
         self.fast_hit = s
         return [(LAN, bytes(pkt))]
+
+    def _fast_icmp(self, data: bytes, now: float, outbound: bool) -> list[tuple[str, bytes]] | None:
+        """An echo (or timestamp) request out, or its reply in, of a session whose firewall
+        decisions are cached: the identifier is the port (``_translate_out``/``_in`` for ICMP)."""
+        n = len(data)
+        if outbound:
+            s = self._out_icmp.get(data[12:20] + data[24:26] + b"\0\0")
+            if s is None or n > self.wan_mtu or (data[2] << 8 | data[3]) != n:
+                return None
+            fw = s.fw
+            if fw is None or fw[0] != self._gen or fw[1] is None:
+                return None
+        else:
+            s = self._in_icmp.get(data[12:20] + b"\0\0" + data[24:26])
+            if s is None or n > self.lan_mtu or (data[2] << 8 | data[3]) != n:
+                return None
+            fw = s.fw
+            if fw is None or fw[0] != self._gen or fw[2] is None or s.state == 0:
+                return None
+        m = s.m
+        pkt = bytearray(data)
+        pkt[8] -= 1
+        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + (m.dip_out if outbound else m.dip_in)
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        if outbound:
+            _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
+            _pack_H(pkt, 24, m.wan_port)
+            u = ((pkt[22] << 8 | pkt[23]) ^ 0xFFFF) + m.dl4_out
+        else:
+            _pack_H(pkt, 10, c ^ 0xFFFF)
+            pkt[16:20] = m.lan_ip_b
+            _pack_H(pkt, 24, m.lan_port)
+            u = ((pkt[22] << 8 | pkt[23]) ^ 0xFFFF) + m.dl4_in
+        u = (u & 0xFFFF) + (u >> 16)
+        u = (u & 0xFFFF) + (u >> 16)
+        _pack_H(pkt, 22, u ^ 0xFFFF)
+        s.expires = now + s.tmo
+        for r in fw[1] if outbound else fw[2]:
+            r.pkts += 1
+            r.bytes += n
+        i = 2 if outbound else 8  # icmp on the receiving side
+        self.rx_pkts[i] += 1
+        self.rx_bytes[i] += n
+        self.tx_pkts[10 - i] += 1
+        self.tx_bytes[10 - i] += n
+        self.fast_hit = s
+        return [(WAN if outbound else LAN, bytes(pkt))]
 
     # --------------------------------------------------------------- full path
     def _slow(self, iface: str, data: bytes | bytearray, now: float, out: list[tuple[str, bytes]]) -> None:
