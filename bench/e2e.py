@@ -15,7 +15,7 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   masqd's CPU share meanwhile
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--napi off|threaded] [--keep-warm S] [--coalesce S] [--fastpath native|python] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
+[--rps auto|off|MASK] [--napi off|threaded|adaptive] [--keep-warm S] [--coalesce S] [--fastpath native|python] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def main() -> int:
     p.add_argument("--mode", choices=["tap", "tun"], default="tap")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
-    p.add_argument("--napi", choices=["off", "threaded"], default="off",
-                   help="masqd's dataplane.napi: off (default) or threaded")
+    p.add_argument("--napi", choices=["off", "threaded", "adaptive"], default="off",
+                   help="masqd's dataplane.napi: off (default), threaded or adaptive")
     p.add_argument("--fastpath", choices=("native", "python"), default="native",
                    help="masqd's dataplane.fastpath (python: every packet through the engine)")
     p.add_argument("--coalesce", type=float, default=0.0, metavar="SECONDS",

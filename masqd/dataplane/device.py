@@ -116,9 +116,10 @@ def _write_sysfs(name: str, netns: str | None, leaf: str, value: str) -> None:
         raise DeviceError(f"{name}: cannot set {leaf}: {exc}") from None
 
 
-def set_threaded(name: str, netns: str | None) -> None:
-    """Threaded NAPI for a device opened with IFF_NAPI: its receive work runs in a kernel thread."""
-    _write_sysfs(name, netns, "threaded", "1")
+def set_threaded(name: str, netns: str | None, on: bool = True) -> None:
+    """Threaded NAPI for a device opened with IFF_NAPI: its receive work runs in a kernel thread
+    (``on``), or in the writer's thread (off; the kernel allows the switch at any time)."""
+    _write_sysfs(name, netns, "threaded", "1" if on else "0")
 
 
 def device_flags(fd: int) -> int:
@@ -147,7 +148,7 @@ class Device:
     closed: bool = field(default=False)
     vnet: bool = False  # every read and write starts with a virtio-net header (masqd.wire.vnet)
     offload: int = 0  # TUN_F_* flags in force
-    napi: str = "off"  # "threaded": writes are queued, a kernel thread receives them
+    napi: str = "off"  # "threaded": writes are queued, a kernel thread receives them; "adaptive": switchable
 
     def close(self) -> None:
         """Close the fd; a non-persistent device disappears with it."""
@@ -221,10 +222,11 @@ def open_device(iface: Interface, napi: str = "off") -> Device:
 
     ``napi = "threaded"``: IFF_NAPI, then threaded NAPI once the device is in
     place (``Device.napi`` says what was obtained: a kernel that refuses either
-    step leaves the device working the usual way, with a warning).
+    step leaves the device working the usual way, with a warning). "adaptive":
+    the same, with the thread off until the data plane turns it on.
     """
     vnet = bool(iface.offload)
-    want_napi = napi == "threaded"
+    want_napi = napi in ("threaded", "adaptive")
 
     def _open() -> Any:
         if not want_napi:
@@ -259,8 +261,10 @@ def open_device(iface: Interface, napi: str = "off") -> Device:
         _configure(handle.name, iface.mtu, iface.netns, iface.bridge)
         if want_napi and device_flags(dev.fd) & IFF_NAPI:
             try:
-                set_threaded(handle.name, iface.netns)
-                dev.napi = "threaded"
+                # adaptive: the switch is tried once here (inline at first; the data plane turns
+                # the thread on under load)
+                set_threaded(handle.name, iface.netns, napi == "threaded")
+                dev.napi = napi
             except DeviceError as exc:
                 log.warning("%s: threaded NAPI refused (%s): writes are received in masqd's thread",
                             iface.name, exc)

@@ -26,6 +26,7 @@ in ``counters["drop_non_ipv4"]``; data-plane counters live in
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -43,6 +44,7 @@ from masqd.dataplane.device import (
     parse_mac,
     set_offload,
     set_rps,
+    set_threaded,
 )
 from masqd.dataplane.l2 import EthernetHost, icmp_host_unreachable
 from masqd.dataplane.warm import Warmer
@@ -61,6 +63,10 @@ log = logging.getLogger("masqd.dataplane")
 READ_BATCH = 512  # packets per wake-up and port, at most
 COALESCE_MIN = 2  # dataplane.coalesce: a drain that passes on this many packets means "under load"
 COALESCE_HOLD = 0.002  # ... and the loop is held for at most this long before its other work runs
+NAPI_TICK = 0.1  # napi = "adaptive": the packet rate is looked at this often,
+NAPI_UP = 2000  # threads on at this many packets in a tick (20 kpps),
+NAPI_DOWN = 500  # off after NAPI_QUIET ticks in a row under this many (5 kpps)
+NAPI_QUIET = 10
 HCACHE_MAX = 4096
 BURST_GAP = 20e-6  # readable again this soon after a drain: packets are queueing, read in batches
 VH = vnet.SIZE
@@ -127,6 +133,7 @@ class Port:
         self.native: Any = None
         self.native_idx = 0
         self.native_check: Callable[[], None] = _nothing
+        self.super_seen = False  # a TSO/USO super-packet was read (bulk TCP: no coalescing)
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
               handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
@@ -191,6 +198,8 @@ class Port:
             if not hl or (data[0] & 1 == 0 and data[1] == 0):  # no partial checksum, no super-packet
                 handle(pkt, now)
             else:
+                if data[1]:
+                    self.super_seen = True
                 handle_v(pkt, data[:hl], self, now)
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
@@ -212,6 +221,8 @@ class Port:
         if not hl or (data[0] & 1 == 0 and data[1] == 0):
             self.handle(pkt, now)
         else:
+            if data[1]:
+                self.super_seen = True
             self.handle_v(pkt, data[:hl], self, now)
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
@@ -310,6 +321,13 @@ class Dataplane:
         self._nstate: tuple[int, int, int] | None = None
         self.coalesce = 0.0  # seconds between drains under load (dataplane.coalesce; 0: off)
         self.coalesce_slack_set = False
+        # napi = "adaptive": packets passed on (all ports), at the last tick, quiet ticks in a row,
+        # whether the threads are on, and a switch in progress (done in a worker thread)
+        self.npkts = 0
+        self._napi_seen = 0
+        self._napi_quiet = 0
+        self.napi_threaded = False
+        self._napi_busy = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -329,7 +347,7 @@ class Dataplane:
                          f", netns {dev.netns}" if dev.netns else "",
                          f", bridge {icfg.bridge}" if icfg.bridge else "",
                          f", mac {format_mac(l2.mac)}" if l2 else "",
-                         ", threaded NAPI" if dev.napi == "threaded" else "")
+                         f", {dev.napi} NAPI" if dev.napi != "off" else "")
             self._negotiate_offloads()
             self._steer()
         except BaseException:
@@ -408,7 +426,45 @@ class Dataplane:
         self._set_keep_warm()
         self._set_native()
         self._set_coalesce()
+        if any(p.dev.napi == "adaptive" for p in self.ports.values()):
+            self._timers["napi"] = loop.call_later(NAPI_TICK, self._napi_tick)
         log.debug("data plane started at %.3f", now)
+
+    # ------------------------------------------------------------------ adaptive NAPI
+
+    def _napi_tick(self) -> None:
+        """napi = "adaptive": threads on when the rate is high, off after a quiet second."""
+        if not self._started or self.loop is None:
+            return
+        n, self._napi_seen = self.npkts - self._napi_seen, self.npkts
+        self._napi_quiet = self._napi_quiet + 1 if n < NAPI_DOWN else 0
+        want = self.napi_threaded
+        if n >= NAPI_UP:
+            want = True
+        elif self._napi_quiet >= NAPI_QUIET:
+            want = False
+        if want != self.napi_threaded and not self._napi_busy:
+            self._napi_busy = True
+            fut = self.loop.run_in_executor(None, self._napi_switch, want)
+            fut.add_done_callback(functools.partial(self._napi_switched, want))
+        self._timers["napi"] = self.loop.call_later(NAPI_TICK, self._napi_tick)
+
+    def _napi_switch(self, on: bool) -> None:
+        """In a worker thread (the sysfs write goes through ``ip netns exec``: milliseconds)."""
+        for port in self.ports.values():
+            if port.dev.napi == "adaptive":
+                set_threaded(port.dev.name, port.dev.netns, on)
+
+    def _napi_switched(self, on: bool, fut: Any) -> None:
+        self._napi_busy = False
+        exc = fut.exception()
+        if exc is not None:
+            _bump(self.counters, "dp_napi_switch_errors")
+            log.warning("napi = adaptive: cannot switch the NAPI threads %s: %s", "on" if on else "off", exc)
+            return
+        self.napi_threaded = on
+        _bump(self.counters, "dp_napi_switches")
+        log.info("napi = adaptive: NAPI threads %s", "on (high packet rate)" if on else "off (quiet)")
 
     def _set_coalesce(self) -> None:
         """Follow ``cfg.dataplane.coalesce``; a short pause needs a fine timer slack (the default
@@ -571,9 +627,11 @@ class Dataplane:
 
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
+        port.super_seen = False
         passed = port.drain(port.handle, self._route_v, clock())
-        if passed >= COALESCE_MIN and self.coalesce:
+        if passed >= COALESCE_MIN and self.coalesce and not port.super_seen:
             passed += self._coalesce()
+        self.npkts += passed
         port.idle_at = now = clock()
         if passed and self.warmer is not None:  # IPv4 traffic (not ARP, not IPv6 chatter)
             self.warmer.poke(now)
@@ -584,9 +642,13 @@ class Dataplane:
 
         Rounds go on while each finds at least COALESCE_MIN packets, for at most
         COALESCE_HOLD, then the loop runs its timers and other readers (epoll is
-        level-triggered: whatever is queued brings masqd straight back)."""
+        level-triggered: whatever is queued brings masqd straight back). A
+        super-packet ends them: bulk TCP moves 64 KiB per packet, and the pause
+        would only delay its ACK clock."""
         clock, pause, route_v, mono = self.clock, self.coalesce, self._route_v, time.monotonic
         ports = list(self.ports.values())
+        for p in ports:
+            p.super_seen = False
         end = mono() + COALESCE_HOLD  # real time, whatever clock the packets are stamped with
         fc = self.native
         if fc is not None and clock is mono and not any(p.capture is not None and p.capture.active for p in ports):
@@ -600,7 +662,7 @@ class Dataplane:
             for p in ports:
                 n += p.drain(p.handle, route_v, now)
             total += n
-            if n < COALESCE_MIN or mono() >= end:
+            if n < COALESCE_MIN or mono() >= end or any(p.super_seen for p in ports):
                 break
         _bump(self.counters, "dp_coalesce_rounds", rounds)
         return total
@@ -622,8 +684,11 @@ class Dataplane:
             if type(rest) is not bytes:
                 port._read_error(OSError(rest, os.strerror(rest)))
                 break
+            port.super_seen = False
             total += port.take(rest, time.monotonic())
-            if time.monotonic() >= end:  # packets that all need Python must not hold the loop either
+            # packets that all need Python must not hold the loop either; nor bulk TCP, whose
+            # super-packets carry 64 KiB each: there the pause would only add latency
+            if time.monotonic() >= end or port.super_seen:
                 break
             sleep_first = False
         _bump(self.counters, "dp_coalesce_rounds", rounds)
@@ -785,7 +850,8 @@ class Dataplane:
             "neighbours": {side: p.l2.table(now) for side, p in self.ports.items() if p.l2 is not None},
             "offload": offload_names(self.offload),
             "rps": None if self.rps is None else {"cpu": self.rps[0], "mask": f"{self.rps[1]:x}"},
-            "napi": {side: p.dev.napi for side, p in self.ports.items()},
+            "napi": {side: p.dev.napi if p.dev.napi != "adaptive" else
+                     f"adaptive ({'threaded' if self.napi_threaded else 'inline'})" for side, p in self.ports.items()},
             "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
             "fastpath": "native" if self.native is not None else "python",
             "coalesce": self.coalesce,
