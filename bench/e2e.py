@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["rtt_added_median_ms"] = res["rtt_masqd_median_ms"] - res["rtt_kernel_median_ms"]
         res["rtt_added_p99_ms"] = res["rtt_masqd_p99_ms"] - res["rtt_kernel_p99_ms"]
         res["masqd_errors"] = {k: v for k, v in m.snapshot()["counters"].items()
-                               if k.startswith(("dp_", "drop_engine")) and v}
+                               if ("error" in k or k.startswith("drop_engine")) and v}
     finally:
         if srv is not None:
             stop_process(srv)

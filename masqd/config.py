@@ -260,12 +260,13 @@ class DataplaneSettings(_Frozen):
     ``napi``: "threaded" opens both devices with IFF_NAPI and turns on threaded
     NAPI for them: a write only queues the packet, and a kernel thread per
     device ("napi/<dev>-<id>") runs the receive path that follows, in batches,
-    on whichever CPU the scheduler gives it; "off" (the default) runs it in
-    masqd's thread within the write; "adaptive" opens the devices the same way
+    on whichever CPU the scheduler gives it; "off" runs it in masqd's thread
+    within the write; "adaptive" (the default) opens the devices the same way
     and turns the threads on while the packet rate is high (20 000 packets/s
     over 0.1 s), off again after a second below 5 000 (the thread's wake-up
-    adds latency at low rates). Both need the devices recreated: a change is
-    refused by a reload.
+    adds latency at low rates). Where sysfs is read-only (a container), the
+    devices work as with "off", with a warning. Both need the devices
+    recreated: a change is refused by a reload.
 
     ``keep_warm``: seconds between runs of a synthetic exchange through a
     shadow engine while traffic is recent, so that sparse packets find the
@@ -283,15 +284,16 @@ class DataplaneSettings(_Frozen):
     to back), masqd sleeps this long and drains both devices again, in rounds,
     as long as each round finds packets (interrupt moderation, as a NIC's
     ``rx-usecs``): at a steady rate it wakes once per period instead of once per
-    burst, for up to that much latency under load and none at low rates. 0 (the
-    default) is off; a reload applies a change.
+    burst, for up to that much latency under load and none at low rates (nor
+    for bulk TCP: a super-packet ends the rounds). Default 0.0005; 0 is off; a
+    reload applies a change.
     """
 
     rps: str = "off"
-    napi: Literal["off", "threaded", "adaptive"] = "off"
+    napi: Literal["off", "threaded", "adaptive"] = "adaptive"
     keep_warm: float = 0.0
     fastpath: Literal["native", "python"] = "native"
-    coalesce: float = 0.0
+    coalesce: float = 0.0005
 
     @field_validator("coalesce")
     @classmethod

@@ -201,6 +201,47 @@ def test_threaded_napi_moves_the_receive_work_to_kernel_threads(
     assert rc == 0, m.log()
 
 
+@pytest.mark.parametrize("mode", ["tap", "tun"])
+def test_adaptive_napi_turns_the_threads_on_under_load_and_off_when_quiet(
+        own_lab: Callable[[str, str], Lab], mode: str) -> None:
+    """dataplane.napi = "adaptive": the devices start with their NAPI threads off (the receive work
+    inline, for latency), a small-packet load turns them on, a quiet second turns them off."""
+    lab = own_lab(mode, "a")
+    m = lab.start_masqd(lab.masqd_config() + '\n[dataplane]\nnapi = "adaptive"\n')
+    devices = [(f"{lab.prefix}-lan", "sw"), (f"{lab.prefix}-wan", "sw")] if mode == "tap" else \
+        [("tun-lan", "lanedge"), ("tun-wan", "wanedge")]
+
+    def threaded() -> set[str]:
+        return {lab.exec(role, ["cat", f"/sys/class/net/{dev}/threaded"]).stdout.strip() for dev, role in devices}
+
+    srv = lab.popen("srv1", ["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert m.snapshot()["napi"] == {"lan": "adaptive (inline)", "wan": "adaptive (inline)"}
+        assert threaded() <= {"0", "disabled"}
+        time.sleep(0.5)
+        # 40 000 small packets per second for 2 s: above the 20 000/s that turns the threads on
+        lab.exec("lan2", ["iperf3", "-c", SRV1, "-u", "-l", "64", "-b", str(40000 * 64 * 8), "-t", "2"],
+                 timeout=30)
+        snap = m.snapshot()
+        assert snap["napi"] == {"lan": "adaptive (threaded)", "wan": "adaptive (threaded)"}, snap["napi"]
+        assert threaded() <= {"1", "enabled"}
+        assert snap["counters"]["dp_napi_switches"] == 1
+        deadline = time.monotonic() + 10
+        while m.snapshot()["napi"]["lan"] != "adaptive (inline)" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        snap = m.snapshot()
+        assert snap["napi"] == {"lan": "adaptive (inline)", "wan": "adaptive (inline)"}, snap["napi"]
+        assert threaded() <= {"0", "disabled"}
+        assert snap["counters"]["dp_napi_switches"] == 2
+        assert "dp_napi_switch_errors" not in snap["counters"]
+        out = lab.exec("lan2", ["ping", "-c", "20", "-i", "0.01", "-W", "1", SRV1]).stdout
+        assert " 0% packet loss" in out, out
+    finally:
+        stop_process(srv)
+        rc = m.stop()
+    assert rc == 0, m.log()
+
+
 def test_dataplane_changes_need_a_restart_not_a_reload() -> None:
     from masqd.config import loads
     from masqd.ops.reload import restart_only_changes
