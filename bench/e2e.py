@@ -104,8 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lab.kernel_router_up()
         cfg = lab.masqd_config().replace("[metrics]\n", "[metrics]\nenabled = false\n")
         cfg += '\n[logging]\nlevel = "warning"\n'
-        cfg += f'\n[dataplane]\nrps = "{args.rps}"\nnapi = "{args.napi}"\nkeep_warm = {args.keep_warm}\n'
-        cfg += f'fastpath = "{args.fastpath}"\ncoalesce = {args.coalesce}\n'
+        cfg += "\n[dataplane]\n"  # only what was asked for: masqd's own defaults otherwise
+        for key, val in (("rps", args.rps), ("napi", args.napi), ("fastpath", args.fastpath)):
+            if val is not None:
+                cfg += f'{key} = "{val}"\n'
+        for key, num in (("keep_warm", args.keep_warm), ("coalesce", args.coalesce)):
+            if num is not None:
+                cfg += f"{key} = {num}\n"
         if not args.offload:
             cfg = cfg.replace('bridge = "br-lan"\n', 'bridge = "br-lan"\noffload = false\n')
             cfg = cfg.replace('name = "tun-lan"\n', 'name = "tun-lan"\noffload = false\n')
@@ -198,14 +203,14 @@ def main() -> int:
     p.add_argument("--pings", type=int, default=300, help="pings at 100 Hz for the RTT figures (max 2000)")
     p.add_argument("--mode", choices=["tap", "tun"], default="tap")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--rps", default="off", help="masqd's dataplane.rps: off (default), auto or a hex CPU mask")
-    p.add_argument("--napi", choices=["off", "threaded", "adaptive"], default="off",
-                   help="masqd's dataplane.napi: off (default), threaded or adaptive")
-    p.add_argument("--fastpath", choices=("native", "python"), default="native",
-                   help="masqd's dataplane.fastpath (python: every packet through the engine)")
-    p.add_argument("--coalesce", type=float, default=0.0, metavar="SECONDS",
-                   help="masqd's dataplane.coalesce (interrupt moderation under load; 0: off)")
-    p.add_argument("--keep-warm", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--rps", help="masqd's dataplane.rps: off, auto or a hex CPU mask (default: masqd's)")
+    p.add_argument("--napi", choices=["off", "threaded", "adaptive"],
+                   help="masqd's dataplane.napi (default: masqd's, adaptive)")
+    p.add_argument("--fastpath", choices=("native", "python"),
+                   help="masqd's dataplane.fastpath (python: every packet through the engine; default native)")
+    p.add_argument("--coalesce", type=float, metavar="SECONDS",
+                   help="masqd's dataplane.coalesce (interrupt moderation under load; 0: off; default 0.0005)")
+    p.add_argument("--keep-warm", type=float, metavar="SECONDS",
                    help="masqd's dataplane.keep_warm (0 = off, the default)")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")

@@ -58,6 +58,7 @@ typedef struct {
     int tap;           /* frames carry an Ethernet header */
     uint8_t mac[6];
     uint64_t write_errors;
+    PyObject *miss;    /* miss(frame bytes | errno int, now) -> packets passed on (0 or 1) */
 } port_t;
 
 typedef struct {
@@ -68,6 +69,18 @@ typedef struct {
     uint64_t full;     /* refused additions: the cache was full */
     port_t ports[2];
     uint8_t *buf;
+    /* the state whose change voids cached decisions: engine.epoch, each L2 host's version */
+    PyObject *watch[3];
+    long seen[3];
+    PyObject *on_stale; /* called (no arguments) when it changed: Python folds and clears */
+    double pause;      /* coalesce: seconds between rounds under load (0: off) */
+    long min_busy;     /* a wake-up that passes on this many packets is "under load" */
+    double hold;       /* and the rounds stop after this long */
+    PyObject *on_traffic; /* called with the time after a wake-up that passed packets on (or NULL) */
+    uint64_t passed;   /* packets passed on by on_readable, in all (natively or through Python) */
+    uint64_t rounds;   /* coalescing rounds, since the last take_errors */
+    PyObject *capture; /* while its "active" is true, every packet goes to Python (or NULL) */
+    int bypass;        /* this wake-up: capture active */
 } FlowCache;
 
 static inline void make_key(const uint8_t *k12, int dir, int proto, uint64_t *k0, uint64_t *k1)
@@ -236,6 +249,160 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     return 1;
 }
 
+static double monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Empty the cache (through Python, which folds the counts) if the watched state moved. */
+static int check_stale(FlowCache *self)
+{
+    int changed = 0;
+    for (int i = 0; i < 3; i++) {
+        if (self->watch[i] == NULL)
+            continue;
+        PyObject *v = PyObject_GetAttrString(self->watch[i], i == 0 ? "epoch" : "version");
+        if (v == NULL)
+            return -1;
+        long x = PyLong_AsLong(v);
+        Py_DECREF(v);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (x != self->seen[i]) {
+            self->seen[i] = x;
+            changed = 1;
+        }
+    }
+    if (changed && self->n && self->on_stale != NULL) {
+        PyObject *r = PyObject_CallNoArgs(self->on_stale);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* Hand a frame (or an errno) to Python; returns the packets it passed on, or -1 (exception set). */
+static long call_miss(FlowCache *self, int i, PyObject *what, double now)
+{
+    if (what == NULL)
+        return -1;
+    PyObject *t = PyFloat_FromDouble(now);
+    if (t == NULL) {
+        Py_DECREF(what);
+        return -1;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(self->ports[i].miss, what, t, NULL);
+    Py_DECREF(what);
+    Py_DECREF(t);
+    if (r == NULL)
+        return -1;
+    long n = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    return n;
+}
+
+/*
+ * Read port i until EAGAIN (or `budget` reads): cached flows are forwarded here, anything else
+ * goes to the port's Python miss handler and the reads go on. Adds to *passed the packets
+ * passed on; sets *super when a super-packet went to Python. -1: a Python exception.
+ */
+static int drain_port(FlowCache *self, int i, long budget, double now, long *passed, int *super)
+{
+    port_t *pt = &self->ports[i];
+    for (long k = 0; k < budget; k++) {
+        ssize_t r = read(pt->fd, self->buf, BUF_SIZE);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            return call_miss(self, i, PyLong_FromLong(errno), now) < 0 ? -1 : 0;
+        }
+        if (!self->bypass && forward(self, i, self->buf, r, now)) {
+            (*passed)++;
+            continue;
+        }
+        if (pt->vnet && r > 1 && self->buf[1] != 0)
+            *super = 1;
+        long n = call_miss(self, i, PyBytes_FromStringAndSize((const char *)self->buf, r), now);
+        if (n < 0 || check_stale(self) < 0)
+            return -1;
+        *passed += n;
+    }
+    return 0;
+}
+
+/*
+ * on_readable(port): the event loop's reader callback for a device fd. Reads and forwards as
+ * drain_port; then, when coalescing is on and the wake-up passed on min_busy packets or more
+ * (and no super-packet: bulk TCP keeps its ACK clock), rounds of: sleep `pause`, drain both
+ * ports, while each round passes on min_busy packets, for at most `hold`. No Python runs while
+ * only cached flows arrive.
+ */
+static PyObject *FlowCache_on_readable(FlowCache *self, PyObject *arg)
+{
+    long in = PyLong_AsLong(arg);
+    if (in == -1 && PyErr_Occurred())
+        return NULL;
+    if (in < 0 || in > 1 || self->ports[0].fd < 0 || self->ports[1].fd < 0 || self->ports[0].miss == NULL
+        || self->ports[1].miss == NULL) {
+        PyErr_SetString(PyExc_ValueError, "on_readable: ports or miss handlers not set");
+        return NULL;
+    }
+    double now = monotonic_now();
+    long passed = 0;
+    int super = 0;
+    self->bypass = 0;
+    if (self->capture != NULL) {
+        PyObject *a = PyObject_GetAttrString(self->capture, "active");
+        if (a == NULL)
+            return NULL;
+        self->bypass = PyObject_IsTrue(a);
+        Py_DECREF(a);
+        if (self->bypass < 0)
+            return NULL;
+    }
+    if (check_stale(self) < 0 || drain_port(self, (int)in, POLL_BATCH, now, &passed, &super) < 0)
+        return NULL;
+    if (self->pause > 0 && passed >= self->min_busy && !super) {
+        double end = now + self->hold;
+        struct timespec ts = {0, (long)(self->pause * 1e9)};
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            nanosleep(&ts, NULL);
+            Py_END_ALLOW_THREADS
+            self->rounds++;
+            now = monotonic_now();
+            long n = 0;
+            for (int i = 0; i < 2; i++)
+                if (drain_port(self, i, POLL_BATCH, now, &n, &super) < 0)
+                    return NULL;
+            passed += n;
+            if (n < self->min_busy || now >= end || super)
+                break;
+        }
+    }
+    self->passed += (uint64_t)passed;
+    if (passed && self->on_traffic != NULL) {
+        PyObject *t = PyFloat_FromDouble(monotonic_now());
+        if (t == NULL)
+            return NULL;
+        PyObject *r = PyObject_CallOneArg(self->on_traffic, t);
+        Py_DECREF(t);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+/* drain(port, budget, now) -> (reads, forwarded, rest): for a caller that handles the rest itself
+ * (the Python loop of Port.drain, with its own clock). */
 static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -251,6 +418,8 @@ static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_ValueError, "drain: port not set");
         return NULL;
     }
+    if (check_stale(self) < 0)
+        return NULL;
     int fd = self->ports[in].fd;
     long reads = 0, fwd = 0;
     PyObject *rest = NULL;
@@ -277,77 +446,85 @@ static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssiz
         rest = Py_None;
         Py_INCREF(rest);
     }
-    PyObject *res = Py_BuildValue("(llN)", reads, fwd, rest);
-    return res;
+    return Py_BuildValue("(llN)", reads, fwd, rest);
 }
 
-static double monotonic_now(void)
+/* set_watch(engine, lan_l2, wan_l2, on_stale): see check_stale (an L2 host may be None: TUN). */
+static PyObject *FlowCache_set_watch(FlowCache *self, PyObject *args)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    PyObject *w[3], *cb;
+    if (!PyArg_ParseTuple(args, "OOOO", &w[0], &w[1], &w[2], &cb))
+        return NULL;
+    if (!PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "set_watch: on_stale must be callable");
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        PyObject *o = w[i] == Py_None ? NULL : w[i];
+        Py_XINCREF(o);
+        Py_XSETREF(self->watch[i], o);
+        self->seen[i] = -1;
+    }
+    Py_INCREF(cb);
+    Py_XSETREF(self->on_stale, cb);
+    Py_RETURN_NONE;
 }
 
-/*
- * poll(pause, min, end, sleep_first) -> (forwarded, rounds, port, rest): interrupt moderation.
- * Rounds of: sleep `pause` seconds (not before the first round unless sleep_first), then read
- * both ports until EAGAIN, forwarding cached flows, stamped with CLOCK_MONOTONIC (the clock of
- * Python's time.monotonic). Stops after a round that forwarded fewer than `min` packets or once
- * `end` (monotonic seconds) has passed: rest None. Returns at once when a packet needs Python:
- * port 0 or 1 and rest the bytes as read, or rest an errno (int) for a failed read.
- */
-static PyObject *FlowCache_poll(FlowCache *self, PyObject *const *args, Py_ssize_t nargs)
+/* set_hooks(idx, miss), set_coalesce(pause, min_busy, hold), set_traffic(callable or None) */
+static PyObject *FlowCache_set_miss(FlowCache *self, PyObject *args)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "poll(pause, min, end, sleep_first)");
+    int idx;
+    PyObject *cb;
+    if (!PyArg_ParseTuple(args, "iO", &idx, &cb))
+        return NULL;
+    if (idx < 0 || idx > 1 || !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_ValueError, "set_miss(idx 0|1, callable)");
         return NULL;
     }
-    double pause = PyFloat_AsDouble(args[0]);
-    long minp = PyLong_AsLong(args[1]);
-    double end = PyFloat_AsDouble(args[2]);
-    int sleep_first = PyObject_IsTrue(args[3]);
-    if (PyErr_Occurred())
+    Py_INCREF(cb);
+    Py_XSETREF(self->ports[idx].miss, cb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FlowCache_set_coalesce(FlowCache *self, PyObject *args)
+{
+    double pause, hold;
+    long min_busy;
+    if (!PyArg_ParseTuple(args, "dld", &pause, &min_busy, &hold))
         return NULL;
-    if (self->ports[0].fd < 0 || self->ports[1].fd < 0 || !(pause >= 0 && pause < 1)) {
-        PyErr_SetString(PyExc_ValueError, "poll: ports not set or pause out of range");
+    if (!(pause >= 0 && pause < 1) || !(hold >= 0 && hold < 1) || min_busy < 1) {
+        PyErr_SetString(PyExc_ValueError, "set_coalesce: pause and hold in [0, 1) s, min_busy >= 1");
         return NULL;
     }
-    long fwd = 0, rounds = 0;
-    for (;;) {
-        if (sleep_first) {
-            struct timespec ts = {0, (long)(pause * 1e9)};
-            Py_BEGIN_ALLOW_THREADS
-            nanosleep(&ts, NULL);
-            Py_END_ALLOW_THREADS
-            rounds++;
-        }
-        sleep_first = 1;
-        double now = monotonic_now();
-        long n = 0;
-        for (int i = 0; i < 2; i++) {
-            for (int k = 0; k < POLL_BATCH; k++) {
-                ssize_t r = read(self->ports[i].fd, self->buf, BUF_SIZE);
-                if (r < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    if (errno == EAGAIN || errno == EWOULDBLOCK)
-                        break;
-                    return Py_BuildValue("(lliN)", fwd + n, rounds, i, PyLong_FromLong(errno));
-                }
-                if (forward(self, i, self->buf, r, now)) {
-                    n++;
-                    continue;
-                }
-                PyObject *rest = PyBytes_FromStringAndSize((const char *)self->buf, r);
-                if (rest == NULL)
-                    return NULL;
-                return Py_BuildValue("(lliN)", fwd + n, rounds, i, rest);
-            }
-        }
-        fwd += n;
-        if (n < minp || now >= end)
-            return Py_BuildValue("(lliO)", fwd, rounds, -1, Py_None);
+    self->pause = pause;
+    self->min_busy = min_busy;
+    self->hold = hold;
+    Py_RETURN_NONE;
+}
+
+static PyObject *FlowCache_set_traffic(FlowCache *self, PyObject *cb)
+{
+    if (cb != Py_None && !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "set_traffic: a callable or None");
+        return NULL;
     }
+    PyObject *o = cb == Py_None ? NULL : cb;
+    Py_XINCREF(o);
+    Py_XSETREF(self->on_traffic, o);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FlowCache_set_capture(FlowCache *self, PyObject *obj)
+{
+    PyObject *o = obj == Py_None ? NULL : obj;
+    Py_XINCREF(o);
+    Py_XSETREF(self->capture, o);
+    Py_RETURN_NONE;
+}
+
+static PyObject *FlowCache_get_passed(FlowCache *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->passed);
 }
 
 static PyObject *FlowCache_set_port(FlowCache *self, PyObject *args)
@@ -483,11 +660,11 @@ static PyObject *FlowCache_clear(FlowCache *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *FlowCache_take_errors(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *t = Py_BuildValue("(KKK)", (unsigned long long)self->ports[0].write_errors,
+    PyObject *t = Py_BuildValue("(KKKK)", (unsigned long long)self->ports[0].write_errors,
                                 (unsigned long long)self->ports[1].write_errors,
-                                (unsigned long long)self->full);
+                                (unsigned long long)self->full, (unsigned long long)self->rounds);
     self->ports[0].write_errors = self->ports[1].write_errors = 0;
-    self->full = 0;
+    self->full = self->rounds = 0;
     return t;
 }
 
@@ -501,6 +678,13 @@ static int FlowCache_traverse(FlowCache *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     for (uint32_t i = 0; i < self->n; i++)
         Py_VISIT(self->entries[i].token);
+    for (int i = 0; i < 3; i++)
+        Py_VISIT(self->watch[i]);
+    Py_VISIT(self->on_stale);
+    Py_VISIT(self->on_traffic);
+    Py_VISIT(self->capture);
+    Py_VISIT(self->ports[0].miss);
+    Py_VISIT(self->ports[1].miss);
     return 0;
 }
 
@@ -508,6 +692,13 @@ static int FlowCache_tp_clear(FlowCache *self)
 {
     if (self->entries != NULL)
         drop_all(self);
+    for (int i = 0; i < 3; i++)
+        Py_CLEAR(self->watch[i]);
+    Py_CLEAR(self->on_stale);
+    Py_CLEAR(self->on_traffic);
+    Py_CLEAR(self->capture);
+    Py_CLEAR(self->ports[0].miss);
+    Py_CLEAR(self->ports[1].miss);
     return 0;
 }
 
@@ -548,10 +739,19 @@ static PyMethodDef FlowCache_methods[] = {
      "drain(port, budget, now) -> (reads, forwarded, rest): read from port 0 (LAN) or 1 (WAN) and "
      "forward cached flows; rest is the first packet Python must handle (bytes, as read), None when "
      "the fd would block or the budget is spent, or an errno (int) when a read failed."},
-    {"poll", (PyCFunction)(void (*)(void))FlowCache_poll, METH_FASTCALL,
-     "poll(pause, min, end, sleep_first) -> (forwarded, rounds, port, rest): rounds of sleep and "
-     "drain of both ports, until a round forwards fewer than min packets or end (monotonic) "
-     "passes (rest None), or a packet needs Python (port, its bytes) or a read fails (port, errno)."},
+    {"on_readable", (PyCFunction)FlowCache_on_readable, METH_O,
+     "on_readable(port): the event loop's reader callback (see the source)."},
+    {"set_watch", (PyCFunction)FlowCache_set_watch, METH_VARARGS,
+     "set_watch(engine, lan_l2, wan_l2, on_stale): when engine.epoch or an L2 host's version moves, "
+     "on_stale() is called before the next packet is looked up."},
+    {"set_miss", (PyCFunction)FlowCache_set_miss, METH_VARARGS,
+     "set_miss(idx, miss): miss(frame bytes or errno int, now) -> packets passed on, for on_readable."},
+    {"set_coalesce", (PyCFunction)FlowCache_set_coalesce, METH_VARARGS,
+     "set_coalesce(pause, min_busy, hold): interrupt moderation in on_readable (pause 0: off)."},
+    {"set_capture", (PyCFunction)FlowCache_set_capture, METH_O,
+     "set_capture(tap or None): while tap.active, on_readable hands every packet to Python."},
+    {"set_traffic", (PyCFunction)FlowCache_set_traffic, METH_O,
+     "set_traffic(callable or None): called with the time after a wake-up that passed packets on."},
     {"set_port", (PyCFunction)FlowCache_set_port, METH_VARARGS,
      "set_port(idx, fd, vnet, tap, mac): the device of port 0 (LAN) or 1 (WAN)."},
     {"add", (PyCFunction)FlowCache_add, METH_VARARGS,
@@ -561,11 +761,18 @@ static PyMethodDef FlowCache_methods[] = {
      "sync() -> [(token, dir, proto, packets, bytes, last)]: counts since the last sync."},
     {"clear", (PyCFunction)FlowCache_clear, METH_NOARGS, "clear() -> like sync(), then forget every flow."},
     {"take_errors", (PyCFunction)FlowCache_take_errors, METH_NOARGS,
-     "take_errors() -> (LAN write errors, WAN write errors, refused additions) since the last call."},
+     "take_errors() -> (LAN write errors, WAN write errors, refused additions, coalescing rounds) since "
+     "the last call."},
     {NULL, NULL, 0, NULL},
 };
 
+static PyGetSetDef FlowCache_getset[] = {
+    {"passed", (getter)FlowCache_get_passed, NULL, "packets passed on by on_readable since creation", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyType_Slot FlowCache_slots[] = {
+    {Py_tp_getset, FlowCache_getset},
     {Py_tp_doc, "Established flows forwarded without Python (see the module's documentation)."},
     {Py_tp_new, FlowCache_new},
     {Py_tp_dealloc, FlowCache_dealloc},

@@ -93,10 +93,6 @@ def _no_handler_v(pkt: bytes | bytearray, vh: bytes, port: Port, now: float) -> 
     raise RuntimeError("port read before Dataplane.start")
 
 
-def _nothing() -> None:
-    pass
-
-
 def _set_timer_slack(ns: int) -> bool:
     """prctl(PR_SET_TIMERSLACK): how late the kernel may fire this process's timers (sleeps)."""
     try:
@@ -128,11 +124,10 @@ class Port:
         self.hlen = VH if self.vnet else 0  # bytes before the frame in every read and write
         self.handle: Callable[[bytes | bytearray, float], None] = _no_handler
         self.handle_v: Callable[[bytes | bytearray, bytes, Port, float], None] = _no_handler_v
-        # the native fast path (see Dataplane._set_native): the flow cache, this port's index in
-        # it, and the check that empties it when the engine's or the neighbours' state moved
+        # the native fast path (see Dataplane._set_native): the flow cache and this port's index
+        # in it (the cache itself empties when the engine's or the neighbours' state moved)
         self.native: Any = None
         self.native_idx = 0
-        self.native_check: Callable[[], None] = _nothing
         self.super_seen = False  # a TSO/USO super-packet was read (bulk TCP: no coalescing)
 
     def drain(self, handle: Callable[[bytes | bytearray, float], None],
@@ -175,7 +170,6 @@ class Port:
                     break
                 n += 1
             else:
-                self.native_check()  # before the first read, and after each packet Python handled
                 k, fwd, data = native.drain(self.native_idx, budget - n, now)
                 n += k
                 passed += fwd
@@ -209,9 +203,13 @@ class Port:
         """One frame handed back by the flow cache's ``poll``: the path of ``drain`` (1 if an IPv4
         packet was passed on, 0 if the L2 host consumed it or it was dropped)."""
         l2, hl = self.l2, self.hlen
+        if self.capture is not None and self.capture.active:
+            self.capture.record(self.iface, data[hl:])
         if l2 is not None:
             pkt = l2.rx_at(data, hl, now)
-            if pkt is None:
+            if pkt is None:  # ARP (answered here), or dropped
+                if l2.out or l2.out_offload:
+                    self.flush_l2()
                 return 0
         elif len(data) >= hl + 20 and data[hl] >> 4 == 4:
             pkt = data[hl:]
@@ -227,6 +225,13 @@ class Port:
         if l2 is not None and (l2.out or l2.out_offload):
             self.flush_l2()
         return 1
+
+    def native_miss(self, data: bytes | int, now: float) -> int:
+        """What the flow cache's reader hands back: a frame (see ``take``) or a read's errno."""
+        if type(data) is int:
+            self._read_error(OSError(data, os.strerror(data)))
+            return 0
+        return self.take(data, now)  # type: ignore[arg-type]
 
     def _read_error(self, exc: OSError) -> None:
         _bump(self.counters, f"dp_{self.iface}_read_errors")
@@ -318,7 +323,6 @@ class Dataplane:
         self.rps: tuple[int, int] | None = None  # (masqd's CPU, steering mask) with dataplane.rps
         self.warmer: Warmer | None = None  # dataplane.keep_warm
         self.native: Any = None  # dataplane.fastpath = "native": the flow cache (_fastpath.FlowCache)
-        self._nstate: tuple[int, int, int] | None = None
         self.coalesce = 0.0  # seconds between drains under load (dataplane.coalesce; 0: off)
         self.coalesce_slack_set = False
         # napi = "adaptive": packets passed on (all ports), at the last tick, quiet ticks in a row,
@@ -415,7 +419,6 @@ class Dataplane:
         self.loop = loop
         now = self.clock()
         for port in self.ports.values():
-            loop.add_reader(port.fd, self._on_readable, port)
             if port.l2 is not None:
                 port.l2.gratuitous()
                 port.flush_l2()
@@ -426,6 +429,7 @@ class Dataplane:
         self._set_keep_warm()
         self._set_native()
         self._set_coalesce()
+        self._register_readers()
         if any(p.dev.napi == "adaptive" for p in self.ports.values()):
             self._timers["napi"] = loop.call_later(NAPI_TICK, self._napi_tick)
         log.debug("data plane started at %.3f", now)
@@ -436,7 +440,8 @@ class Dataplane:
         """napi = "adaptive": threads on when the rate is high, off after a quiet second."""
         if not self._started or self.loop is None:
             return
-        n, self._napi_seen = self.npkts - self._napi_seen, self.npkts
+        total = self.npkts + (self.native.passed if self.native is not None else 0)
+        n, self._napi_seen = total - self._napi_seen, total
         self._napi_quiet = self._napi_quiet + 1 if n < NAPI_DOWN else 0
         want = self.napi_threaded
         if n >= NAPI_UP:
@@ -475,6 +480,22 @@ class Dataplane:
         if period and period != self.coalesce:
             log.info("coalesce: under load, drains every %.0f µs instead of one per burst", period * 1e6)
         self.coalesce = period
+        if self.native is not None:
+            self.native.set_coalesce(period, COALESCE_MIN, COALESCE_HOLD)
+
+    def reader(self, port: Port) -> tuple[Callable[[Any], None], Any]:
+        """The loop's callback for ``port``'s fd, and its argument: the flow cache itself when it
+        runs (and the data plane's clock is the monotonic clock it reads), else ``_on_readable``."""
+        if self.native is not None and self.clock is time.monotonic:
+            return self.native.on_readable, port.native_idx
+        return self._on_readable, port
+
+    def _register_readers(self) -> None:
+        if self.loop is None or not self._started:
+            return
+        for port in self.ports.values():
+            cb, arg = self.reader(port)
+            self.loop.add_reader(port.fd, cb, arg)
 
     # ------------------------------------------------------------------ native fast path
 
@@ -499,21 +520,29 @@ class Dataplane:
             port = self.ports[side]
             fc.set_port(idx, port.fd, bool(port.hlen), port.l2 is not None,
                         port.l2.mac if port.l2 is not None else b"")
-            port.native, port.native_idx, port.native_check = fc, idx, self._native_check
+            fc.set_miss(idx, port.native_miss)
+            port.native, port.native_idx = fc, idx
+        # the cache empties itself (through _native_stale, which folds its counts) whenever a
+        # cached decision could be void: the engine's epoch moved (a session removed or
+        # rebound, a new config) or a neighbour table changed (TAP)
+        fc.set_watch(self.engine, self.ports["lan"].l2, self.ports["wan"].l2, self._native_stale)
+        fc.set_coalesce(self.coalesce, COALESCE_MIN, COALESCE_HOLD)
+        fc.set_capture(self.ports["lan"].capture)
         self.native = fc
-        self._nstate = None
+        self._set_traffic_hook()
         self.engine.sync_hook = self.sync_native
-        log.info("native fast path on: established TCP/UDP flows are forwarded without Python")
+        self._register_readers()
+        log.info("native fast path on: established TCP/UDP flows and pings are forwarded without Python")
 
-    def _native_check(self) -> None:
-        """Empty the flow cache when a cached decision could be void: the engine's epoch moved
-        (a session removed or rebound, a new config) or a neighbour table changed (TAP)."""
-        lan, wan = self.ports["lan"].l2, self.ports["wan"].l2
-        st = (self.engine.epoch, lan.version if lan is not None else 0, wan.version if wan is not None else 0)
-        if st != self._nstate:
-            self._nstate = st
-            if len(self.native):
-                self._fold(self.native.clear())
+    def _native_stale(self) -> None:
+        if self.native is not None:
+            self._fold(self.native.clear())
+
+    def _set_traffic_hook(self) -> None:
+        """keep_warm needs to hear of traffic the flow cache forwarded without Python."""
+        if self.native is not None:
+            w = self.warmer
+            self.native.set_traffic(w.poke if w is not None else None)
 
     def sync_native(self, clear: bool = False) -> None:
         """Fold what the flow cache counted into the engine (sessions' expiry, firewall hits,
@@ -522,7 +551,9 @@ class Dataplane:
         if fc is None:
             return
         self._fold(fc.clear() if clear else fc.sync())
-        lan_err, wan_err, full = fc.take_errors()
+        lan_err, wan_err, full, rounds = fc.take_errors()
+        if rounds:
+            _bump(self.counters, "dp_coalesce_rounds", rounds)
         if lan_err:
             _bump(self.counters, "dp_lan_write_errors", lan_err)
         if wan_err:
@@ -591,6 +622,7 @@ class Dataplane:
             if self.warmer is not None:
                 self.warmer.stop()
                 self.warmer = None
+                self._set_traffic_hook()
             return
         if self.warmer is None:
             self.warmer = Warmer(self.cfg, self.engine, period, self.clock, self.counters)
@@ -600,6 +632,7 @@ class Dataplane:
             self.warmer.rebuild(self.cfg, self.engine)
         if self.loop is not None:
             self.warmer.start(self.loop)
+        self._set_traffic_hook()
 
     def stop(self) -> None:
         """Remove readers and timers (the devices stay open until ``close``)."""
@@ -650,9 +683,6 @@ class Dataplane:
         for p in ports:
             p.super_seen = False
         end = mono() + COALESCE_HOLD  # real time, whatever clock the packets are stamped with
-        fc = self.native
-        if fc is not None and clock is mono and not any(p.capture is not None and p.capture.active for p in ports):
-            return self._coalesce_native(fc, pause, end)
         total = rounds = 0
         while True:
             time.sleep(pause)
@@ -664,33 +694,6 @@ class Dataplane:
             total += n
             if n < COALESCE_MIN or mono() >= end or any(p.super_seen for p in ports):
                 break
-        _bump(self.counters, "dp_coalesce_rounds", rounds)
-        return total
-
-    def _coalesce_native(self, fc: Any, pause: float, end: float) -> int:
-        """The rounds run inside the flow cache (no Python while only cached flows come); a packet
-        it hands back takes the usual path, then the rounds go on without a pause."""
-        total = rounds = 0
-        sleep_first = True
-        lan, wan = self.ports["lan"], self.ports["wan"]
-        while True:
-            self._native_check()
-            fwd, r, idx, rest = fc.poll(pause, COALESCE_MIN, end, sleep_first)
-            total += fwd
-            rounds += r
-            if rest is None:
-                break
-            port = lan if idx == 0 else wan
-            if type(rest) is not bytes:
-                port._read_error(OSError(rest, os.strerror(rest)))
-                break
-            port.super_seen = False
-            total += port.take(rest, time.monotonic())
-            # packets that all need Python must not hold the loop either; nor bulk TCP, whose
-            # super-packets carry 64 KiB each: there the pause would only add latency
-            if time.monotonic() >= end or port.super_seen:
-                break
-            sleep_first = False
         _bump(self.counters, "dp_coalesce_rounds", rounds)
         return total
 
@@ -768,7 +771,7 @@ class Dataplane:
             l2.tick(now)
             port.hcache.clear()
             if self.native is not None:  # neighbours age: every flow goes through Python again
-                self._nstate = None
+                self._native_stale()
             if l2.out or l2.out_offload:
                 port.flush_l2()
             if l2.unreachable:
@@ -816,18 +819,21 @@ class Dataplane:
                 port.flush_l2()
 
     def close_native(self) -> None:
-        """Fold the last counts and drop the flow cache (the devices are closing)."""
+        """Fold the last counts and drop the flow cache; the readers go back to Python."""
         if self.native is not None:
             self.sync_native(clear=True)
             self.engine.sync_hook = None
+            self.npkts += self.native.passed  # adaptive NAPI's count goes on
             self.native = None
             for port in self.ports.values():
                 port.native = None
-                port.native_check = _nothing
+            self._register_readers()
 
     def set_capture(self, tap: CaptureTap | None) -> None:
         for port in self.ports.values():
             port.capture = tap
+        if self.native is not None:  # while the tap is active every packet goes through Python
+            self.native.set_capture(tap)
 
     def all_counters(self) -> dict[str, int]:
         """Engine counters plus the data plane's own."""

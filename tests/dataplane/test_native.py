@@ -63,9 +63,14 @@ class Side:
     clock: list[float]
     socks: list[socket.socket] = field(default_factory=list)
 
+    def readable(self, iface: str) -> None:
+        """What the event loop does when the device fd is readable: its registered reader."""
+        cb, arg = self.dp.reader(self.dp.ports[iface])
+        cb(arg)
+
     def feed(self, iface: str, data: bytes) -> list[tuple[str, bytes]]:
         self.wires[iface].send(data)
-        self.dp._on_readable(self.dp.ports[iface])
+        self.readable(iface)
         return self.collect()
 
     def collect(self) -> list[tuple[str, bytes]]:
@@ -235,7 +240,7 @@ def event(sides: list[Side], r: random.Random, mode: str, offload: bool, step: i
             new = f"02:bb:00:00:00:{step % 250:02x}"
             frame = bytes(Ether(src=new, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=new, psrc=GW, pdst=WAN_IP))
             s.wires["wan"].send((vnet.ZERO if offload else b"") + frame)
-            s.dp._on_readable(s.dp.ports["wan"])
+            s.readable("wan")
         else:
             s.clock[0] += 0.5
     return what
@@ -248,11 +253,16 @@ def counters(s: Side) -> dict[str, int]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
-def test_native_writes_what_python_writes(mode: str, offload: bool, seed: int) -> None:
-    py, nat = make_side(mode, offload, "python"), make_side(mode, offload, "native")
+@pytest.mark.parametrize("driver", ["drain", "reader"])
+def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool, seed: int) -> None:
+    """driver "drain": a test clock, Port.drain's loop calls the cache; "reader": the monotonic
+    clock, and the loop's reader is the cache itself (on_readable), calling Python for misses."""
+    real = driver == "reader"
+    py, nat = make_side(mode, offload, "python", real), make_side(mode, offload, "native", real)
     sides = [py, nat]
     try:
         assert py.dp.native is None and nat.dp.native is not None
+        assert nat.dp.reader(nat.dp.ports["lan"])[0] == (nat.dp.native.on_readable if real else nat.dp._on_readable)
         macs = {side: ":".join(f"{b:02x}" for b in nat.dp.ports[side].l2.mac) if mode == "tap" else ""
                 for side in ("lan", "wan")}
         if mode == "tap":  # the hosts and the gateway announce themselves
@@ -278,7 +288,11 @@ def test_native_writes_what_python_writes(mode: str, offload: bool, seed: int) -
         assert "fastpath_native_packets" not in py.dp.all_counters()
         assert counters(py) == counters(nat)
         now = py.clock[0]
-        assert py.dp.engine.table(now) == nat.dp.engine.table(now)
+
+        def rows(s: Side) -> list[dict[str, Any]]:  # (expiry in whole seconds: real time moved on)
+            return [{k: v for k, v in row.items() if not real or k != "expires_in"} for row in s.dp.engine.table(now)]
+
+        assert rows(py) == rows(nat)
         assert rule_rows(py.dp.engine) == rule_rows(nat.dp.engine)
         assert any(row["pkts"] for row in rule_rows(nat.dp.engine) or [])
     finally:
@@ -343,7 +357,7 @@ def test_flow_cache_refuses_bad_entries_and_keeps_counts() -> None:
     with pytest.raises(ValueError):
         fc.drain(0, 1, 0.0)  # no device set
     assert fc.sync() == [] and fc.clear() == [] and len(fc) == 0
-    assert fc.take_errors() == (0, 0, 0)
+    assert fc.take_errors() == (0, 0, 0, 0)
 
 
 def test_flow_cache_fills_up_and_says_so() -> None:
@@ -359,7 +373,7 @@ def test_flow_cache_fills_up_and_says_so() -> None:
         added = sum(fc.add(0, 17, struct.pack("!IIHH", i, 7, 1, 2), token, bytes(4), 9, 0, 0, 1500, b"")
                     for i in range(_fastpath.MAX_ENTRIES + 10))
         assert added == _fastpath.MAX_ENTRIES == len(fc)
-        assert fc.take_errors() == (0, 0, 10)
+        assert fc.take_errors() == (0, 0, 10, 0)
         # a cached flow is forwarded: source rewritten, TTL decremented; others come back as read
         pkt = bytes(IP(src="0.0.0.5", dst="0.0.0.7", ttl=9) / UDP(sport=1, dport=2) / (b"x" * 20))
         b.send(pkt)
@@ -378,7 +392,7 @@ def test_flow_cache_fills_up_and_says_so() -> None:
             fc.set_port(1, ro, False, False, b"")
             b.send(pkt)
             assert fc.drain(0, 10, 6.0) == (1, 1, None)
-            assert fc.take_errors() == (0, 1, 0)
+            assert fc.take_errors() == (0, 1, 0, 0)
         finally:
             os.close(ro)
     finally:
@@ -426,13 +440,13 @@ def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, 
             if not select.select([fd], [], [], 0.005)[0]:  # what the loop's epoll does
                 continue
             start = time.monotonic()
-            s.dp._on_readable(s.dp.ports["lan"])
+            s.readable("lan")
             longest = max(longest, time.monotonic() - start)
             wakeups += 1
         t.join()
         while True:  # what is left
             before = s.dp.all_counters().get("tx_wan_udp_packets", 0)
-            s.dp._on_readable(s.dp.ports["lan"])
+            s.readable("lan")
             if s.dp.all_counters().get("tx_wan_udp_packets", 0) == before:
                 break
         rounds = s.dp.counters["dp_coalesce_rounds"]
@@ -451,3 +465,58 @@ def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, 
         s.close()
     with pytest.raises(Exception, match="coalesce"):
         loads(config("tun", False, "native").replace('fastpath = "native"\n', 'fastpath = "native"\ncoalesce = 0.01\n'))
+
+
+def test_while_a_capture_runs_every_packet_goes_through_python() -> None:
+    """ops capture (pcap) records what Python sees: while it is active, the flow cache's reader
+    hands every packet back, so nothing is forwarded unseen; when it stops, the cache resumes."""
+
+    class Tap:
+        def __init__(self) -> None:
+            self.active = False
+            self.seen: list[tuple[str, bytes]] = []
+
+        def record(self, iface: str, packet: bytes | bytearray | memoryview) -> None:
+            self.seen.append((iface, bytes(packet)))
+
+    s = make_side("tun", False, "native", real_clock=True)
+    tap = Tap()
+    try:
+        s.dp.set_capture(tap)
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for _ in range(3):  # the session, the lesson, then natively
+            assert len(s.feed("lan", flow)) == 1
+        native = s.dp.all_counters()["fastpath_native_packets"]
+        assert native == 1 and tap.seen == []
+        tap.active = True
+        for _ in range(4):
+            assert len(s.feed("lan", flow)) == 1
+        assert s.dp.all_counters()["fastpath_native_packets"] == native
+        assert [i for i, _ in tap.seen] == ["lan", "wan"] * 4  # each packet in and out
+        tap.active = False
+        assert len(s.feed("lan", flow)) == 1
+        assert s.dp.all_counters()["fastpath_native_packets"] == native + 1 and len(tap.seen) == 8
+    finally:
+        s.close()
+
+
+def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on() -> None:
+    """A bug in Python under the reader must not wedge it: the exception propagates to the loop
+    (which logs it) and the next wake-up works."""
+    s = make_side("tun", False, "native", real_clock=True)
+    try:
+        calls = []
+
+        def bad(data: bytes | int, now: float) -> int:
+            calls.append(data)
+            raise RuntimeError("boom")
+
+        s.dp.native.set_miss(0, bad)
+        s.wires["lan"].send(b"\x45" + bytes(30))
+        with pytest.raises(RuntimeError, match="boom"):
+            s.readable("lan")
+        s.dp.native.set_miss(0, s.dp.ports["lan"].native_miss)
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
+        assert len(s.feed("lan", flow)) == 1 and len(calls) == 1
+    finally:
+        s.close()
