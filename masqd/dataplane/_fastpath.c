@@ -35,6 +35,7 @@
 #define TCP 6
 #define UDP 17
 #define POLL_BATCH 512
+#define BULK_QUIET 0.02 /* no coalescing this long after a super-packet */
 
 typedef struct {
     uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
@@ -81,6 +82,7 @@ typedef struct {
     uint64_t rounds;   /* coalescing rounds, since the last take_errors */
     PyObject *capture; /* while its "active" is true, every packet goes to Python (or NULL) */
     int bypass;        /* this wake-up: capture active */
+    double last_super; /* when a super-packet last went to Python (bulk TCP: no coalescing) */
 } FlowCache;
 
 static inline void make_key(const uint8_t *k12, int dir, int proto, uint64_t *k0, uint64_t *k1)
@@ -327,8 +329,10 @@ static int drain_port(FlowCache *self, int i, long budget, double now, long *pas
             (*passed)++;
             continue;
         }
-        if (pt->vnet && r > 1 && self->buf[1] != 0)
+        if (pt->vnet && r > 1 && self->buf[1] != 0) {
             *super = 1;
+            self->last_super = now;
+        }
         long n = call_miss(self, i, PyBytes_FromStringAndSize((const char *)self->buf, r), now);
         if (n < 0 || check_stale(self) < 0)
             return -1;
@@ -340,7 +344,8 @@ static int drain_port(FlowCache *self, int i, long budget, double now, long *pas
 /*
  * on_readable(port): the event loop's reader callback for a device fd. Reads and forwards as
  * drain_port; then, when coalescing is on and the wake-up passed on min_busy packets or more
- * (and no super-packet: bulk TCP keeps its ACK clock), rounds of: sleep `pause`, drain both
+ * (and no super-packet in the last BULK_QUIET seconds: bulk TCP keeps its ACK clock, whose
+ * small ACKs would otherwise start the pauses), rounds of: sleep `pause`, drain both
  * ports, while each round passes on min_busy packets, for at most `hold`. No Python runs while
  * only cached flows arrive.
  */
@@ -369,7 +374,7 @@ static PyObject *FlowCache_on_readable(FlowCache *self, PyObject *arg)
     }
     if (check_stale(self) < 0 || drain_port(self, (int)in, POLL_BATCH, now, &passed, &super) < 0)
         return NULL;
-    if (self->pause > 0 && passed >= self->min_busy && !super) {
+    if (self->pause > 0 && passed >= self->min_busy && !super && now - self->last_super > BULK_QUIET) {
         double end = now + self->hold;
         struct timespec ts = {0, (long)(self->pause * 1e9)};
         for (;;) {

@@ -63,6 +63,7 @@ log = logging.getLogger("masqd.dataplane")
 READ_BATCH = 512  # packets per wake-up and port, at most
 COALESCE_MIN = 2  # dataplane.coalesce: a drain that passes on this many packets means "under load"
 COALESCE_HOLD = 0.002  # ... and the loop is held for at most this long before its other work runs
+BULK_QUIET = 0.02  # ... and not within this long of a super-packet (bulk TCP: its ACKs are small)
 NAPI_TICK = 0.1  # napi = "adaptive": the packet rate is looked at this often,
 NAPI_UP = 2000  # threads on at this many packets in a tick (20 kpps),
 NAPI_DOWN = 500  # off after NAPI_QUIET ticks in a row under this many (5 kpps)
@@ -325,6 +326,7 @@ class Dataplane:
         self.native: Any = None  # dataplane.fastpath = "native": the flow cache (_fastpath.FlowCache)
         self.coalesce = 0.0  # seconds between drains under load (dataplane.coalesce; 0: off)
         self.coalesce_slack_set = False
+        self.last_super = 0.0  # when a super-packet was last read (no coalescing for a while)
         # napi = "adaptive": packets passed on (all ports), at the last tick, quiet ticks in a row,
         # whether the threads are on, and a switch in progress (done in a worker thread)
         self.npkts = 0
@@ -662,7 +664,9 @@ class Dataplane:
         clock = self.clock
         port.super_seen = False
         passed = port.drain(port.handle, self._route_v, clock())
-        if passed >= COALESCE_MIN and self.coalesce and not port.super_seen:
+        if port.super_seen:
+            self.last_super = time.monotonic()
+        elif passed >= COALESCE_MIN and self.coalesce and time.monotonic() - self.last_super > BULK_QUIET:
             passed += self._coalesce()
         self.npkts += passed
         port.idle_at = now = clock()
@@ -692,7 +696,10 @@ class Dataplane:
             for p in ports:
                 n += p.drain(p.handle, route_v, now)
             total += n
-            if n < COALESCE_MIN or mono() >= end or any(p.super_seen for p in ports):
+            if any(p.super_seen for p in ports):
+                self.last_super = mono()
+                break
+            if n < COALESCE_MIN or mono() >= end:
                 break
         _bump(self.counters, "dp_coalesce_rounds", rounds)
         return total
