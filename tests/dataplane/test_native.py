@@ -520,3 +520,107 @@ def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on() ->
         assert len(s.feed("lan", flow)) == 1 and len(calls) == 1
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("mode", ["tun", "tap"])
+def test_mangled_packets_of_cached_flows_get_what_python_gives_them(mode: str, offload: bool) -> None:
+    """The cache's own checks against the engine's: packets of established (cached) flows with
+    one to three header bytes changed, or cut short, or padded, give the same bytes out (or
+    nothing) as on the Python side, and the flows stay cached for their intact packets."""
+    py, nat = make_side(mode, offload, "python", True), make_side(mode, offload, "native", True)
+    sides = [py, nat]
+    r = random.Random(4242)
+    try:
+        macs = {side: nat.dp.ports[side].l2.mac.hex(":") if mode == "tap" else "" for side in ("lan", "wan")}
+        if mode == "tap":
+            for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("wan", GW, WAN_IP)):
+                for s in sides:
+                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(mode, iface, host, target))
+        t = Traffic(7, mode, offload)
+        head = (vnet.SIZE if offload else 0) + (14 if mode == "tap" else 0)
+
+        def ours(iface: str, p: bytes) -> bytes:
+            """A frame of ``p`` addressed to masqd (frame() sometimes addresses another host)."""
+            while True:
+                f = t.frame(iface, p, macs[iface])
+                if mode == "tun" or f[head - 14: head - 8] == nat.dp.ports[iface].l2.mac:
+                    return f
+
+        lan, rem = LAN_HOSTS[0], REMOTES[0]
+        outs = [bytes(IP(src=lan, dst=rem) / UDP(sport=5000, dport=53) / (b"u" * 40)),
+                bytes(IP(src=lan, dst=rem) / TCP(sport=5001, dport=80, flags="A") / (b"t" * 40)),
+                bytes(IP(src=lan, dst=rem) / ICMP(type=8, id=9, seq=1) / (b"i" * 40))]
+        for p in outs:  # establish each flow both ways: session, reply, lessons
+            for _ in range(3):
+                f = ours("lan", p)
+                a = [s.feed("lan", f) for s in sides]
+                assert a[0] == a[1]
+                q = IP(a[0][0][1][head:])
+                if ICMP in q:
+                    back = IP(src=rem, dst=WAN_IP) / ICMP(type=0, id=q[ICMP].id, seq=1) / (b"i" * 40)
+                elif TCP in q:
+                    back = IP(src=rem, dst=WAN_IP) / TCP(sport=80, dport=q[TCP].sport, flags="A") / (b"t" * 40)
+                else:
+                    back = IP(src=rem, dst=WAN_IP) / UDP(sport=53, dport=q[UDP].sport) / (b"u" * 40)
+                f = ours("wan", bytes(back))
+                b = [s.feed("wan", f) for s in sides]
+                assert b[0] == b[1] and b[0]
+        replies = []
+        for p in outs:
+            f = ours("lan", p)
+            a = [s.feed("lan", f) for s in sides]
+            q = IP(a[0][0][1][head:])
+            l4 = q.payload
+            if isinstance(l4, ICMP):
+                replies.append(bytes(IP(src=rem, dst=WAN_IP) / ICMP(type=0, id=l4.id, seq=1) / (b"i" * 40)))
+            else:
+                cls = type(l4)
+                replies.append(bytes(IP(src=rem, dst=WAN_IP) / cls(sport=l4.dport, dport=l4.sport) / (b"x" * 40)))
+        before = nat.dp.all_counters()["fastpath_native_packets"]
+        for _ in range(500):
+            iface = r.choice(["lan", "wan"])
+            base = r.choice(outs if iface == "lan" else replies)
+            frame = bytearray(t.frame(iface, base, macs[iface]))
+            how = r.random()
+            if how < 0.8:
+                for _ in range(r.randint(1, 3)):
+                    frame[r.randrange(0, min(len(frame), head + 40))] = r.getrandbits(8)
+            elif how < 0.9:
+                del frame[r.randrange(0, len(frame)):]
+            else:
+                frame += bytes(r.randrange(1, 30))
+            got = [s.feed(iface, bytes(frame)) for s in sides]
+            assert got[0] == got[1], (iface, t.frame(iface, base, macs[iface]).hex(), frame.hex())
+            good = t.frame(iface, base, macs[iface])  # (one frame for both: frame() draws at random)
+            intact = [s.feed(iface, good) for s in sides]
+            assert intact[0] == intact[1]
+        assert nat.dp.all_counters()["fastpath_native_packets"] > before + 300  # intact ones, mostly
+        assert counters(py) == counters(nat)
+    finally:
+        for s in sides:
+            s.close()
+
+
+def test_a_reload_switches_the_fast_path_and_the_readers_follow() -> None:
+    s = make_side("tun", False, "native", real_clock=True)
+    try:
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for _ in range(3):
+            assert len(s.feed("lan", flow)) == 1
+        assert s.dp.all_counters()["fastpath_native_packets"] == 1
+        for fastpath, native in (("python", False), ("native", True)):
+            cfg = loads(config("tun", False, fastpath))
+            s.dp.engine.reload(cfg)
+            s.dp.on_reload(cfg)
+            assert (s.dp.native is not None) == native
+            cb, _arg = s.dp.reader(s.dp.ports["lan"])
+            assert cb == (s.dp.native.on_readable if native else s.dp._on_readable)
+            assert s.dp.snapshot()["fastpath"] == fastpath
+            for _ in range(3):
+                assert len(s.feed("lan", flow)) == 1
+        # counted: one native packet, none while off, then two after the lesson again
+        assert s.dp.all_counters()["fastpath_native_packets"] == 3
+        assert s.dp.engine.counters["tx_wan_udp_packets"] == 9
+    finally:
+        s.close()

@@ -50,6 +50,11 @@ def test_classify_known_names() -> None:
     assert rule is not None and rule.family == "masqd_pptp_events" and labels == {"event": "call_ids_rewritten"}
     rule, labels = classify("pptp_calls_setup")
     assert rule is not None and rule.family == "masqd_pptp_calls" and labels == {"event": "setup"}
+    rule, labels = classify("fastpath_native_packets")
+    assert rule is not None and rule.family == "masqd_fastpath_native" and labels == {"event": "packets"}
+    rule, labels = classify("dp_coalesce_rounds")
+    assert rule is not None and rule.family == "masqd_dataplane_events"
+    assert labels == {"interface": "all", "event": "coalesce_rounds"}
 
 
 def test_unknown_counter_kept_under_generic_family() -> None:
