@@ -1,20 +1,26 @@
 /*
  * masqd.dataplane._fastpath: the native fast path. It forwards packets of
- * established TCP/UDP flows between the two device fds without entering Python.
+ * established TCP/UDP flows and pings between the two device fds without
+ * entering Python.
  *
  * The Python engine stays the only place where decisions are made. Once the
  * engine's own fast path has forwarded a packet of a flow, the data plane
- * teaches this cache the rewrite it did (new address and port, the
- * precomputed RFC 1624 checksum deltas, the MTU to check, the output port and
- * its Ethernet header). `drain` then reads packets until the fd would block;
- * every packet that matches a cached flow under the same conditions as the
- * engine's fast path (IPv4 without options or fragments, TTL > 1, TCP without
- * SYN/FIN/RST, length within the MTU, no super-packet) is rewritten in place and
- * written out, its flow's counters and last-seen time updated. The first packet
- * that does not match is handed back to Python as bytes, so the order of
- * packets is kept. The data plane folds the counters back into the engine
- * (`sync`) and empties the cache whenever the engine's state could have
- * changed a decision (`clear`).
+ * teaches this cache the rewrite it did (new address and port or ICMP
+ * identifier, the precomputed RFC 1624 checksum deltas, the MTU to check, the
+ * output port and its Ethernet header). Every packet that matches a cached flow
+ * under the same conditions as the engine's fast path (IPv4 without options or
+ * fragments, TTL > 1, TCP without SYN/FIN/RST, length within the MTU, no
+ * super-packet, a sane virtio-net header) is rewritten in place and written out,
+ * its flow's counters and last-seen time updated; any other packet goes to
+ * Python as it was read, before the next one is read, so the order is kept.
+ *
+ * `on_readable` is the event loop's reader callback for both fds: it reads
+ * until EAGAIN, calls the port's Python `miss` handler for what it does not
+ * forward, and coalesces under load (rounds of sleep and drain). `drain` serves
+ * a Python loop instead (it returns the first packet it does not forward). The
+ * cache empties itself, through the Python `on_stale` callback that folds its
+ * counts, when the engine's epoch or a neighbour table's version moves; `sync`
+ * and `clear` hand the counts back for the engine.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -13,6 +13,11 @@ the packet dropped).
 
 ``Dataplane`` wires the ports to the engine: every IPv4 packet read is given
 to ``engine.process(iface, packet, now)`` and what comes back is written out.
+With ``dataplane.fastpath = "native"`` the loop's reader callbacks are the C
+flow cache (masqd/dataplane/_fastpath.c): it forwards the flows the engine's
+fast path has already handled and hands every other packet to ``Port.take``,
+in order; ``dataplane.coalesce`` and ``napi = "adaptive"`` are driven from
+here too.
 In TAP mode the port's :class:`~masqd.dataplane.l2.EthernetHost` adds the
 Ethernet layer (ARP, neighbour cache, ICMP host-unreachable when a next hop
 cannot be resolved). Timers call ``engine.expire(now)`` every
@@ -201,7 +206,7 @@ class Port:
         return passed
 
     def take(self, data: bytes, now: float) -> int:
-        """One frame handed back by the flow cache's ``poll``: the path of ``drain`` (1 if an IPv4
+        """One frame the flow cache's reader handed back: the path of ``drain`` (1 if an IPv4
         packet was passed on, 0 if the L2 host consumed it or it was dropped)."""
         l2, hl = self.l2, self.hlen
         if self.capture is not None and self.capture.active:
