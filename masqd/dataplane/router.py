@@ -136,14 +136,9 @@ class Port:
         self.native_idx = 0
         self.super_seen = False  # a TSO/USO super-packet was read (bulk TCP: no coalescing)
 
-    def drain(self, handle: Callable[[bytes | bytearray, float], None],
-              handle_v: Callable[[bytes | bytearray, bytes, Port, float], None], now: float) -> int:
-        """Read and pass each IPv4 packet to ``handle``; returns how many packets were passed on
+    def drain(self, now: float) -> int:
+        """Read and pass each IPv4 packet on (``take``); returns how many packets were passed on
         (frames the L2 host consumed, such as ARP, and dropped non-IPv4 input are not counted).
-
-        On a device with virtio-net headers, packets that carry offload work (a
-        partial checksum, a super-packet) go to ``handle_v`` with their header
-        (offsets relative to the frame start: see ``shift``).
 
         How many: under load the fd is readable again right after a drain
         returns (``BURST_GAP``), and reads go until EAGAIN (up to READ_BATCH).
@@ -156,10 +151,9 @@ class Port:
         forwards the packets of the flows it knows and hands back the first one
         it does not: that one takes the path below, then the cache goes on.
         """
-        fd, l2, c, hl = self.fd, self.l2, self.counters, self.hlen
-        cap = self.capture if self.capture is not None and self.capture.active else None
-        native = self.native if cap is None else None
-        read = os.read
+        fd = self.fd
+        native = self.native if self.capture is None or not self.capture.active else None
+        read, take = os.read, self.take
         n = passed = 0
         # (the flow cache reads until EAGAIN: a read that would block costs it no exception)
         budget = READ_BATCH if native is not None or now - self.idle_at < BURST_GAP else 1
@@ -183,31 +177,15 @@ class Port:
                     if data is not None:  # an errno
                         self._read_error(OSError(data, os.strerror(data)))
                     break
-            if cap is not None:
-                cap.record(self.iface, data[hl:])
-            if l2 is not None:
-                pkt = l2.rx_at(data, hl, now)
-                if pkt is None:
-                    continue
-            elif len(data) >= hl + 20 and data[hl] >> 4 == 4:
-                pkt = data[hl:]  # the same object when there is no header
-            else:
-                _bump(c, "drop_non_ipv4")
-                continue
-            passed += 1
-            if not hl or (data[0] & 1 == 0 and data[1] == 0):  # no partial checksum, no super-packet
-                handle(pkt, now)
-            else:
-                if data[1]:
-                    self.super_seen = True
-                handle_v(pkt, data[:hl], self, now)
-        if l2 is not None and (l2.out or l2.out_offload):
-            self.flush_l2()
+            passed += take(data, now)
         return passed
 
     def take(self, data: bytes, now: float) -> int:
-        """One frame the flow cache's reader handed back: the path of ``drain`` (1 if an IPv4
-        packet was passed on, 0 if the L2 host consumed it or it was dropped)."""
+        """One frame as read (from ``drain``, or handed back by the flow cache's reader): 1 if an
+        IPv4 packet was passed on to ``handle`` (or, on a device with virtio-net headers, one
+        with offload work, a partial checksum or a super-packet, to ``handle_v`` with its
+        header, offsets relative to the frame start: see ``shift``), 0 if the L2 host consumed
+        it or it was dropped. Frames the L2 host produced are written at once."""
         l2, hl = self.l2, self.hlen
         if self.capture is not None and self.capture.active:
             self.capture.record(self.iface, data[hl:])
@@ -218,11 +196,11 @@ class Port:
                     self.flush_l2()
                 return 0
         elif len(data) >= hl + 20 and data[hl] >> 4 == 4:
-            pkt = data[hl:]
+            pkt = data[hl:]  # the same object when there is no header
         else:
             _bump(self.counters, "drop_non_ipv4")
             return 0
-        if not hl or (data[0] & 1 == 0 and data[1] == 0):
+        if not hl or (data[0] & 1 == 0 and data[1] == 0):  # no partial checksum, no super-packet
             self.handle(pkt, now)
         else:
             if data[1]:
@@ -569,58 +547,30 @@ class Dataplane:
             _bump(self.counters, "fastpath_native_full", full)
 
     def _fold(self, rows: list[tuple[Any, int, int, int, int, float]]) -> None:
-        eng = self.engine
-        rxp, rxb, txp, txb = eng.rx_pkts, eng.rx_bytes, eng.tx_pkts, eng.tx_bytes
-        total = 0
-        for s, d, proto, pk, by, last in rows:
-            total += pk
-            if not s.dead and last + s.tmo > s.expires:
-                s.expires = last + s.tmo
-            fw = s.fw
-            hits = fw[1 + d] if fw is not None else None
-            if hits:
-                for r in hits:
-                    r.pkts += pk
-                    r.bytes += by
-            i = 0 if proto == 6 else 1 if proto == 17 else 2  # the engine's protocol index: tcp, udp, icmp
-            a, b = (i, i + 6) if d == 0 else (i + 6, i)
-            rxp[a] += pk
-            rxb[a] += by
-            txp[b] += pk
-            txb[b] += by
+        total = self.engine.count_fast(rows)
         if total:
             _bump(self.counters, "fastpath_native_packets", total)
 
-    def _learn(self, iface: str, pkt: bytes | bytearray, oif: str, opkt: bytes | bytearray) -> None:
-        """The engine's fast path just forwarded ``pkt``: teach the flow cache the same rewrite."""
+    def _learn(self, iface: str, oif: str, opkt: bytes | bytearray) -> None:
+        """The engine's fast path just forwarded a packet: teach the flow cache the same rewrite."""
         eng = self.engine
         s, eng.fast_hit = eng.fast_hit, None
-        if s is None or s.helper is not None or s.dead:
-            return
         port = self.ports.get(oif)
-        if port is None:
+        if s is None or port is None:
+            return
+        entry = eng.fast_entry(s, iface)
+        if entry is None:
             return
         hdr: bytes | None = b""
         if port.l2 is not None:
             hdr = port.hcache.get(bytes(opkt[16:20]))  # the next hop is resolved (Port.send cached it)
             if hdr is None:
                 return
-        m = s.m
-        proto = pkt[9]
-        if proto == 1:  # ICMP query: the identifier stands for the port (see masqd.engine.core._fast_icmp)
-            ident = bytes(pkt[24:26])
-            key = bytes(pkt[12:20]) + (ident + b"\0\0" if iface == "lan" else b"\0\0" + ident)
-        else:
-            key = bytes(pkt[12:24])
-        if iface == "lan":
-            args = (0, proto, key, s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out, eng.wan_mtu, hdr)
-        else:
-            args = (1, proto, key, s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in, eng.lan_mtu, hdr)
         try:
-            self.native.add(*args)
+            self.native.add(*entry, hdr)
         except RuntimeError:  # the key was another session's, with counts: fold them first
             self.sync_native()
-            self.native.add(*args)
+            self.native.add(*entry, hdr)
 
     def _set_keep_warm(self) -> None:
         """Start, retune or stop the keep-warm shadow for ``cfg.dataplane.keep_warm``."""
@@ -668,7 +618,7 @@ class Dataplane:
     def _on_readable(self, port: Port) -> None:
         clock = self.clock
         port.super_seen = False
-        passed = port.drain(port.handle, self._route_v, clock())
+        passed = port.drain(clock())
         if port.super_seen:
             self.last_super = time.monotonic()
         elif passed >= COALESCE_MIN and self.coalesce and time.monotonic() - self.last_super > BULK_QUIET:
@@ -687,7 +637,7 @@ class Dataplane:
         level-triggered: whatever is queued brings masqd straight back). A
         super-packet ends them: bulk TCP moves 64 KiB per packet, and the pause
         would only delay its ACK clock."""
-        clock, pause, route_v, mono = self.clock, self.coalesce, self._route_v, time.monotonic
+        clock, pause, mono = self.clock, self.coalesce, time.monotonic
         ports = list(self.ports.values())
         for p in ports:
             p.super_seen = False
@@ -699,7 +649,7 @@ class Dataplane:
             rounds += 1
             n = 0
             for p in ports:
-                n += p.drain(p.handle, route_v, now)
+                n += p.drain(now)
             total += n
             if any(p.super_seen for p in ports):
                 self.last_super = mono()
@@ -733,7 +683,7 @@ class Dataplane:
                     oh = vnet.shift(oh, port.shift)
             port.send(out, nh, now, oh)
         if self.native is not None and self.engine.fast_hit is not None and outs:
-            self._learn(inport.iface, pkt, outs[0][0], outs[0][1])
+            self._learn(inport.iface, outs[0][0], outs[0][1])
 
     def _handle_lan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("lan", pkt, now)
@@ -758,7 +708,7 @@ class Dataplane:
                     continue
                 port.send(out, nh, now)
             if self.native is not None and self.engine.fast_hit is not None:
-                self._learn(iface, pkt, outs[0][0], outs[0][1])
+                self._learn(iface, outs[0][0], outs[0][1])
 
     # ------------------------------------------------------------------ timers
 
@@ -776,14 +726,13 @@ class Dataplane:
         if not self._started or self.loop is None:
             return
         now = self.clock()
+        self._native_stale()  # neighbours age: every cached flow goes through Python again
         for port in self.ports.values():
             l2 = port.l2
             if l2 is None:
                 continue
             l2.tick(now)
             port.hcache.clear()
-            if self.native is not None:  # neighbours age: every flow goes through Python again
-                self._native_stale()
             if l2.out or l2.out_offload:
                 port.flush_l2()
             if l2.unreachable:

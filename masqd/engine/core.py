@@ -560,24 +560,11 @@ class Engine:
             fw = s.fw
             if fw is None or fw[0] != self._gen or fw[2] is None or s.state == 0:
                 return None
-        m = s.m
         pkt = bytearray(data)
-        pkt[8] -= 1
-        c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + (m.dip_out if outbound else m.dip_in)
-        c = (c & 0xFFFF) + (c >> 16)
-        c = (c & 0xFFFF) + (c >> 16)
         if outbound:
-            _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
-            _pack_H(pkt, 24, m.wan_port)
-            u = ((pkt[22] << 8 | pkt[23]) ^ 0xFFFF) + m.dl4_out
+            self._translate_out(s, pkt, 20)
         else:
-            _pack_H(pkt, 10, c ^ 0xFFFF)
-            pkt[16:20] = m.lan_ip_b
-            _pack_H(pkt, 24, m.lan_port)
-            u = ((pkt[22] << 8 | pkt[23]) ^ 0xFFFF) + m.dl4_in
-        u = (u & 0xFFFF) + (u >> 16)
-        u = (u & 0xFFFF) + (u >> 16)
-        _pack_H(pkt, 22, u ^ 0xFFFF)
+            self._translate_in(s, pkt, 20)
         s.expires = now + s.tmo
         for r in fw[1] if outbound else fw[2]:
             r.pkts += 1
@@ -589,6 +576,43 @@ class Engine:
         self.tx_bytes[10 - i] += n
         self.fast_hit = s
         return [(WAN if outbound else LAN, bytes(pkt))]
+
+    # ------------------------------------------- the fast path, cached outside the engine
+    def fast_entry(self, s: Session, iface: str) -> tuple[int, int, bytes, Session, bytes, int, int, int, int] | None:
+        """What the fast path does to the packets of ``s`` that arrive on ``iface``, for a cache
+        outside the engine (the data plane's flow cache): (direction 0 out / 1 in, protocol, the
+        lookup key, the session, the new address, the new port or ICMP identifier, the IPv4 and
+        transport checksum deltas, the MTU to check). None: a session the engine must keep seeing
+        (a helper follows its stream)."""
+        if s.helper is not None or s.dead:
+            return None
+        m = s.m
+        if iface == LAN:
+            return (0, m.proto, s.out_key, s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out, self.wan_mtu)
+        return (1, m.proto, s.in_key, s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in, self.lan_mtu)
+
+    def count_fast(self, rows: list[tuple[Session, int, int, int, int, float]]) -> int:
+        """Fold in what a cache outside the engine forwarded: per row (session, direction, protocol,
+        packets, bytes, time of the last one), what the fast path would have counted and refreshed
+        (expiry, firewall hits, packet and byte counters). Returns the packets."""
+        total = 0
+        for s, d, proto, pk, by, last in rows:
+            total += pk
+            if not s.dead and last + s.tmo > s.expires:
+                s.expires = last + s.tmo
+            fw = s.fw
+            hits = fw[1 + d] if fw is not None else None
+            if hits:
+                for r in hits:
+                    r.pkts += pk
+                    r.bytes += by
+            i = _pidx(proto)
+            a, b = (i, i + 6) if d == 0 else (i + 6, i)  # (receiving, sending) side
+            self.rx_pkts[a] += pk
+            self.rx_bytes[a] += by
+            self.tx_pkts[b] += pk
+            self.tx_bytes[b] += by
+        return total
 
     # --------------------------------------------------------------- full path
     def _slow(self, iface: str, data: bytes | bytearray, now: float, out: list[tuple[str, bytes]]) -> None:

@@ -152,7 +152,7 @@ def test_only_ipv4_traffic_keeps_it_warm() -> None:
         idle_at = 0.0
         passed = 0
 
-        def drain(self, handle: object, handle_v: object, now: float) -> int:
+        def drain(self, now: float) -> int:
             return self.passed
 
     loop = asyncio.new_event_loop()
