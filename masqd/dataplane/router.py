@@ -515,7 +515,6 @@ class Dataplane:
         fc.set_capture(self.ports["lan"].capture)
         self.native = fc
         self._set_traffic_hook()
-        self.engine.sync_hook = self.sync_native
         self._register_readers()
         log.info("native fast path on: established TCP/UDP flows and pings are forwarded without Python")
 
@@ -551,15 +550,18 @@ class Dataplane:
         if total:
             _bump(self.counters, "fastpath_native_packets", total)
 
-    def _learn(self, iface: str, oif: str, opkt: bytes | bytearray) -> None:
-        """The engine's fast path just forwarded a packet: teach the flow cache the same rewrite."""
-        eng = self.engine
-        s, eng.fast_hit = eng.fast_hit, None
+    def _learn(self, iface: str, ipkt: bytes | bytearray, oif: str, opkt: bytes | bytearray) -> None:
+        """The engine forwarded ``ipkt`` (from ``iface``) as ``opkt`` (to ``oif``): if its flow is
+        one the engine's fast path takes, teach the flow cache the same rewrite."""
         port = self.ports.get(oif)
-        if s is None or port is None:
+        if port is None:
             return
-        entry = eng.fast_entry(s, iface)
+        entry = self.engine.fast_entry(iface, ipkt)
         if entry is None:
+            return
+        # only when what was written is the flow's own packet (not an ICMP error back, a hairpin)
+        d, key, new_addr = entry[0], entry[2], entry[4]
+        if oif != ("wan" if d == 0 else "lan") or bytes(opkt[16:20]) != (key[4:8] if d == 0 else new_addr):
             return
         hdr: bytes | None = b""
         if port.l2 is not None:
@@ -682,8 +684,8 @@ class Dataplane:
                 elif port.shift:
                     oh = vnet.shift(oh, port.shift)
             port.send(out, nh, now, oh)
-        if self.native is not None and self.engine.fast_hit is not None and outs:
-            self._learn(inport.iface, outs[0][0], outs[0][1])
+        if self.native is not None and outs:
+            self._learn(inport.iface, pkt, outs[0][0], outs[0][1])
 
     def _handle_lan(self, pkt: bytes | bytearray, now: float) -> None:
         self._route("lan", pkt, now)
@@ -707,8 +709,8 @@ class Dataplane:
                     _bump(self.counters, "drop_no_port")
                     continue
                 port.send(out, nh, now)
-            if self.native is not None and self.engine.fast_hit is not None:
-                self._learn(iface, outs[0][0], outs[0][1])
+            if self.native is not None:
+                self._learn(iface, pkt, outs[0][0], outs[0][1])
 
     # ------------------------------------------------------------------ timers
 
@@ -716,7 +718,8 @@ class Dataplane:
         if not self._started or self.loop is None:
             return
         try:
-            self.engine.expire(self.clock())  # the engine syncs the native counts first
+            self.sync_native()  # the flow cache's counts refresh the sessions' expiry
+            self.engine.expire(self.clock())
         except Exception:  # noqa: BLE001
             _bump(self.counters, "dp_expire_errors")
             log.exception("engine.expire failed")
@@ -751,6 +754,7 @@ class Dataplane:
     def set_wan_address(self, addr: ipaddress.IPv4Interface) -> None:
         """A new WAN address: tell the engine, re-address the WAN L2 host and announce it."""
         now = self.clock()
+        self.sync_native()
         outs = self.engine.set_wan_address(addr, now) or []
         port = self.ports.get("wan")
         if port is not None and port.l2 is not None:
@@ -783,7 +787,6 @@ class Dataplane:
         """Fold the last counts and drop the flow cache; the readers go back to Python."""
         if self.native is not None:
             self.sync_native(clear=True)
-            self.engine.sync_hook = None
             self.npkts += self.native.passed  # adaptive NAPI's count goes on
             self.native = None
             for port in self.ports.values():
@@ -797,7 +800,8 @@ class Dataplane:
             self.native.set_capture(tap)
 
     def all_counters(self) -> dict[str, int]:
-        """Engine counters plus the data plane's own."""
+        """Engine counters plus the data plane's own (the flow cache's counts folded in first)."""
+        self.sync_native()
         out = dict(getattr(self.engine, "counters", {}) or {})
         for k, v in self.counters.items():
             out[k] = out.get(k, 0) + v
@@ -806,6 +810,7 @@ class Dataplane:
     def snapshot(self) -> dict[str, Any]:
         """Table, counters and neighbours: what ``SIGUSR1`` dumps."""
         now = self.clock()
+        self.sync_native()
         try:
             table = list(self.engine.table(now))
         except Exception as exc:  # noqa: BLE001

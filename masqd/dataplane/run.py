@@ -65,6 +65,7 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
             ops = await start_ops(
                 dp.engine, cfg, config_path=config_path, now=dp.clock, on_reload=dp.on_reload,
                 set_wan_address=dp.set_wan_address, extra_gauges=lambda: dict(dp.counters),
+                sync=dp.sync_native,
             )
             if getattr(ops, "capture", None) is not None:
                 dp.set_capture(ops.capture)

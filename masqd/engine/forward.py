@@ -12,15 +12,16 @@ address when it changes.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from masqd.engine.nat import S_REPLIED, T_SYN_SENT, Mapping, Session
+from masqd.engine.nat import Mapping
 from masqd.wire.checksum import addr_delta, apply_delta
 from masqd.wire.ipv4 import PROTO_NAMES, TCP, UDP, ip_str
 
 if TYPE_CHECKING:
-    from masqd.config import Config
-    from masqd.engine.core import Engine
+    from masqd.engine.counters import Counters
+    from masqd.engine.table import NatTable
 
 
 class _Server:
@@ -61,29 +62,32 @@ class PortGroup:
 
 
 class Forwarders:
-    def __init__(self, eng: Engine, cfg: Config) -> None:
-        self.eng = eng
+    """The configured port and protocol forwards, their servers' mappings and hit counts."""
+
+    def __init__(self, table: NatTable, counters: Counters, rules: Any) -> None:
+        self.t = table
+        self.ctr = counters
         self.groups: dict[tuple[int, int], PortGroup] = {}
         self.proto_hosts: dict[int, int] = {}  # IP protocol -> LAN host
         self.proto_hits: dict[int, int] = {}
-        self.configure(cfg)
+        self.configure(rules)
 
     # ----------------------------------------------------------------- config
-    def configure(self, cfg: Config) -> None:
-        eng = self.eng
+    def configure(self, rules: Any) -> None:
+        """Take the forwards of a ruleset (the config's structured ones and those written as
+        rule lines: ``rules.portfw``, ``rules.protofw``); reserve their WAN ports."""
+        t = self.t
         for old in self.groups.values():
-            eng.pool.release(old.proto, old.port, old)
+            t.pool.release(old.proto, old.port, old)
             for sv in old.servers:
                 if sv.m is not None:
                     sv.m.static = False
                     if sv.m.empty():
-                        eng.drop_mapping(sv.m)
+                        t.drop_mapping(sv.m)
         self.groups = {}
-        # the ruleset holds the config's structured forwards and those written as rule lines
-        pf = list(eng.rules.portfw)
-        for f in pf:
+        for f in list(rules.portfw):
             proto = TCP if f.proto == "tcp" else UDP
-            listen = None if f.listen in ("wan", "$WAN", "${4}", "") else int(_ip(f.listen))
+            listen = None if f.listen in ("wan", "$WAN", "${4}", "") else int(ipaddress.IPv4Address(f.listen))
             key = (proto, f.port)
             g = self.groups.get(key)
             if g is None:
@@ -91,44 +95,49 @@ class Forwarders:
                 self.groups[key] = g
             g.servers.append(_Server(int(f.to), f.to_port, f.pref))
         for (proto, port), grp in self.groups.items():
-            owner = eng.pool.owner(proto, port)
+            owner = t.pool.owner(proto, port)
             if isinstance(owner, Mapping):  # a dynamic mapping holds it: it keeps it until it ends
-                eng.event("warning", "portfw_port_busy", proto=PROTO_NAMES[proto], port=port)
+                self.ctr.event("warning", "portfw_port_busy", proto=PROTO_NAMES[proto], port=port)
                 continue
-            eng.pool.take(proto, port, grp)
+            t.pool.take(proto, port, grp)
         self.proto_hosts = {}
-        pr = list(eng.rules.protofw)
-        for p in pr:
+        for p in list(rules.protofw):
             self.proto_hosts[p.proto] = int(p.to)
 
+    def port_forwarded(self, proto: int, port: int) -> bool:
+        """A port forward of (``proto``, ``port``) on the current WAN address."""
+        g = self.groups.get((proto, port))
+        return g is not None and (g.listen is None or g.listen == self.t.wan_ip)
+
     # ------------------------------------------------------------- port forward
-    def inbound_session(self, proto: int, pkt: bytearray, ihl: int, src: int, sport: int, dport: int,
-                        now: float) -> Session | None:
+    def inbound_mapping(self, proto: int, pkt: bytearray, ihl: int, dport: int) -> Mapping | None:
+        """A new inbound connection to ``dport``: the mapping of the server it goes to (chosen by
+        preference weight), or None (no forward of that port, or a TCP segment that is not a SYN,
+        counted)."""
         g = self.groups.get((proto, dport))
-        if g is None or (g.listen is not None and g.listen != self.eng.wan_ip):
+        if g is None or (g.listen is not None and g.listen != self.t.wan_ip):
             return None
         if proto == TCP and not pkt[ihl + 13] & 0x02:
-            self.eng.drop("portfw_not_syn")
+            self.ctr.drop("portfw_not_syn")
             return None
         sv = g.pick()
         m = sv.m
-        eng = self.eng
-        if m is None or m.wan_ip != eng.wan_ip:
-            m = eng.static_mapping(proto, sv.ip, sv.port, dport)
+        if m is None or m.wan_ip != self.t.wan_ip:
+            m = self.t.static_mapping(proto, sv.ip, sv.port, dport)
             sv.m = m
             m.fwd = g
-        s = eng.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_REPLIED)
-        if s is None:
-            return None
-        s.inbound = True
-        h = eng.tcp_helper_for(sv.port) if proto == TCP else None
-        if h is not None:
-            s.helper = h
-            h.session_created(s, now)
-        g.hits += 1
-        sv.hits += 1
-        eng._count("portfw_connections")
-        return s
+        return m
+
+    def connected(self, m: Mapping) -> None:
+        """A session through a forward's mapping was made: count it."""
+        g = m.fwd
+        if isinstance(g, PortGroup):
+            g.hits += 1
+            for sv in g.servers:
+                if sv.m is m:
+                    sv.hits += 1
+                    break
+        self.ctr.count("portfw_connections")
 
     # -------------------------------------------------------- protocol forward
     def owns_outbound(self, proto: int, src: int) -> bool:
@@ -137,10 +146,10 @@ class Forwarders:
     def masq_out(self, pkt: bytearray) -> None:
         src = int.from_bytes(pkt[12:16], "big")
         c = (pkt[10] << 8) | pkt[11]
-        c = apply_delta(c, addr_delta(src, self.eng.wan_ip))
+        c = apply_delta(c, addr_delta(src, self.t.wan_ip))
         pkt[10] = c >> 8
         pkt[11] = c & 255
-        pkt[12:16] = self.eng.wan_ip_b
+        pkt[12:16] = self.t.wan_ip_b
 
     def protocol_inbound(self, proto: int, pkt: bytearray, ihl: int, now: float) -> list[bytearray] | None:
         host = self.proto_hosts.get(proto)
@@ -153,7 +162,7 @@ class Forwarders:
         pkt[11] = c & 255
         pkt[16:20] = host.to_bytes(4, "big")
         self.proto_hits[proto] = self.proto_hits.get(proto, 0) + 1
-        self.eng._count("protofw_packets")
+        self.ctr.count("protofw_packets")
         return [pkt]
 
     # ------------------------------------------------------------ housekeeping
@@ -168,20 +177,15 @@ class Forwarders:
 
     def entries(self, now: float) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
+        wan_ip = self.t.wan_ip
         for g in self.groups.values():
-            listen = ip_str(g.listen) if g.listen is not None else f"wan({ip_str(self.eng.wan_ip)})"
+            listen = ip_str(g.listen) if g.listen is not None else f"wan({ip_str(wan_ip)})"
             for sv in g.servers:
                 rows.append({"proto": "portfw", "lan": f"{ip_str(sv.ip)}:{sv.port}",
                              "wan": f"{listen}:{g.port}", "remote": PROTO_NAMES[g.proto],
                              "state": f"pref={sv.pref}", "hits": sv.hits, "expires_in": None})
         for proto, host in self.proto_hosts.items():
-            rows.append({"proto": "protofw", "lan": ip_str(host), "wan": ip_str(self.eng.wan_ip),
+            rows.append({"proto": "protofw", "lan": ip_str(host), "wan": ip_str(wan_ip),
                          "remote": PROTO_NAMES.get(proto, str(proto)), "state": "forward",
                          "hits": self.proto_hits.get(proto, 0), "expires_in": None})
         return rows
-
-
-def _ip(s: str) -> Any:
-    import ipaddress
-
-    return ipaddress.IPv4Address(s)

@@ -1,20 +1,23 @@
-"""The masquerade table: mappings (endpoint-independent), sessions, and the port pool.
+"""The masquerade table's entries: mappings (endpoint-independent), sessions, the port pool,
+and the rewrite a session does to its packets.
 
 A *mapping* binds a LAN endpoint (protocol, address, port or ICMP identifier)
 to a WAN port; it lives while it has sessions (RFC 4787 REQ-1, REQ-5). A
 *session* is one conversation through a mapping with one remote endpoint; it
 carries the two lookup keys (the packet's own address/port bytes, so the fast
 path looks it up with one slice of the packet), the precomputed checksum
-deltas for each direction, its timer and its TCP state.
+deltas for each direction, its timer and its TCP state. The table that holds
+them is :class:`masqd.engine.table.NatTable`.
 """
 
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import Iterator
 from typing import Any
 
-from masqd.wire.checksum import addr_delta, word_delta
+from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp, word_delta
 
 # TCP states (as small ints)
 T_NEW, T_SYN_SENT, T_SYN_RECV, T_ESTABLISHED, T_FIN, T_CLOSED, T_RST = range(7)
@@ -23,6 +26,10 @@ TCP_STATE_NAMES = ("NEW", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CL
 S_UNREPLIED, S_REPLIED = 0, 1
 
 TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
+ICMP, TCP, UDP = 1, 6, 17
+
+_pack_H = struct.Struct("!H").pack_into
+_pack_H4s = struct.Struct("!H4s").pack_into
 
 
 class Mapping:
@@ -184,3 +191,45 @@ class PortPool:
 
     def use(self, proto: int) -> int:
         return self.in_pool.get(proto, 0)
+
+
+def translate_out(s: Session, pkt: bytearray, ihl: int) -> None:
+    """Rewrite an outbound packet of ``s`` in place: TTL - 1, source address and port (or ICMP
+    identifier) to the mapping's WAN side, checksums folded with the precomputed deltas."""
+    m = s.m
+    pkt[8] -= 1
+    c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_out
+    c = (c & 0xFFFF) + (c >> 16)
+    c = (c & 0xFFFF) + (c >> 16)
+    _pack_H4s(pkt, 10, c ^ 0xFFFF, m.wan_ip_b)
+    proto = m.proto
+    if proto == ICMP:
+        _pack_H(pkt, ihl + 4, m.wan_port)
+        _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], m.dl4_out))
+        return
+    _pack_H(pkt, ihl, m.wan_port)
+    if proto == UDP:
+        _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], m.dl4_out))
+    else:
+        _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], m.dl4_out))
+
+
+def translate_in(s: Session, pkt: bytearray, ihl: int) -> None:
+    """Rewrite an inbound packet of ``s`` in place: TTL - 1, destination back to the LAN host."""
+    m = s.m
+    pkt[8] -= 1
+    c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + m.dip_in
+    c = (c & 0xFFFF) + (c >> 16)
+    c = (c & 0xFFFF) + (c >> 16)
+    _pack_H(pkt, 10, c ^ 0xFFFF)
+    pkt[16:20] = m.lan_ip_b
+    proto = m.proto
+    if proto == ICMP:
+        _pack_H(pkt, ihl + 4, m.lan_port)
+        _pack_H(pkt, ihl + 2, apply_delta((pkt[ihl + 2] << 8) | pkt[ihl + 3], m.dl4_in))
+        return
+    _pack_H(pkt, ihl + 2, m.lan_port)
+    if proto == UDP:
+        _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], m.dl4_in))
+    else:
+        _pack_H(pkt, ihl + 16, apply_delta((pkt[ihl + 16] << 8) | pkt[ihl + 17], m.dl4_in))

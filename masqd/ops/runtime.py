@@ -13,8 +13,9 @@ Hooks the data plane may pass: ``on_reload(cfg)`` (after the engine took the
 new config), ``set_wan_address(iface_addr)`` (replaces the default, which
 calls ``engine.set_wan_address``), ``extra_counters()`` (the data plane's own
 counters, named like the engine's and exported the same way; ``extra_gauges``
-is accepted as an alias) and ``now`` (the engine's clock, default
-``time.monotonic``).
+is accepted as an alias), ``sync()`` (fold what the data plane counted outside
+the engine into it: called before ops reads or changes the engine) and ``now``
+(the engine's clock, default ``time.monotonic``).
 
 With ``wan.address_source = "interface:NAME"`` ops also runs the
 :mod:`masqd.ops.wanwatch` thread, whose address changes take the same path as
@@ -124,6 +125,7 @@ class Ops:
         set_wan_address: Callable[[ipaddress.IPv4Interface], None] | None = None,
         extra_counters: Callable[[], Mapping[str, int]] | None = None,
         extra_gauges: Callable[[], Mapping[str, int]] | None = None,
+        sync: Callable[[], None] | None = None,
         install_signal_handlers: bool = True,
         control_socket: str | None = None,
         metrics_listen: str | None = None,
@@ -136,9 +138,10 @@ class Ops:
         self.events = EngineEventLogger(cfg.logging.rate_per_event, self.counters)
         self.capture = Capture(self.counters)
         self._extra_given = extra_counters or extra_gauges
+        self._sync = sync
         self.wanwatch_counters: dict[str, int] = {}
         self.wanwatch: WanWatcher | None = None
-        self.collector = MasqdCollector(lambda: self.engine, self.counters, self._extra_counters)
+        self.collector = MasqdCollector(self.synced_engine, self.counters, self._extra_counters)
         self.registry = make_registry(self.collector)
         self.metrics: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -151,6 +154,12 @@ class Ops:
         self._metrics_listen = metrics_listen or cfg.metrics.listen
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader = Reloader(config_path, cfg, self._apply, self.counters, self.log)
+
+    def synced_engine(self) -> Any:
+        """The engine, with what the data plane counted outside it folded in."""
+        if self._sync is not None:
+            self._sync()
+        return self.engine
 
     # ------------------------------------------------------------------ life cycle
 
@@ -256,7 +265,7 @@ class Ops:
             # the address is dynamic: the config's is only the start value; keep the live one
             cfg = cfg.model_copy(update={"wan": cfg.wan.model_copy(update={"address": cur})})
         old_source = self.cfg.wan.address_source
-        self.engine.reload(cfg)
+        self.synced_engine().reload(cfg)
         self.cfg = cfg
         self.events.set_rate(cfg.logging.rate_per_event)
         if self._on_reload is not None:
@@ -283,7 +292,7 @@ class Ops:
         return {"pid": os.getpid(), "uptime": time.time() - self.counters.started}
 
     def _h_table(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        entries = list(self.engine.table(self.now()))
+        entries = list(self.synced_engine().table(self.now()))
         flt = req.get("filter")
         if flt:
             if not isinstance(flt, str):
@@ -318,14 +327,14 @@ class Ops:
         return n + (len(fw.entries(now)) if fw is not None else 0)
 
     def _all_counters(self) -> dict[str, int]:
-        out = dict(getattr(self.engine, "counters", {}) or {})
+        out = dict(getattr(self.synced_engine(), "counters", {}) or {})
         if self._extra is not None:
             for k, v in self._extra().items():
                 out[k] = out.get(k, 0) + v
         return out
 
     def _h_rules(self, req: dict[str, Any]) -> Any:
-        rows = rule_rows(self.engine)
+        rows = rule_rows(self.synced_engine())
         if rows is None:
             return [{"chain": "", "num": i + 1, "rule": line, "pkts": None, "bytes": None}
                     for i, line in enumerate(x for x in self.cfg.firewall.rules.splitlines() if x.strip())]
@@ -350,7 +359,7 @@ class Ops:
                 kw["lan_ip"] = int(ipaddress.IPv4Address(f["lan"].rsplit(":", 1)[0]))
             except ValueError:
                 raise RequestError(f"flush: lan={f['lan']!r} is not an IPv4 address") from None
-        n = self.engine.flush(**kw)
+        n = self.synced_engine().flush(**kw)
         self.log.info("table_flushed", filter=flt or "all", removed=n)
         return {"removed": n}
 

@@ -156,3 +156,13 @@ def l4_checksum(pkt: bytearray, ihl: int) -> int:
     if proto == UDP and c == 0:
         c = 0xFFFF
     return c
+
+
+def decrement_ttl(pkt: bytearray) -> None:
+    """TTL - 1 in place, the header checksum updated incrementally (RFC 1624)."""
+    pkt[8] -= 1
+    c = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + 0xFEFF
+    c = (c & 0xFFFF) + (c >> 16)
+    c = (c & 0xFFFF) + (c >> 16)
+    pkt[10] = (c ^ 0xFFFF) >> 8
+    pkt[11] = (c ^ 0xFFFF) & 0xFF

@@ -59,29 +59,30 @@ def test_icmp_echo_masquerade_rewrites_identifier_back(eng: Engine) -> None:
 
 
 def test_established_ping_takes_the_fast_path_and_writes_what_the_full_path_writes(eng: Engine) -> None:
-    """The second echo of a session is rewritten by the fast path (the engine says so in
-    ``fast_hit``); the same request and reply give the same bytes either way, expiry refreshed."""
+    """The second echo of a session is rewritten by the fast path (``eng.fast`` takes it); the
+    same request and reply give the same bytes either way, expiry refreshed."""
     req = bytes(IP(src=H2, dst=SRV) / ICMP(type=8, id=77, seq=5) / (b"p" * 56))  # ping's 84 bytes
+    assert eng.fast.out(req, 0.0) is None  # a new session: the full path's
     full_out = eng.process("lan", req, 0.0)
     p = one(full_out, "wan")
     rep = bytes(IP(src=SRV, dst=WAN_IP) / ICMP(type=0, id=p[ICMP].id, seq=5) / (b"p" * 56))
+    assert eng.fast.inb(rep, 0.1) is None  # the first reply: the full path's
     full_back = eng.process("wan", rep, 0.1)
-    assert eng.fast_hit is None  # both went the full path (new session, first reply)
-    fast_out = eng.process("lan", req, 10.0)
-    assert eng.fast_hit is not None and fast_out == full_out
-    eng.fast_hit = None
-    fast_back = eng.process("wan", rep, 10.1)
-    assert eng.fast_hit is not None and fast_back == full_back
+    fast_out = eng.fast.out(req, 10.0)
+    assert fast_out == full_out
+    fast_back = eng.fast.inb(rep, 10.1)
+    assert fast_back == full_back
     row = [r for r in eng.table(10.1) if r["proto"] == "icmp"][0]
     assert row["expires_in"] > 20  # refreshed at 10.1
     c = eng.counters
     assert (c["rx_lan_icmp_packets"], c["tx_wan_icmp_packets"], c["rx_wan_icmp_packets"], c["tx_lan_icmp_packets"]) \
         == (2, 2, 2, 2)
     # a reply for an identifier nobody uses, a request with TTL 1: not the fast path's business
-    eng.fast_hit = None
-    assert eng.process("wan", echo(SRV, WAN_IP, ident=(p[ICMP].id + 1) & 0xFFFF, reply=True), 10.2) == []
-    assert one(eng.process("lan", echo(H2, SRV, ident=77, ttl=1), 10.3), "lan")[ICMP].type == 11
-    assert eng.fast_hit is None
+    stray = echo(SRV, WAN_IP, ident=(p[ICMP].id + 1) & 0xFFFF, reply=True)
+    last_hop = echo(H2, SRV, ident=77, ttl=1)
+    assert eng.fast.inb(stray, 10.2) is None and eng.fast.out(last_hop, 10.3) is None
+    assert eng.process("wan", stray, 10.2) == []
+    assert one(eng.process("lan", last_hop, 10.3), "lan")[ICMP].type == 11
 
 
 def test_rfc4787_req1_endpoint_independent_mapping(eng: Engine) -> None:

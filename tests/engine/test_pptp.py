@@ -20,6 +20,7 @@ from scapy.layers.pptp import (
 
 from masqd.engine import Engine
 from masqd.wire.gre import build_pptp_gre
+from masqd.wire.ipv4 import decrement_ttl
 from tests.engine.conftest import H2, H3, R2, R3, SRV, WAN_IP, checksums_ok, make_cfg
 
 
@@ -419,10 +420,10 @@ def test_fast_path_matches_full_path(eng: Engine) -> None:
     assert fast_in is not None and fast_out is not None
     slow_in = h.demasq_in(bytearray(pkt_in), 20, 1.0)
     assert slow_in is not None
-    eng._decrement_ttl(slow_in[0])
+    decrement_ttl(slow_in[0])
     assert fast_in[0][1] == bytes(slow_in[0])
     slow_out = bytearray(pkt_out)
     assert h.masq_out(slow_out, 20, 1.0)
-    eng._decrement_ttl(slow_out)
+    decrement_ttl(slow_out)
     assert fast_out[0][1] == bytes(slow_out)
     assert checksums_ok(fast_in[0][1]) and checksums_ok(fast_out[0][1])

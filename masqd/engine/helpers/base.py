@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from masqd.config import Config
-    from masqd.engine.core import Engine
+    from masqd.engine.api import EngineAPI
     from masqd.engine.nat import Session
 
 
@@ -26,7 +26,7 @@ class Helper:
     # TCP sessions whose server port is this port get ``tcp_segment`` calls (PPTP 1723).
     tcp_ports: tuple[int, ...] = ()
 
-    def __init__(self, eng: Engine, cfg: Config) -> None:
+    def __init__(self, eng: EngineAPI, cfg: Config) -> None:
         self.eng = eng
         self.cfg = cfg
 

@@ -71,8 +71,11 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
+from masqd.engine.counters import LAN_ESP, WAN_ESP
 from masqd.engine.expiry import TimerWheel
+from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
+from masqd.engine.nat import TTL_DELTA
 from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp
 from masqd.wire.esp import esp_header, spi_reason
 from masqd.wire.ipv4 import UDP, ip_str
@@ -80,10 +83,9 @@ from masqd.wire.isakmp import ZERO_COOKIE, isakmp_header
 
 if TYPE_CHECKING:
     from masqd.config import Config
-    from masqd.engine.core import Engine
+    from masqd.engine.api import EngineAPI
 
 ESP, AH = 50, 51
-TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
 
 # ESP entry states
 PENDING, ESTABLISHED, SQUELCHED, REPLACED = 0, 1, 2, 3
@@ -170,7 +172,7 @@ class IPsecHelper(Helper):
     ip_protocols = (ESP, AH)
     udp_ports = (500,)
 
-    def __init__(self, eng: Engine, cfg: Config) -> None:
+    def __init__(self, eng: EngineAPI, cfg: Config) -> None:
         super().__init__(eng, cfg)
         self._out: dict[bytes, EspEntry] = {}  # lan + remote + spi_out  (outbound packet bytes 12..24)
         self._in: dict[bytes, EspEntry] = {}  # remote + wan + spi_in   (inbound packet bytes 12..24)
@@ -247,7 +249,7 @@ class IPsecHelper(Helper):
                 r.pending = None
             self._gc_remote(e.rem_ip)
         if why == "expired":
-            self.eng._count("esp_expired")
+            self.eng.count("esp_expired")
             self.eng.event("debug" if e.state != PENDING else "info", "esp_expired", lan=ip_str(e.lan_ip),
                            remote=ip_str(e.rem_ip), spi_out=f"0x{e.spi_out:08x}", spi_in=f"0x{e.spi_in:08x}",
                            state=ESP_STATE_NAMES[e.state])
@@ -276,7 +278,7 @@ class IPsecHelper(Helper):
 
     def _live_ike(self, e: IkeEntry | None, now: float) -> IkeEntry | None:
         if e is not None and e.expires <= now:
-            self.eng._count("isakmp_expired")
+            self.eng.count("isakmp_expired")
             self._remove_ike(e)
             return None
         return e
@@ -304,7 +306,7 @@ class IPsecHelper(Helper):
 
     def _ah(self, pkt: bytearray, now: float, outbound: bool) -> None:
         eng = self.eng
-        eng._count("ah_refused")
+        eng.count("ah_refused")
         eng.drop("ah_not_masqueradable")
         src = int.from_bytes(pkt[12:16], "big")
         self._warn("ah_refused", src, now, src=ip_str(src), dst=ip_str(int.from_bytes(pkt[16:20], "big")),
@@ -326,7 +328,7 @@ class IPsecHelper(Helper):
             st = e.state
             if st == PENDING and e.contended:
                 e.retries += 1
-                eng._count("esp_retries")
+                eng.count("esp_retries")
                 if e.retries > ic.pending_retries:
                     self._squelch(e, now)
                     eng.drop("esp_squelched")
@@ -345,7 +347,7 @@ class IPsecHelper(Helper):
             if not ic.parallel_sessions:
                 other = next((x for x in r.esp if x.lan_ip != lan and not x.dead and x.expires > now), None)
                 if other is not None:
-                    eng._count("esp_parallel_refused")
+                    eng.count("esp_parallel_refused")
                     eng.drop("esp_parallel_sessions_off")
                     self._warn("esp_parallel_refused", lan, now, lan=ip_str(lan), remote=ip_str(rem),
                                spi_out=f"0x{spi:08x}", holder=ip_str(other.lan_ip),
@@ -356,7 +358,7 @@ class IPsecHelper(Helper):
             if p is not None:  # rule 2: serialise new SAs per remote
                 if not p.contended:
                     p.contended = True
-                eng._count("esp_blocked")
+                eng.count("esp_blocked")
                 eng.drop("esp_blocked")
                 self._warn("esp_blocked", lan, now, lan=ip_str(lan), remote=ip_str(rem), spi_out=f"0x{spi:08x}",
                            pending_lan=ip_str(p.lan_ip), pending_spi=f"0x{p.spi_out:08x}",
@@ -367,7 +369,7 @@ class IPsecHelper(Helper):
         why = self._room(r, False)
         if why is not None:
             eng.drop(why)
-            eng._count("esp_refused_full")
+            eng.count("esp_refused_full")
             self._warn(why, rem, now, remote=ip_str(rem), lan=ip_str(lan),
                        reason="bounded IPsec state: too many ESP entries")
             self._gc_remote(rem)
@@ -378,7 +380,7 @@ class IPsecHelper(Helper):
         r.pending = e
         self._n += 1
         self._wheel.add(e, e.expires)
-        eng._count("esp_pending")
+        eng.count("esp_pending")
         eng.event("info", "esp_pending", lan=ip_str(lan), remote=ip_str(rem), spi_out=f"0x{spi:08x}")
         return self._send_out(e, pkt)
 
@@ -394,7 +396,7 @@ class IPsecHelper(Helper):
         e.state = SQUELCHED
         e.expires = now + self.cfg.ipsec.squelch_time
         self._wheel.add(e, e.expires)
-        self.eng._count("esp_squelched")
+        self.eng.count("esp_squelched")
         self.eng.event("warning", "esp_squelched", lan=ip_str(e.lan_ip), remote=ip_str(e.rem_ip),
                        spi_out=f"0x{e.spi_out:08x}", seconds=self.cfg.ipsec.squelch_time,
                        reason="no reply after the allowed retries while other hosts wait: the remote is "
@@ -421,8 +423,7 @@ class IPsecHelper(Helper):
             self._pair(p, r, spi, now)
             return [self._send_in(p, pkt)]
         if not r.esp:
-            fwd = getattr(eng, "forwarders", None)
-            if fwd is not None and ESP in getattr(fwd, "proto_hosts", {}):
+            if eng.proto_forwarded(ESP):
                 return None  # no LAN client has ESP with the remote: the forwarded ESP server's traffic
         # rule 6: a new SPI nobody waits for: the hosts that most recently re-keyed with the remote
         hosts = self._recent_hosts(r, now, self.cfg.ipsec.guess_min_left, self.cfg.ipsec.guess_max_hosts)
@@ -432,8 +433,8 @@ class IPsecHelper(Helper):
                 return None
             eng.drop("esp_unknown_spi")
             return []
-        eng._count("esp_guessed")
-        eng._count("esp_guessed_copies", len(hosts))
+        eng.count("esp_guessed")
+        eng.count("esp_guessed_copies", len(hosts))
         self._warn("esp_guessed", rem, now, level="info", remote=ip_str(rem), spi_in=f"0x{spi:08x}",
                    hosts=[ip_str(h) for h in hosts])
         orig = bytes(pkt)
@@ -472,7 +473,7 @@ class IPsecHelper(Helper):
                 x.expires = min(x.expires, now + x.tmo)
                 self._wheel.add(x, x.expires)
                 replaced += 1
-        self.eng._count("esp_learned")
+        self.eng.count("esp_learned")
         self.eng.event("info", "esp_paired", lan=ip_str(p.lan_ip), remote=ip_str(p.rem_ip),
                        spi_out=f"0x{p.spi_out:08x}", spi_in=f"0x{spi:08x}", waited=round(now - p.created, 3),
                        replaced=replaced)
@@ -495,23 +496,14 @@ class IPsecHelper(Helper):
             return None
         eng = self.eng
         n = len(data)
-        fw = e.fw
-        if n > eng.wan_mtu or (data[2] << 8 | data[3]) != n or fw is None or fw[0] != eng._gen or fw[1] is None:
+        if n > eng.wan_mtu or (data[2] << 8 | data[3]) != n:
             return None
-        pkt = bytearray(data)
-        pkt[8] -= 1
-        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + e.dip_out
-        c = (c & 0xFFFF) + (c >> 16)
-        c = (c & 0xFFFF) + (c >> 16)
-        _pack_H4s(pkt, 10, c ^ 0xFFFF, e.wan_b)
+        hits = eng.fast_hits(e, 0)
+        if hits is None:
+            return None
+        pkt = rewrite_src(data, e.dip_out, e.wan_b)
         e.expires = now + e.tmo
-        for rl in fw[1]:
-            rl.pkts += 1
-            rl.bytes += n
-        eng.rx_pkts[4] += 1
-        eng.rx_bytes[4] += n
-        eng.tx_pkts[10] += 1
-        eng.tx_bytes[10] += n
+        eng.fast_account(hits, LAN_ESP, WAN_ESP, n)
         return [("wan", bytes(pkt))]
 
     def fast_in(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
@@ -521,24 +513,14 @@ class IPsecHelper(Helper):
             return None
         eng = self.eng
         n = len(data)
-        fw = e.fw
-        if n > eng.lan_mtu or (data[2] << 8 | data[3]) != n or fw is None or fw[0] != eng._gen or fw[2] is None:
+        if n > eng.lan_mtu or (data[2] << 8 | data[3]) != n:
             return None
-        pkt = bytearray(data)
-        pkt[8] -= 1
-        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + e.dip_in
-        c = (c & 0xFFFF) + (c >> 16)
-        c = (c & 0xFFFF) + (c >> 16)
-        _pack_H(pkt, 10, c ^ 0xFFFF)
-        pkt[16:20] = e.lan_b
+        hits = eng.fast_hits(e, 1)
+        if hits is None:
+            return None
+        pkt = rewrite_dst(data, e.dip_in, e.lan_b)
         e.expires = now + e.tmo
-        for rl in fw[2]:
-            rl.pkts += 1
-            rl.bytes += n
-        eng.rx_pkts[10] += 1
-        eng.rx_bytes[10] += n
-        eng.tx_pkts[4] += 1
-        eng.tx_bytes[4] += n
+        eng.fast_account(hits, WAN_ESP, LAN_ESP, n)
         return [("lan", bytes(pkt))]
 
     # --------------------------------------------------------------- ISAKMP
@@ -574,7 +556,7 @@ class IPsecHelper(Helper):
             self._ike_i[rem_b + h.icookie] = e
             r.ike[e] = None
             self._n += 1
-            eng._count("isakmp_sessions")
+            eng.count("isakmp_sessions")
             eng.event("info", "isakmp_session", lan=ip_str(lan), remote=ip_str(rem), version=h.major,
                       icookie=h.icookie.hex(), rcookie=h.rcookie.hex(),
                       state="INIT" if h.rcookie == ZERO_COOKIE else "ESTABLISHED")
@@ -587,12 +569,6 @@ class IPsecHelper(Helper):
         _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], d))
         return True
 
-    def _port_forwarded(self, port: int) -> bool:
-        """A port forward (ipportfw / ipmasqadm portfw) of UDP ``port`` on the current WAN address."""
-        fwd = getattr(self.eng, "forwarders", None)
-        g = fwd.groups.get((UDP, port)) if fwd is not None else None
-        return g is not None and (g.listen is None or g.listen == self.eng.wan_ip)
-
     @staticmethod
     def _touch(e: IkeEntry, now: float, lifetime: float) -> None:
         """Refresh (the timer wheel re-files a refreshed entry lazily when its old bucket comes due)."""
@@ -602,7 +578,7 @@ class IPsecHelper(Helper):
     def _collision(self, holder: IkeEntry, lan_b: bytes, now: float) -> None:
         eng = self.eng
         lan = int.from_bytes(lan_b, "big")
-        eng._count("isakmp_collisions")
+        eng.count("isakmp_collisions")
         eng.drop("isakmp_collision")
         self._warn("isakmp_collision", lan, now, lan=ip_str(lan), remote=ip_str(holder.rem_ip),
                    holder=ip_str(holder.lan_ip), icookie=holder.icookie.hex(),
@@ -625,11 +601,11 @@ class IPsecHelper(Helper):
                     del self._ike[x.key]
                     x.rcookie = h.rcookie
                     self._ike[x.key] = x
-                    eng._count("isakmp_replies")
+                    eng.count("isakmp_replies")
                     eng.event("info", "isakmp_reply", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                               icookie=x.icookie.hex(), rcookie=x.rcookie.hex(), version=x.version)
                 e = x  # (rcookie 0: an IKEv2 COOKIE / INVALID_KE answer to our initiation)
-        if e is None and h.rcookie == ZERO_COOKIE and self._port_forwarded((pkt[ihl + 2] << 8) | pkt[ihl + 3]):
+        if e is None and h.rcookie == ZERO_COOKIE and self.eng.port_forwarded(UDP, (pkt[ihl + 2] << 8) | pkt[ihl + 3]):
             return None  # a new exchange while UDP 500 is forwarded: the configured server's
         if e is None:
             r = self._rem.get(int.from_bytes(rem_b, "big"))
@@ -644,7 +620,7 @@ class IPsecHelper(Helper):
                         target = max(live, key=lambda x: x.created).lan_ip
             if not target:
                 return None  # not a LAN client's exchange: port forwarding may want it
-            eng._count("isakmp_remote_initiated")
+            eng.count("isakmp_remote_initiated")
             self._warn("isakmp_remote_initiated", target, now, level="info", lan=ip_str(target),
                        remote=ip_str(int.from_bytes(rem_b, "big")), icookie=h.icookie.hex(),
                        rcookie=h.rcookie.hex(), version=h.major, exchange=h.exchange)
@@ -671,7 +647,7 @@ class IPsecHelper(Helper):
                 else:
                     self._remove_esp(x, now, "expired")
             else:
-                self.eng._count("isakmp_expired")
+                self.eng.count("isakmp_expired")
                 self.eng.event("debug", "isakmp_expired", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                                icookie=x.icookie.hex(), rcookie=x.rcookie.hex())
                 self._remove_ike(x)
@@ -715,7 +691,7 @@ class IPsecHelper(Helper):
                     self._remove_ike(k)
                     n += 1
         if n:
-            self.eng._count("ipsec_flushed_wan_change", n)
+            self.eng.count("ipsec_flushed_wan_change", n)
 
     def flush(self) -> int:
         n = self._n

@@ -62,8 +62,11 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from masqd.engine.counters import LAN_GRE, WAN_GRE
 from masqd.engine.expiry import TimerWheel
+from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
+from masqd.engine.nat import TTL_DELTA
 from masqd.wire.checksum import addr_delta, apply_delta, ones_sum, word_delta
 from masqd.wire.gre import PLAIN, gre_kind
 from masqd.wire.ipv4 import TH_FIN, TH_RST, TH_SYN, Malformed, ip_str
@@ -88,7 +91,7 @@ from masqd.wire.pptp import (
 
 if TYPE_CHECKING:
     from masqd.config import Config
-    from masqd.engine.core import Engine
+    from masqd.engine.api import EngineAPI
     from masqd.engine.nat import Session
 
 SETUP, ACTIVE, CLEARING = 0, 1, 2
@@ -96,7 +99,6 @@ STATE_NAMES = ("SETUP", "ESTABLISHED", "CLEARING")
 _M = 0xFFFFFFFF
 _KEEP = 20  # bytes of each message kept: header, Call IDs, result code
 _CREATES = (OUT_CALL_REQ, OUT_CALL_REPLY, IN_CALL_REQ, IN_CALL_REPLY)
-_TTL = 0xFEFF  # checksum delta of decrementing the TTL byte
 # Enhanced GRE headers the fast path takes (K and S set, A optional, version 1, PPP) -> IP + GRE
 # header length; anything else (acknowledgment-only packets included) takes the full path.
 _FAST_HDR = {b"\x30\x01\x88\x0b": 32, b"\x30\x81\x88\x0b": 36}
@@ -188,7 +190,7 @@ class PPTPHelper(Helper):
     name = "pptp"
     ip_protocols = (47,)
 
-    def __init__(self, eng: Engine, cfg: Config) -> None:
+    def __init__(self, eng: EngineAPI, cfg: Config) -> None:
         super().__init__(eng, cfg)
         self.in_calls: dict[bytes, Call] = {}  # remote ip (4) + Call ID the remote sends to (2)
         self.out_calls: dict[bytes, Call] = {}  # lan ip + remote ip + the remote's Call ID
@@ -225,7 +227,7 @@ class PPTPHelper(Helper):
         if not conn.forwarded:
             others = {c.lan_ip for c in peers if not c.forwarded and c.lan_ip != conn.lan_ip}
             if others:
-                self.eng._count("pptp_second_control_connections")
+                self.eng.count("pptp_second_control_connections")
                 self.eng.event("info", "pptp_second_control_connection", lan=ip_str(conn.lan_ip),
                                server=ip_str(conn.rem_ip), others=sorted(ip_str(x) for x in others),
                                note="RFC 2637 allows one control connection per pair of systems; "
@@ -296,7 +298,7 @@ class PPTPHelper(Helper):
                 self.eng.drop("pptp_split_field")
                 return False
             delta += self._trim(pkt, tcp, data, keep)
-            self.eng._count("pptp_segments_trimmed")
+            self.eng.count("pptp_segments_trimmed")
         if delta:
             self._fix(pkt, tcp, delta)
         st.exp = (seq + keep) & _M
@@ -305,12 +307,12 @@ class PPTPHelper(Helper):
     def _abandon(self, conn: Conn, reason: str, outbound: bool) -> bool:
         conn.broken = reason
         eng = self.eng
-        eng._count("pptp_streams_abandoned")
+        eng.count("pptp_streams_abandoned")
         eng.event("warning", "pptp_stream_abandoned", reason=reason, lan=ip_str(conn.lan_ip),
                   server=ip_str(conn.rem_ip), direction="out" if outbound else "in",
                   action="passed on, no longer tracked" if conn.forwarded else "connection's data dropped")
         if conn.forwarded:
-            eng._count("pptp_malformed_" + reason)
+            eng.count("pptp_malformed_" + reason)
             return True
         eng.drop("pptp_malformed")
         eng.drop(reason)
@@ -377,7 +379,7 @@ class PPTPHelper(Helper):
                 if st.pos == 12:
                     st.mlen, st.ctype = check_header(st.hdr)
                     if st.ctype not in NAMES:
-                        self.eng._count("pptp_unknown_type")
+                        self.eng.count("pptp_unknown_type")
                 continue
             mlen = st.mlen
             # a Call ID field starting here?
@@ -396,7 +398,7 @@ class PPTPHelper(Helper):
                     delta += _byte_delta(pkt, data + i, tcp, new >> 8)
                     delta += _byte_delta(pkt, data + i + 1, tcp, new & 0xFF)
                     st.rw.append(((seq + i) & _M, old.to_bytes(2, "big"), new.to_bytes(2, "big")))
-                    self.eng._count("pptp_call_ids_rewritten")
+                    self.eng.count("pptp_call_ids_rewritten")
                 st.pos = pos + 2
                 i += 2
             else:
@@ -433,7 +435,7 @@ class PPTPHelper(Helper):
                 if call is None:
                     raise Malformed("pptp_call_ids_exhausted")
             if call is None:
-                self.eng._count("pptp_unknown_call_id")
+                self.eng.count("pptp_unknown_call_id")
                 return v
             return call.masq_cid
         # inbound: a reference to the client's call (masqueraded ID) -> the client's own ID
@@ -445,7 +447,7 @@ class PPTPHelper(Helper):
         call = self.in_calls.get(conn.rem_ip.to_bytes(4, "big") + v.to_bytes(2, "big"))
         if call is None or call.conn is not conn:
             if ctype != CALL_DISCONNECT_NOTIFY:
-                self.eng._count("pptp_unknown_call_id")
+                self.eng.count("pptp_unknown_call_id")
             return v
         return call.lan_cid
 
@@ -466,7 +468,7 @@ class PPTPHelper(Helper):
         self.calls[call] = None
         key = rb + masq.to_bytes(2, "big")
         if key in self.in_calls:  # only for a forwarded server: a client's call owns the ID
-            self.eng._count("pptp_call_id_conflicts")
+            self.eng.count("pptp_call_id_conflicts")
             self.eng.event("warning", "pptp_call_id_conflict", lan=ip_str(conn.lan_ip), call_id=lan_cid,
                            remote=ip_str(rem), note="its inbound GRE is left to protocol forwarding")
         else:
@@ -504,7 +506,7 @@ class PPTPHelper(Helper):
         c.dip_in = addr_delta(wan, c.lan_ip)
 
     def _gauge(self) -> None:
-        self.eng.c["pptp_call_ids_in_use"] = self.ncalls
+        self.eng.gauge("pptp_call_ids_in_use", self.ncalls)
 
     def _set_rem(self, call: Call, rem_cid: int) -> None:
         if call.out_key is not None and self.out_calls.get(call.out_key) is call:
@@ -521,7 +523,7 @@ class PPTPHelper(Helper):
                 return
             if not call.up:
                 call.up = True
-                self.eng._count("pptp_calls_setup")
+                self.eng.count("pptp_calls_setup")
                 self.eng.event("info", "pptp_call_up", lan=ip_str(call.lan_ip), call_id=call.lan_cid,
                                masq_call_id=call.masq_cid, server=ip_str(call.rem_ip), server_call_id=call.rem_cid,
                                forwarded=call.forwarded)
@@ -555,7 +557,7 @@ class PPTPHelper(Helper):
             self.server_calls.pop(call.rem_ip, None)
         self.ncalls -= 1
         self._gauge()
-        self.eng._count("pptp_calls_torn_down")
+        self.eng.count("pptp_calls_torn_down")
         self.eng.event("info", "pptp_call_down", lan=ip_str(call.lan_ip), call_id=call.lan_cid,
                        masq_call_id=call.masq_cid, server=ip_str(call.rem_ip), server_call_id=call.rem_cid,
                        reason=why)
@@ -670,9 +672,7 @@ class PPTPHelper(Helper):
             s.expires = now + s.tmo
 
     def _protofw(self) -> bool:
-        fwd = getattr(self.eng, "forwarders", None)
-        hosts = getattr(fwd, "proto_hosts", None)
-        return hosts is not None and 47 in hosts
+        return self.eng.proto_forwarded(47)
 
     def _plain_out(self, pkt: bytearray, now: float) -> bool:
         key = bytes(pkt[12:20])
@@ -722,28 +722,14 @@ class PPTPHelper(Helper):
             return None
         eng = self.eng
         n = len(data)
-        fw = call.fw
-        if (n > eng.wan_mtu or (data[2] << 8 | data[3]) != n or (data[24] << 8 | data[25]) > n - hl
-                or fw is None or fw[0] != eng._gen or fw[1] is None):
+        if n > eng.wan_mtu or (data[2] << 8 | data[3]) != n or (data[24] << 8 | data[25]) > n - hl:
             return None
-        pkt = bytearray(data)
-        pkt[8] -= 1
-        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + call.dip_out + _TTL
-        c = (c & 0xFFFF) + (c >> 16)
-        c = (c & 0xFFFF) + (c >> 16)
-        _pack_H4s(pkt, 10, c ^ 0xFFFF, eng.wan_ip_b)
-        if call.state == ACTIVE:
-            call.expires = now + self.t_call
-        s = call.ctl
-        if s is not None:
-            s.expires = now + s.tmo
-        for rl in fw[1]:
-            rl.pkts += 1
-            rl.bytes += n
-        eng.rx_pkts[3] += 1
-        eng.rx_bytes[3] += n
-        eng.tx_pkts[9] += 1
-        eng.tx_bytes[9] += n
+        hits = eng.fast_hits(call, 0)
+        if hits is None:
+            return None
+        pkt = rewrite_src(data, call.dip_out + TTL_DELTA, eng.wan_ip_b)
+        self._touch(call, now)
+        eng.fast_account(hits, LAN_GRE, WAN_GRE, n)
         return [("wan", bytes(pkt))]
 
     def fast_in(self, data: bytes, now: float) -> list[tuple[str, bytes]] | None:
@@ -754,30 +740,16 @@ class PPTPHelper(Helper):
             return None
         eng = self.eng
         n = len(data)
-        fw = call.fw
         if (data[16:20] != eng.wan_ip_b or n > eng.lan_mtu or (data[2] << 8 | data[3]) != n
-                or (data[24] << 8 | data[25]) > n - hl or fw is None or fw[0] != eng._gen or fw[2] is None):
+                or (data[24] << 8 | data[25]) > n - hl):
             return None
-        pkt = bytearray(data)
-        pkt[8] -= 1
-        c = ((data[10] << 8 | data[11]) ^ 0xFFFF) + call.dip_in + _TTL
-        c = (c & 0xFFFF) + (c >> 16)
-        c = (c & 0xFFFF) + (c >> 16)
-        _pack_H(pkt, 10, c ^ 0xFFFF)
-        pkt[16:20] = call.lan_ip_b
+        hits = eng.fast_hits(call, 1)
+        if hits is None:
+            return None
+        pkt = rewrite_dst(data, call.dip_in + TTL_DELTA, call.lan_ip_b)
         pkt[26:28] = call.lan_cid_b
-        if call.state == ACTIVE:
-            call.expires = now + self.t_call
-        s = call.ctl
-        if s is not None:
-            s.expires = now + s.tmo
-        for rl in fw[2]:
-            rl.pkts += 1
-            rl.bytes += n
-        eng.rx_pkts[9] += 1
-        eng.rx_bytes[9] += n
-        eng.tx_pkts[3] += 1
-        eng.tx_bytes[3] += n
+        self._touch(call, now)
+        eng.fast_account(hits, WAN_GRE, LAN_GRE, n)
         return [("lan", bytes(pkt))]
 
     # ============================================================ housekeeping
@@ -792,7 +764,7 @@ class PPTPHelper(Helper):
         for x in self._wheel.due(now, lambda e: e.dead, lambda e: e.expires):
             if isinstance(x, Call):
                 if x.state != CLEARING:
-                    self.eng._count("pptp_calls_expired")
+                    self.eng.count("pptp_calls_expired")
                 self._remove(x, "expired" if x.state != CLEARING else "cleared")
             else:
                 self._remove_plain(x)
