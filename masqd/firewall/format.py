@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from masqd.firewall.model import Rule, addr_str, ports_str, proto_name
-from masqd.firewall.parse import policy_name
+from masqd.firewall.model import Rule, addr_str, policy_name, ports_str, proto_name
 
 if TYPE_CHECKING:
     from masqd.firewall.ruleset import Ruleset

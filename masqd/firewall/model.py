@@ -1,14 +1,19 @@
-"""Firewall data model: verdicts, flags, rules, chains and the Decision type.
+"""Firewall data model: verdicts, flags, rules, chains, forwards and the Decision type.
 
 A ``Rule`` is the parsed, validated meaning of one ipchains/ipfwadm rule: plain
 ints and small tuples that the compiler turns into Python source. Rules and
 chains carry packet and byte counters the engine bumps (``r.pkts += 1;
-r.bytes += n``, or ``Decision.account(n)``). Nothing here knows any syntax.
+r.bytes += n``, or ``Decision.account(n)``). ``PortForward`` and
+``ProtoForward`` are the inbound forwards (ipportfw / ipmasqadm portfw, ipfwd);
+the configuration's ``[forwarding]`` section is made of the same types.
+Nothing here knows any syntax.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 ACCEPT, DENY, REJECT, MASQ = 0, 1, 2, 3
 VERDICT_NAMES = {ACCEPT: "ACCEPT", DENY: "DENY", REJECT: "REJECT", MASQ: "MASQ"}
@@ -33,6 +38,10 @@ PROTO_NAMES = {1: "icmp", 2: "igmp", 4: "ipip", 6: "tcp", 17: "udp", 41: "ipv6",
 PROTO_BY_NAME = {v: k for k, v in PROTO_NAMES.items()} | {"all": 0}
 
 Ports = tuple[tuple[int, int], ...]  # inclusive ranges; () means "any"
+
+
+def policy_name(v: int | None) -> str:
+    return VERDICT_NAMES.get(v, "-") if v is not None else "-"
 
 
 def proto_name(p: int) -> str:
@@ -209,3 +218,44 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {self.name} {len(self.rules)} rules>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortForward:
+    """New inbound ``proto`` connections to ``listen``:``port`` go to ``to``:``to_port``.
+
+    ``listen`` is "wan" (the WAN address, whatever it is) or a literal address.
+    Servers sharing one port take new connections by ``pref`` weight.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the config loader's validation
+
+    proto: Literal["tcp", "udp"]
+    listen: str = "wan"
+    port: int
+    to: ipaddress.IPv4Address
+    to_port: int
+    pref: int = 10
+
+    def __post_init__(self) -> None:
+        if self.proto not in ("tcp", "udp"):
+            raise ValueError(f"proto must be tcp or udp, not {self.proto!r}")
+        for name, v in (("port", self.port), ("to_port", self.to_port)):
+            if not 1 <= v <= 65535:
+                raise ValueError(f"{name} must be 1..65535, not {v}")
+        if self.pref < 1:
+            raise ValueError(f"pref must be at least 1, not {self.pref}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtoForward:
+    """Unsolicited inbound packets of IP protocol ``proto`` go to LAN host ``to``."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    proto: int
+    to: ipaddress.IPv4Address
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.proto <= 255:
+            raise ValueError(f"proto must be 0..255, not {self.proto}")

@@ -16,8 +16,15 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from masqd.config import PortForward, ProtoForward
-from masqd.firewall.model import BUILTIN_CHAINS, TERMINAL, Chain, Decision, Rule
+from masqd.firewall.model import (
+    BUILTIN_CHAINS,
+    TERMINAL,
+    Chain,
+    Decision,
+    PortForward,
+    ProtoForward,
+    Rule,
+)
 
 _FULL = 0xFFFFFFFF
 _generation = itertools.count(1)

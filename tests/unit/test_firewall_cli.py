@@ -9,8 +9,8 @@ import pytest
 
 from masqd.cli import main
 from masqd.firewall import compile_text, format_rules
-from masqd.firewall.cli import rules_check, rules_list
 from masqd.firewall.parse import Env
+from masqd.rulescheck import rules_check, rules_list
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 

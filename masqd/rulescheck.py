@@ -1,4 +1,6 @@
-"""``masqd rules check FILE``: parse a rules file (or a config) and list it like ``ipchains -L -n``.
+"""``masqd rules check FILE``: check a rules file (or a config) offline and list it like ``ipchains -L -n``.
+
+It joins the configuration and the firewall, so it lives above both.
 
 Exit 0 and the normalised listing on stdout when every line is good; exit 2
 and one ``FILE:LINE: reason`` per bad line on stderr otherwise. Without
@@ -12,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from masqd.firewall.format import format_rules
+from masqd.config import ConfigError, load
+from masqd.firewall import RulesError, Ruleset, build_ruleset, env_from_config, format_rules
 from masqd.firewall.parse import Env, Program
-from masqd.firewall.ruleset import Ruleset
 
 EXIT_OK, EXIT_BAD = 0, 2
 STANDIN_LAN = (10 << 24) | 1  # 10.0.0.1
@@ -59,9 +61,6 @@ def _parse_map(items: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def _check_config(path: str, verbose: bool) -> int:
-    from masqd.config import ConfigError, load
-    from masqd.firewall import RulesError, build_ruleset
-
     try:
         cfg = load(path)
         rs = build_ruleset(cfg)
@@ -90,9 +89,6 @@ def rules_check(argv: list[str]) -> int:
     extra, errors = _parse_map(args.map)
     env = Env(lan_ip=STANDIN_LAN, wan_ip=STANDIN_WAN)
     if args.config:
-        from masqd.config import ConfigError, load
-        from masqd.firewall import env_from_config
-
         try:
             env = env_from_config(load(args.config))
         except ConfigError as exc:

@@ -1,0 +1,377 @@
+"""The rule set as rule lines build it up, and the operations every dialect shares.
+
+A ``Builder`` holds the chains (with policies and rules) and the port and
+protocol forwards; each dialect (``masqd.firewall.dialects``) turns one command
+line into calls here: create or delete a chain, insert or delete rules made
+from a ``Spec``, set a policy, add or remove a forward. A refused operation
+raises ``Bad`` and changes nothing. Interface names map to ``lan``/``wan``
+through ``Env.aliases``; ``ipfwadm -V ADDR`` maps by comparing with masqd's
+own LAN and WAN addresses.
+
+Deliberate choices: ports are allowed only with tcp, udp or icmp (as in both
+tools); a non-first fragment never matches a rule with ports, ICMP type or
+-y; user chains may hold MASQ only if no input/output rule reaches them; the
+forwarders' WAN side may be a symbol (``wan``, ``$WAN``, ``${4}``) that follows
+the WAN address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from masqd.firewall.lexer import Bad, printable
+from masqd.firewall.model import (
+    BUILTIN_CHAINS,
+    IFACES,
+    MASQ,
+    TERMINAL,
+    Chain,
+    PortForward,
+    Ports,
+    ProtoForward,
+    Rule,
+    ip_str,
+)
+from masqd.firewall.values import ICMP, TCP, UDP, parse_host, parse_ports, port_number
+
+MAX_RULES = 100_000
+
+WAN_SYMBOLS = {"wan", "WAN", "$WAN", "${WAN}", "$4", "${4}"}
+LAN_SYMBOLS = {"lan", "LAN", "$LAN", "${LAN}"}
+
+# Interface names of the HOWTO's scripts -> masqd's sides, before the config's own aliases.
+DEFAULT_ALIASES: dict[str, str] = {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
+
+_CHAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}\Z")
+
+
+@dataclass
+class Env:
+    """What the rule language needs to know about the router."""
+
+    aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    lan_ip: int | None = None
+    wan_ip: int | None = None
+    policies: dict[str, int] = field(default_factory=lambda: {"input": 0, "forward": 3, "output": 0})
+
+
+@dataclass
+class Spec:
+    """A rule as written, before the protocol-dependent checks."""
+
+    proto: int = 0
+    proto_neg: bool = False
+    proto_set: bool = False
+    src: tuple[int, int] = (0, 0)
+    src_neg: bool = False
+    dst: tuple[int, int] = (0, 0)
+    dst_neg: bool = False
+    sport: str | None = None
+    sport_neg: bool = False
+    dport: str | None = None
+    dport_neg: bool = False
+    icmp: str | None = None
+    icmp_neg: bool = False
+    ifaces: frozenset[str] | None = None
+    iface_name: str = ""
+    iface_neg: bool = False
+    syn: int = 0
+    frag: int = 0
+    log: bool = False
+    bidir: bool = False
+    target: str = ""
+    port_list: bool = False  # ipfwadm: several ports per side
+
+
+class Builder:
+    """Mutable chains and forwards; the dialects change them one command at a time."""
+
+    def __init__(self, env: Env | None = None) -> None:
+        self.env = env or Env()
+        self.chains: dict[str, Chain] = {n: Chain(n, self.env.policies.get(n, 0)) for n in BUILTIN_CHAINS}
+        self.portfw: list[PortForward] = []
+        self.protofw: list[ProtoForward] = []
+        self.errors: list[str] = []
+        self.nrules = 0
+
+    def finish(self) -> None:
+        """Checks that need the whole rule set: MASQ reached from input or output."""
+        masq_at: dict[str, str] = {}
+        for name, ch in self.chains.items():
+            if not ch.builtin:
+                hit = self._reaches_masq(name, set())
+                if hit is not None:
+                    masq_at[name] = hit
+        for name in ("input", "output"):
+            for r in self.chains[name].rules:
+                if r.target in masq_at:
+                    self.errors.append(
+                        f"{r.origin}: {name} jumps to chain {r.target!r}, which reaches MASQ "
+                        f"({masq_at[r.target]}); MASQ is only allowed from the forward chain"
+                    )
+
+    def _reaches_masq(self, name: str, seen: set[str]) -> str | None:
+        if name in seen:
+            return None
+        seen.add(name)
+        for r in self.chains[name].rules:
+            if r.target == "MASQ":
+                return r.origin
+            if r.target in self.chains and not self.chains[r.target].builtin:
+                hit = self._reaches_masq(r.target, seen)
+                if hit is not None:
+                    return hit
+        return None
+
+    # .............................................................. interfaces
+
+    def iface(self, name: str) -> frozenset[str]:
+        """An interface name (or ``ppp+`` wildcard) -> the set of sides it stands for."""
+        if name in IFACES:
+            return frozenset((name,))
+        al = self.env.aliases
+        if name in al:
+            return frozenset((al[name],))
+        if name.endswith("+") and len(name) > 1:
+            pre = name[:-1]
+            sides = {v for k, v in al.items() if k.startswith(pre)} | {s for s in IFACES if s.startswith(pre)}
+            if sides:
+                return frozenset(sides)
+        known = ", ".join(f"{k}={v}" for k, v in sorted(al.items()))
+        raise Bad(f"unknown interface {printable(name)} (known: {known}; map it in firewall.aliases)")
+
+    def iface_by_addr(self, tok: str) -> frozenset[str]:
+        """``ipfwadm -V ADDR``: the side whose address is ADDR."""
+        if tok in self.env.aliases:
+            return frozenset((self.env.aliases[tok],))
+        if tok in WAN_SYMBOLS:
+            return frozenset(("wan",))
+        if tok in LAN_SYMBOLS:
+            return frozenset(("lan",))
+        addr = parse_host(tok)
+        if addr == self.env.lan_ip:
+            return frozenset(("lan",))
+        if addr == self.env.wan_ip:
+            return frozenset(("wan",))
+        mine = []
+        if self.env.lan_ip is not None:
+            mine.append(f"LAN {ip_str(self.env.lan_ip)}")
+        if self.env.wan_ip is not None:
+            mine.append(f"WAN {ip_str(self.env.wan_ip)}")
+        raise Bad(
+            f"-V {tok} is not an address of masqd ({', '.join(mine) or 'none known'}); "
+            f"map it in firewall.aliases, e.g. \"{tok}\" = \"wan\""
+        )
+
+    # .............................................................. chains
+
+    def chain(self, name: str) -> Chain:
+        ch = self.chains.get(name)
+        if ch is None:
+            hint = " (built-in chains are lower case)" if name.lower() in BUILTIN_CHAINS else ""
+            raise Bad(f"no chain {printable(name)}{hint}")
+        return ch
+
+    def new_chain(self, name: str) -> None:
+        if name in self.chains:
+            raise Bad(f"chain {name!r} already exists")
+        if name in TERMINAL or name in ("RETURN", "REDIRECT") or name.lower() in BUILTIN_CHAINS:
+            raise Bad(f"{name!r} is reserved and cannot name a chain")
+        if not _CHAIN_NAME.match(name):
+            raise Bad(f"bad chain name {printable(name)} (letters, digits, _ . -, at most 31)")
+        self.chains[name] = Chain(name)
+
+    def _reachable(self, start: str, goal: str) -> list[str] | None:
+        """A path of jumps start -> ... -> goal, or None."""
+        stack: list[tuple[str, list[str]]] = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            name, path = stack.pop()
+            if name == goal:
+                return path
+            if name in seen:
+                continue
+            seen.add(name)
+            for r in self.chains[name].rules:
+                if r.target in self.chains and not self.chains[r.target].builtin:
+                    stack.append((r.target, path + [r.target]))
+        return None
+
+    def _check_target(self, chain: str, target: str) -> None:
+        if not target or target in TERMINAL or target == "RETURN":
+            if target == "MASQ" and chain in ("input", "output"):
+                raise Bad(f"MASQ is only allowed in the forward chain, not in {chain}")
+            return
+        if target == "REDIRECT":
+            raise Bad("REDIRECT is not supported")
+        if target in self.chains:
+            if self.chains[target].builtin:
+                raise Bad(f"cannot jump to built-in chain {target!r}")
+            path = self._reachable(target, chain)
+            if path is not None:
+                raise Bad(f"jump to {target!r} makes a loop: {chain} -> {' -> '.join(path)}")
+            return
+        if target.upper() in TERMINAL or target.upper() == "RETURN":
+            raise Bad(f"unknown target {target!r} (targets are upper case: {target.upper()})")
+        raise Bad(f"jump to missing chain {target!r} (create it first with -N)")
+
+    def insert(self, chain: str, pos: int, rules: list[Rule]) -> None:
+        if self.nrules + len(rules) > MAX_RULES:
+            raise Bad(f"more than {MAX_RULES} rules")
+        ch = self.chain(chain)
+        for r in rules:
+            self._check_target(chain, r.target)
+        ch.rules[pos:pos] = rules
+        self.nrules += len(rules)
+
+    def delete_spec(self, chain: str, rules: list[Rule]) -> None:
+        ch = self.chain(chain)
+        idx = []
+        for r in rules:
+            k = r.key()
+            for i, old in enumerate(ch.rules):
+                if i not in idx and old.key() == k:
+                    idx.append(i)
+                    break
+            else:
+                raise Bad(f"no rule like '{r.spec()}' in chain {chain} to delete")
+        for i in sorted(idx, reverse=True):
+            del ch.rules[i]
+        self.nrules -= len(idx)
+
+    def flush(self, chain: str | None) -> None:
+        chains = [self.chain(chain)] if chain is not None else list(self.chains.values())
+        for ch in chains:
+            self.nrules -= len(ch.rules)
+            ch.rules.clear()
+
+    def delete_chain(self, name: str | None) -> None:
+        if name is None:
+            users = [n for n, c in self.chains.items() if not c.builtin]
+            for b in BUILTIN_CHAINS:
+                for r in self.chains[b].rules:
+                    if r.target in users:
+                        raise Bad(f"chain {r.target!r} is still used by {b} ({r.origin})")
+            for n in users:
+                self.nrules -= len(self.chains[n].rules)
+                del self.chains[n]
+            return
+        ch = self.chain(name)
+        if ch.builtin:
+            raise Bad(f"cannot delete built-in chain {name!r}")
+        if ch.rules:
+            raise Bad(f"chain {name!r} is not empty (flush it with -F first)")
+        for other in self.chains.values():
+            for r in other.rules:
+                if r.target == name:
+                    raise Bad(f"chain {name!r} is still used by {other.name} ({r.origin})")
+        del self.chains[name]
+
+    def set_policy(self, chain: str, verdict: int, where: str) -> None:
+        ch = self.chain(chain)
+        if not ch.builtin:
+            raise Bad(f"only built-in chains have a policy, not {chain!r}")
+        if verdict == MASQ and chain != "forward":
+            raise Bad(f"MASQ policy is only allowed for the forward chain, not {chain}")
+        ch.policy = verdict
+        ch.policy_origin = where
+
+    # .............................................................. rules from a spec
+
+    def make_rules(self, chain: str, sp: Spec, where: str) -> list[Rule]:
+        """Protocol-dependent checks, then one Rule (two with -b)."""
+        p = sp.proto
+        has_ports = sp.sport is not None or sp.dport is not None or sp.icmp is not None
+        if has_ports and (sp.proto_neg or p not in (TCP, UDP, ICMP)):
+            raise Bad("ports or ICMP types need -p tcp, udp or icmp")
+        if sp.icmp is not None and p != ICMP:
+            raise Bad("--icmp-type needs -p icmp")
+        if sp.syn and (p != TCP or sp.proto_neg):
+            raise Bad("-y (SYN) needs -p tcp")
+        if sp.frag > 0 and (has_ports or sp.syn):
+            raise Bad("-f cannot be combined with ports, ICMP types or -y: non-first fragments have none")
+        sports: Ports = ()
+        dports: Ports = ()
+        sneg, dneg = sp.sport_neg, sp.dport_neg
+        if sp.sport is not None:
+            sports, code = parse_ports(sp.sport, p, sp.port_list)
+            if code is not None and sp.sport_neg:
+                raise Bad(f"'! {sp.sport}' cannot be negated (it fixes type and code); negate the type number")
+            if code is not None:
+                if sp.dport is not None:
+                    raise Bad(f"ICMP type {sp.sport!r} fixes the code: no destination port allowed")
+                dports, dneg = ((code, code),), sp.sport_neg
+        if sp.icmp is not None:
+            if sp.sport is not None:
+                raise Bad("ICMP type given twice (source port and --icmp-type)")
+            sports, code = parse_ports(sp.icmp, p)
+            sneg = sp.icmp_neg
+            if code is not None and sneg:
+                raise Bad(f"'! {sp.icmp}' cannot be negated (it fixes type and code); negate the type number")
+            if code is not None:
+                if sp.dport is not None:
+                    raise Bad(f"ICMP type {sp.icmp!r} fixes the code: no destination port allowed")
+                dports, dneg = ((code, code),), sp.icmp_neg
+        if sp.dport is not None:
+            dports, _ = parse_ports(sp.dport, p, sp.port_list)
+        if sp.target == "MASQ" and chain in ("input", "output"):
+            raise Bad(f"MASQ is only allowed in the forward chain, not in {chain}")
+        r = Rule(
+            chain, sp.target, p, sp.proto_neg, sp.src[0], sp.src[1], sp.src_neg, sports, sneg,
+            sp.dst[0], sp.dst[1], sp.dst_neg, dports, dneg, sp.ifaces, sp.iface_name, sp.iface_neg,
+            sp.syn, sp.frag, sp.log, where,
+        )
+        if not sp.bidir:
+            return [r]
+        back = Rule(
+            chain, sp.target, p, sp.proto_neg, sp.dst[0], sp.dst[1], sp.dst_neg, dports, dneg,
+            sp.src[0], sp.src[1], sp.src_neg, sports, sneg, sp.ifaces, sp.iface_name, sp.iface_neg,
+            sp.syn, sp.frag, sp.log, where,
+        )
+        return [r] if back.key() == r.key() else [r, back]
+
+    # .............................................................. forwarders
+
+    def listen(self, tok: str) -> str:
+        if tok in WAN_SYMBOLS:
+            return "wan"
+        return ip_str(parse_host(tok))
+
+    def make_portfw(self, proto: str, listen: str, port: str, to: str, to_port: str, pref: str | None) -> PortForward:
+        lp = port_number(port, TCP)
+        tp = port_number(to_port, TCP)
+        if lp == 0 or tp == 0:
+            raise Bad("port 0 cannot be forwarded")
+        pr = 10
+        if pref is not None:
+            if not pref.isdigit() or not 1 <= int(pref[:9]) <= 1_000_000:
+                raise Bad(f"bad preference {printable(pref)} (a number from 1)")
+            pr = int(pref)
+        return PortForward(
+            proto="tcp" if proto == "tcp" else "udp", listen=self.listen(listen), port=lp,
+            to=ipaddress.IPv4Address(parse_host(to)), to_port=tp, pref=pr,
+        )
+
+    @staticmethod
+    def split_addr_port(tok: str) -> tuple[str, str]:
+        if "/" not in tok:
+            raise Bad(f"expected ADDR/PORT, got {printable(tok)}")
+        a, p = tok.rsplit("/", 1)
+        return a, p
+
+    def remove_portfw(self, fw: PortForward, match_remote: bool) -> None:
+        for j, old in enumerate(self.portfw):
+            if (old.proto, old.listen, old.port) == (fw.proto, fw.listen, fw.port) and (
+                not match_remote or (old.to, old.to_port) == (fw.to, fw.to_port)
+            ):
+                del self.portfw[j]
+                return
+        raise Bad(f"no such port forward {fw.proto} {fw.listen}:{fw.port} to delete")
+
+    def set_protofw(self, proto: int, host: int) -> None:
+        """``ipfwd``: protocol ``proto`` goes to ``host``; a later line for it replaces an earlier one."""
+        self.protofw = [p for p in self.protofw if p.proto != proto]
+        self.protofw.append(ProtoForward(proto=proto, to=ipaddress.IPv4Address(host)))
+
