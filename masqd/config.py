@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from masqd.firewall import validate_config_rules
+from masqd.firewall import check_config_rules
 from masqd.firewall.builder import DEFAULT_ALIASES
 from masqd.firewall.model import PortForward, ProtoForward
 
@@ -354,9 +354,13 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     except ValidationError as exc:
         raise ConfigError(source, _format_errors(exc)) from None
     # Rules are parsed here so that a config with a bad rule line is refused whole.
-    errors = validate_config_rules(cfg)
-    if errors:
-        raise ConfigError(source, errors)
+    rules = check_config_rules(cfg)
+    if rules.errors:
+        raise ConfigError(source, rules.errors)
+    if rules.timeouts:  # ipchains -M -S / ipfwadm -M -s lines set masquerade timeouts
+        m = cfg.masquerade
+        timeouts = m.effective_timeouts.model_copy(update=rules.timeouts)
+        cfg = cfg.model_copy(update={"masquerade": m.model_copy(update={"timeouts": timeouts})})
     return cfg
 
 

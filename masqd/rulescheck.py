@@ -2,8 +2,10 @@
 
 It joins the configuration and the firewall, so it lives above both.
 
-Exit 0 and the normalised listing on stdout when every line is good; exit 2
-and one ``FILE:LINE: reason`` per bad line on stderr otherwise. Without
+Exit 0 and the normalised listing on stdout when every line is good (with
+``FILE:LINE: warning: ...`` on stderr for what is accepted but deserves a
+word: rules on the loopback interface, TOS masks); exit 2 and one
+``FILE:LINE: reason`` per bad line on stderr otherwise. Without
 ``--config``, ``-V ADDR`` is matched against the project's stand-in
 addresses (LAN 10.0.0.1, WAN 203.0.113.200); ``--map`` adds aliases
 (interface names or addresses -> lan/wan).
@@ -72,8 +74,15 @@ def _check_config(path: str, verbose: bool) -> int:
         for e in exc.errors:
             print(f"{path}: {e}", file=sys.stderr)
         return EXIT_BAD
+    _warn(rs.warnings)
     sys.stdout.write(format_rules(rs, verbose=verbose))
     return EXIT_OK
+
+
+def _warn(warnings: tuple[str, ...] | list[str]) -> None:
+    for w in warnings:
+        where, _, what = w.partition(": ")
+        print(f"{where}: warning: {what}", file=sys.stderr)
 
 
 def rules_check(argv: list[str]) -> int:
@@ -120,7 +129,8 @@ def rules_check(argv: list[str]) -> int:
         for e in prog.errors:
             print(e, file=sys.stderr)
         return EXIT_BAD
-    rs = Ruleset(prog.chains, tuple(prog.portfw), tuple(prog.protofw))
+    rs = Ruleset(prog.chains, tuple(prog.portfw), tuple(prog.protofw), prog.timeouts, tuple(prog.warnings))
+    _warn(rs.warnings)
     sys.stdout.write(format_rules(rs, verbose=args.verbose))
     return EXIT_OK
 

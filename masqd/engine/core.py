@@ -74,6 +74,7 @@ from masqd.wire.ipv4 import (
     build_ipv4,
     check_ipv4,
     ip_str,
+    rewrite_tos,
     set_ip_checksum,
 )
 
@@ -655,6 +656,8 @@ class Engine:
             tfl = pkt[ihl + 13]
             if tfl & TH_SYN and not tfl & TH_ACK:
                 flags = fwmod.FLAG_SYN
+            elif tfl & TH_ACK:
+                flags = fwmod.FLAG_ACK
         elif proto == UDP:
             if plen < 8:
                 raise Malformed("truncated_udp")
@@ -729,8 +732,12 @@ class Engine:
                            src=ip_str(int.from_bytes(pkt[12:16], "big")),
                            dst=ip_str(int.from_bytes(pkt[16:20], "big")), proto=pkt[9])
             hits.append(None)  # marks "do not cache": every match must be logged
+        if not d.cache:
+            hits.append(None)  # a decision for this packet only (a TOS rewrite, TCP flags)
         v = d.verdict
         if v == fwmod.ACCEPT or v == fwmod.MASQ:
+            if d.tos is not None and rewrite_tos(pkt, *d.tos):  # ipchains -t
+                self._count("tos_rewritten")
             return True
         self.drop(f"{chain}_{'reject' if v == fwmod.REJECT else 'deny'}")
         if v == fwmod.REJECT:
@@ -751,7 +758,7 @@ class Engine:
             elif proto == ICMP:
                 sport, dport = pkt[ihl], pkt[ihl + 1]
             tfl = pkt[ihl + 13] if proto == TCP else 0
-            flags = fwmod.FLAG_SYN if tfl & TH_SYN and not tfl & TH_ACK else 0
+            flags = fwmod.FLAG_SYN if tfl & TH_SYN and not tfl & TH_ACK else fwmod.FLAG_ACK if tfl & TH_ACK else 0
             d = rules.evaluate("output", oif, proto, int.from_bytes(pkt[12:16], "big"),
                                int.from_bytes(pkt[16:20], "big"), sport, dport, flags)
             if not self._fw_pass(d, "output", oif, pkt, ihl, out, hits):

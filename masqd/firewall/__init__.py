@@ -7,14 +7,15 @@ It may import ``masqd.wire`` and its own modules only: never the
 configuration (it reads one through the Protocols of ``settings``), the
 engine, the data plane or ops, and no I/O library (asyncio, sockets, pytun,
 prometheus_client, structlog, pyroute2). Files are read only to load a
-config's ``rules_file``.
+config's ``rules_file`` and the host's ``/etc/services``.
 
 The engine calls ``build_ruleset(cfg)`` once per (re)load and then, per
 packet, ``ruleset.evaluate(chain, iface, proto, src, dst, sport, dport,
 flags)``; the config loader calls ``validate_config_rules(cfg)``.
 
-Modules, from the words up: ``lexer`` (lines and words), ``values``
-(addresses, ports, protocols, ICMP types), ``model`` (Rule, Chain, Decision,
+Modules, from the words up: ``lexer`` (lines and words), ``services``
+(service names, with the built-in ``services_table``), ``values``
+(addresses, ports, protocols, ICMP types, TOS masks), ``model`` (Rule, Chain, Decision,
 forwards, constants), ``builder`` (the rule set as lines build it, the
 operations every tool shares), ``dialects`` (one module per tool), ``parse``
 (runs text through the dialects), ``ruleset`` (compilation and evaluation),
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 from masqd.firewall.format import format_rules
 from masqd.firewall.load import (
+    RulesCheck,
     RulesError,
     build_ruleset,
+    check_config_rules,
     compile_text,
     env_from_config,
     validate_config_rules,
@@ -35,6 +38,7 @@ from masqd.firewall.load import (
 from masqd.firewall.model import (
     ACCEPT,
     DENY,
+    FLAG_ACK,
     FLAG_FRAG,
     FLAG_SYN,
     ICMP_PORT_UNREACH,
@@ -51,8 +55,8 @@ from masqd.firewall.model import (
 from masqd.firewall.ruleset import Ruleset
 
 __all__ = [
-    "ACCEPT", "DENY", "REJECT", "MASQ", "VERDICT_NAMES", "FLAG_SYN", "FLAG_FRAG", "ICMP_UNREACH",
+    "ACCEPT", "DENY", "REJECT", "MASQ", "VERDICT_NAMES", "FLAG_SYN", "FLAG_FRAG", "FLAG_ACK", "ICMP_UNREACH",
     "ICMP_PORT_UNREACH", "Decision", "Rule", "Chain", "Ruleset", "RulesError", "build_ruleset",
     "validate_config_rules", "compile_text", "format_rules", "env_from_config", "PortForward",
-    "ProtoForward",
+    "ProtoForward", "RulesCheck", "check_config_rules",
 ]

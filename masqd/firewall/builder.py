@@ -21,10 +21,12 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from masqd.firewall import services
 from masqd.firewall.lexer import Bad, printable
 from masqd.firewall.model import (
     BUILTIN_CHAINS,
     IFACES,
+    LOOPBACK,
     MASQ,
     TERMINAL,
     Chain,
@@ -34,6 +36,7 @@ from masqd.firewall.model import (
     Rule,
     ip_str,
 )
+from masqd.firewall.services import Services
 from masqd.firewall.values import ICMP, TCP, UDP, parse_host, parse_ports, port_number
 
 MAX_RULES = 100_000
@@ -42,7 +45,16 @@ WAN_SYMBOLS = {"wan", "WAN", "$WAN", "${WAN}", "$4", "${4}"}
 LAN_SYMBOLS = {"lan", "LAN", "$LAN", "${LAN}"}
 
 # Interface names of the HOWTO's scripts -> masqd's sides, before the config's own aliases.
-DEFAULT_ALIASES: dict[str, str] = {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
+# A key ending in "+" stands for every name it begins (ppp0, ppp1...): the dial-up links of
+# the era (PPP, SLIP, ISDN PPP) were the way out to the Internet.
+DEFAULT_ALIASES: dict[str, str] = {
+    "eth0": "lan", "eth1": "wan", "ppp+": "wan", "slip+": "wan", "ippp+": "wan",
+}
+
+# Masquerade timeouts set by ipchains -M -S / ipfwadm -M -s (tcp tcpfin udp), by the names
+# of masqd.config.Timeouts; the kernel kept them in jiffies (HZ 100) in an int.
+TIMEOUT_NAMES = ("tcp_established", "tcp_fin", "udp")
+MAX_TIMEOUT = 0x7FFFFFFF // 100
 
 _CHAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,30}\Z")
 
@@ -55,6 +67,7 @@ class Env:
     lan_ip: int | None = None
     wan_ip: int | None = None
     policies: dict[str, int] = field(default_factory=lambda: {"input": 0, "forward": 3, "output": 0})
+    services: Services = field(default_factory=services.system)
 
 
 @dataclass
@@ -83,6 +96,8 @@ class Spec:
     bidir: bool = False
     target: str = ""
     port_list: bool = False  # ipfwadm: several ports per side
+    ack: int = 0  # ipfwadm -k
+    tos: tuple[int, int] | None = None  # -t ANDMASK XORMASK
 
 
 class Builder:
@@ -94,10 +109,19 @@ class Builder:
         self.portfw: list[PortForward] = []
         self.protofw: list[ProtoForward] = []
         self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.timeouts: dict[str, int] = {}
         self.nrules = 0
 
     def finish(self) -> None:
-        """Checks that need the whole rule set: MASQ reached from input or output."""
+        """Checks that need the whole rule set: MASQ reached from input or output; loopback rules."""
+        lo = [r for ch in self.chains.values() for r in ch.rules if r.ifaces is not None and LOOPBACK in r.ifaces]
+        if lo:
+            self.warnings.append(
+                f"{lo[0].origin}: {len(lo)} rule(s) name the loopback interface lo (-i lo, -V 127.0.0.1): "
+                "masqd routes between its LAN and WAN only and has no loopback side, so they are kept, "
+                "listed and counted, but '-i lo' never matches and '-i ! lo' matches every packet"
+            )
         masq_at: dict[str, str] = {}
         for name, ch in self.chains.items():
             if not ch.builtin:
@@ -128,12 +152,23 @@ class Builder:
     # .............................................................. interfaces
 
     def iface(self, name: str) -> frozenset[str]:
-        """An interface name (or ``ppp+`` wildcard) -> the set of sides it stands for."""
+        """An interface name (or ``ppp+`` wildcard) -> the set of sides it stands for.
+
+        In order: ``lan``/``wan``; an alias of that exact name; ``lo`` (loopback);
+        the longest wildcard alias (``ppp+``) that the name begins with; for a
+        wildcard name, every side whose aliases it begins.
+        """
         if name in IFACES:
             return frozenset((name,))
         al = self.env.aliases
         if name in al:
             return frozenset((al[name],))
+        if name == LOOPBACK:
+            return frozenset((LOOPBACK,))
+        if not name.endswith("+"):
+            wild = [k for k in al if k.endswith("+") and len(k) > 1 and name.startswith(k[:-1])]
+            if wild:
+                return frozenset((al[max(wild, key=len)],))
         if name.endswith("+") and len(name) > 1:
             pre = name[:-1]
             sides = {v for k, v in al.items() if k.startswith(pre)} | {s for s in IFACES if s.startswith(pre)}
@@ -151,6 +186,8 @@ class Builder:
         if tok in LAN_SYMBOLS:
             return frozenset(("lan",))
         addr = parse_host(tok)
+        if addr >> 24 == 127:
+            return frozenset((LOOPBACK,))
         if addr == self.env.lan_ip:
             return frozenset(("lan",))
         if addr == self.env.wan_ip:
@@ -290,13 +327,17 @@ class Builder:
             raise Bad("--icmp-type needs -p icmp")
         if sp.syn and (p != TCP or sp.proto_neg):
             raise Bad("-y (SYN) needs -p tcp")
-        if sp.frag > 0 and (has_ports or sp.syn):
+        if sp.ack and (p != TCP or sp.proto_neg):
+            raise Bad("-k (ACK) needs -P tcp")
+        if sp.ack and sp.syn > 0:
+            raise Bad("-y and -k together never match (-y is SYN without ACK)")
+        if sp.frag > 0 and (has_ports or sp.syn or sp.ack):
             raise Bad("-f cannot be combined with ports, ICMP types or -y: non-first fragments have none")
         sports: Ports = ()
         dports: Ports = ()
         sneg, dneg = sp.sport_neg, sp.dport_neg
         if sp.sport is not None:
-            sports, code = parse_ports(sp.sport, p, sp.port_list)
+            sports, code = parse_ports(sp.sport, p, sp.port_list, self.env.services)
             if code is not None and sp.sport_neg:
                 raise Bad(f"'! {sp.sport}' cannot be negated (it fixes type and code); negate the type number")
             if code is not None:
@@ -306,7 +347,7 @@ class Builder:
         if sp.icmp is not None:
             if sp.sport is not None:
                 raise Bad("ICMP type given twice (source port and --icmp-type)")
-            sports, code = parse_ports(sp.icmp, p)
+            sports, code = parse_ports(sp.icmp, p, services=self.env.services)
             sneg = sp.icmp_neg
             if code is not None and sneg:
                 raise Bad(f"'! {sp.icmp}' cannot be negated (it fixes type and code); negate the type number")
@@ -315,33 +356,64 @@ class Builder:
                     raise Bad(f"ICMP type {sp.icmp!r} fixes the code: no destination port allowed")
                 dports, dneg = ((code, code),), sp.icmp_neg
         if sp.dport is not None:
-            dports, _ = parse_ports(sp.dport, p, sp.port_list)
+            dports, _ = parse_ports(sp.dport, p, sp.port_list, self.env.services)
         if sp.target == "MASQ" and chain in ("input", "output"):
             raise Bad(f"MASQ is only allowed in the forward chain, not in {chain}")
+        tos_and, tos_xor = sp.tos if sp.tos is not None else (0xFF, 0)
         r = Rule(
             chain, sp.target, p, sp.proto_neg, sp.src[0], sp.src[1], sp.src_neg, sports, sneg,
             sp.dst[0], sp.dst[1], sp.dst_neg, dports, dneg, sp.ifaces, sp.iface_name, sp.iface_neg,
-            sp.syn, sp.frag, sp.log, where,
+            sp.syn, sp.frag, sp.log, where, sp.ack, tos_and, tos_xor,
         )
         if not sp.bidir:
             return [r]
         back = Rule(
             chain, sp.target, p, sp.proto_neg, sp.dst[0], sp.dst[1], sp.dst_neg, dports, dneg,
             sp.src[0], sp.src[1], sp.src_neg, sports, sneg, sp.ifaces, sp.iface_name, sp.iface_neg,
-            sp.syn, sp.frag, sp.log, where,
+            sp.syn, sp.frag, sp.log, where, sp.ack, tos_and, tos_xor,
         )
         return [r] if back.key() == r.key() else [r, back]
 
     # .............................................................. forwarders
 
     def listen(self, tok: str) -> str:
+        """The local side of a port forward: "wan" (follows the WAN address) or masqd's WAN address.
+
+        An address the aliases map to the WAN side follows the WAN address too.
+        Any other address is refused: masqd would never see a packet for it.
+        """
         if tok in WAN_SYMBOLS:
             return "wan"
-        return ip_str(parse_host(tok))
+        addr = parse_host(tok)
+        side = self.env.aliases.get(tok)
+        if side == "wan":
+            return "wan"
+        if addr == self.env.wan_ip or (self.env.wan_ip is None and side is None):
+            return ip_str(addr)
+        if side == "lan" or addr == self.env.lan_ip:
+            raise Bad(f"port forward on {tok}, masqd's LAN side: masqd forwards ports that arrive on "
+                      "its WAN address (write $WAN or wan)")
+        wan = ip_str(self.env.wan_ip) if self.env.wan_ip is not None else "?"
+        raise Bad(f"port forward on {tok}, which is not masqd's WAN address ({wan}): it would never "
+                  f"receive a packet; write $WAN (or wan), or map the address in firewall.aliases, "
+                  f"e.g. \"{tok}\" = \"wan\"")
+
+    def set_timeouts(self, values: list[str]) -> None:
+        """``-M -S TCP TCPFIN UDP``: seconds, 0 keeps the current value (as in Linux 2.2)."""
+        if len(values) != 3:
+            raise Bad("masquerade timeouts take 3 values: TCP TCPFIN UDP (seconds, 0 keeps the current one)")
+        got = []
+        for v in values:
+            if not v.isdigit() or len(v) > 10 or int(v) > MAX_TIMEOUT:
+                raise Bad(f"bad timeout {printable(v)}: whole seconds from 0 to {MAX_TIMEOUT}")
+            got.append(int(v))
+        for name, secs in zip(TIMEOUT_NAMES, got, strict=True):
+            if secs:
+                self.timeouts[name] = secs
 
     def make_portfw(self, proto: str, listen: str, port: str, to: str, to_port: str, pref: str | None) -> PortForward:
-        lp = port_number(port, TCP)
-        tp = port_number(to_port, TCP)
+        lp = port_number(port, TCP if proto == "tcp" else UDP, self.env.services)
+        tp = port_number(to_port, TCP if proto == "tcp" else UDP, self.env.services)
         if lp == 0 or tp == 0:
             raise Bad("port 0 cannot be forwarded")
         pr = 10

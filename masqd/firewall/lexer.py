@@ -99,3 +99,10 @@ def suggest(opt: str, valid: set[str]) -> str:
         if alt != opt and alt in valid:
             return f" (a {'zero' if a == '0' else 'digit one'}): did you mean {alt} ({what})?"
     return ""
+
+
+def not_a_mask(tok: str) -> str:
+    """A port word read after an address; ``/8`` there is a mask cut off by a stray space."""
+    if tok.startswith("/"):
+        raise Bad(f"{printable(tok)} after an address: a stray space? write ADDR/MASK as one word")
+    return tok

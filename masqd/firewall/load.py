@@ -10,11 +10,13 @@ that a config with any bad rule line is refused whole.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import NamedTuple
 
 from masqd.firewall.builder import DEFAULT_ALIASES, Env
 from masqd.firewall.lexer import Bad
-from masqd.firewall.model import VERDICT_BY_NAME
+from masqd.firewall.model import VERDICT_BY_NAME, PortForward
 from masqd.firewall.parse import Program
 from masqd.firewall.ruleset import Ruleset
 from masqd.firewall.settings import RouterConfig, StructuredRule
@@ -117,6 +119,36 @@ def _program(cfg: RouterConfig) -> Program:
     return prog
 
 
+def _config_portfw(prog: Program, cfg: RouterConfig) -> tuple[PortForward, ...]:
+    """``[forwarding] portfw`` with each literal ``listen`` checked as a rule line's would be."""
+    out = []
+    for i, f in enumerate(cfg.forwarding.portfw):
+        if f.listen not in ("wan", "$WAN", "${4}", ""):
+            try:
+                listen = prog.listen(f.listen)
+            except Bad as exc:
+                prog.errors.append(f"forwarding.portfw[{i}]: {exc}")
+                continue
+            f = dataclasses.replace(f, listen=listen)
+        out.append(f)
+    return tuple(out)
+
+
+def _ruleset(prog: Program, portfw: tuple[PortForward, ...] = (), cfg: RouterConfig | None = None) -> Ruleset:
+    protofw = tuple(cfg.forwarding.protofw) if cfg is not None else ()
+    return Ruleset(prog.chains, portfw + tuple(prog.portfw), protofw + tuple(prog.protofw),
+                   prog.timeouts, tuple(prog.warnings))
+
+
+class RulesCheck(NamedTuple):
+    """What loading a config's rules found: ``errors`` (refuse the config), ``warnings``
+    (accepted; worth a word), ``timeouts`` (set by ``-M -S`` lines, ``Timeouts`` field names)."""
+
+    errors: list[str]
+    warnings: list[str]
+    timeouts: dict[str, int]
+
+
 def compile_text(text: str, source: str = "<rules>", env: Env | None = None) -> tuple[Ruleset | None, list[str]]:
     """Rules text alone (no config): the Ruleset, or None and every error."""
     prog = Program(env)
@@ -124,18 +156,25 @@ def compile_text(text: str, source: str = "<rules>", env: Env | None = None) -> 
     prog.finish()
     if prog.errors:
         return None, prog.errors
-    return Ruleset(prog.chains, tuple(prog.portfw), tuple(prog.protofw)), []
+    return _ruleset(prog), []
+
+
+def check_config_rules(cfg: RouterConfig) -> RulesCheck:
+    """Load the config's rules: every error (``SOURCE:LINE: reason``), warning and timeout."""
+    prog = _program(cfg)
+    _config_portfw(prog, cfg)
+    return RulesCheck(prog.errors, prog.warnings, prog.timeouts)
 
 
 def validate_config_rules(cfg: RouterConfig) -> list[str]:
     """Every error in the config's rules (``SOURCE:LINE: reason``); empty when all is well."""
-    return _program(cfg).errors
+    return check_config_rules(cfg).errors
 
 
 def build_ruleset(cfg: RouterConfig) -> Ruleset:
     """Compile the config's rules. Raises RulesError (never for a config that validated)."""
     prog = _program(cfg)
+    portfw = _config_portfw(prog, cfg)
     if prog.errors:
         raise RulesError(prog.errors)
-    fwd = cfg.forwarding
-    return Ruleset(prog.chains, tuple(fwd.portfw) + tuple(prog.portfw), tuple(fwd.protofw) + tuple(prog.protofw))
+    return _ruleset(prog, portfw, cfg)

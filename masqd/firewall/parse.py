@@ -43,13 +43,12 @@ class Program(Builder):
 
     def feed_argv(self, argv: list[str], where: str) -> bool:
         """Execute one command; on refusal record ``WHERE: reason`` and change nothing."""
+        nwarn = len(self.warnings)
         try:
             self._command(list(argv), where)
             return True
-        except Bad as exc:
-            self.errors.append(f"{where}: {exc}")
-            return False
-        except (ValueError, OverflowError) as exc:  # belt and braces: never a traceback
+        except (Bad, ValueError, OverflowError) as exc:  # ValueError...: belt and braces, never a traceback
+            del self.warnings[nwarn:]
             self.errors.append(f"{where}: {exc}")
             return False
 

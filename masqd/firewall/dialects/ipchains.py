@@ -9,9 +9,9 @@ belong to a running firewall, not to a rules file, and are refused.
 from __future__ import annotations
 
 from masqd.firewall.builder import Builder, Spec
-from masqd.firewall.lexer import Bad, is_option, printable, suggest
+from masqd.firewall.lexer import Bad, is_option, not_a_mask, printable, suggest
 from masqd.firewall.model import VERDICT_BY_NAME
-from masqd.firewall.values import parse_addr, parse_proto
+from masqd.firewall.values import parse_addr, parse_proto, parse_tos
 
 LONG_OPTIONS = {
     "--append": "-A", "--insert": "-I", "--delete": "-D", "--replace": "-R", "--flush": "-F",
@@ -25,12 +25,26 @@ LONG_OPTIONS = {
 }
 _VALID = {
     "-A", "-I", "-D", "-R", "-F", "-X", "-N", "-P", "-p", "-s", "-d", "--sport", "--dport",
-    "--icmp-type", "-j", "-i", "-y", "-f", "-l", "-b", "-v", "-n", "-x",
+    "--icmp-type", "-j", "-i", "-y", "-f", "-l", "-b", "-v", "-n", "-x", "-t", "-M", "-S",
 }
+
+
+def _masquerade(b: Builder, words: list[str]) -> None:
+    """``ipchains -M -S TCP TCPFIN UDP`` (``-M`` may be left out, as ipchains allowed)."""
+    rest = words[1:] if words[:1] == ["-M"] else words
+    if rest[:1] == ["-L"]:
+        raise Bad("ipchains -M -L is not supported in a rules file")
+    if rest[:1] != ["-S"]:
+        raise Bad("expected: ipchains -M -S TCP TCPFIN UDP")
+    b.set_timeouts(rest[1:])
 
 
 def run(b: Builder, args: list[str], where: str) -> None:
     """Execute one ``ipchains`` command line (without the program name) on ``b``."""
+    words = [LONG_OPTIONS.get(a, a) for a in args]
+    if words[:1] == ["-M"] or "-S" in words:
+        _masquerade(b, words)
+        return
     cmd: str | None = None
     chain: str | None = None
     num: int | None = None
@@ -57,10 +71,10 @@ def run(b: Builder, args: list[str], where: str) -> None:
         nonlocal i
         if i < n and args[i] == "!" and i + 1 < n and not is_option(args[i + 1]):
             i += 2
-            return True, args[i - 1]
+            return True, not_a_mask(args[i - 1])
         if i < n and args[i] != "!" and not is_option(args[i]):
             i += 1
-            return False, args[i - 1]
+            return False, not_a_mask(args[i - 1])
         return None
 
     def positional() -> str | None:
@@ -101,7 +115,7 @@ def run(b: Builder, args: list[str], where: str) -> None:
             continue
         if o in ("-L", "-Z", "-C", "-M", "-S", "-h"):
             raise Bad(f"ipchains {a} is not supported in a rules file")
-        if o in ("-m", "-t", "-o"):
+        if o in ("-m", "-o"):
             raise Bad(f"ipchains {a} is not supported")
         if o in seen and o not in ("-v", "-n", "-x"):
             raise Bad(f"option {a} given twice")
@@ -132,6 +146,17 @@ def run(b: Builder, args: list[str], where: str) -> None:
                 if sp.dport is not None:
                     raise Bad("destination port given twice")
                 sp.dport_neg, sp.dport = ng, tok
+        elif o == "-t":
+            if neg:
+                raise Bad("'!' cannot negate -t")
+            if i + 1 >= n or is_option(args[i]) or is_option(args[i + 1]) or "!" in args[i : i + 2]:
+                raise Bad("-t needs two hex bytes: ANDMASK XORMASK")
+            tos_and, tos_xor, multi = parse_tos(args[i], args[i + 1])
+            i += 2
+            sp.tos = (tos_and, tos_xor)
+            if multi:
+                b.warnings.append(f"{where}: TOS masks {args[i - 2]} {args[i - 1]} may set more than one "
+                                  f"TOS bit for packets with TOS {', '.join(multi)}")
         elif o == "--icmp-type":
             sp.icmp_neg, sp.icmp = value(a)
         elif o == "-i":

@@ -1,19 +1,21 @@
 """The ``ipfwadm`` dialect (Linux 2.0): -I/-O/-F categories mapped onto the input, output and forward chains.
 
 Supported: -a -i -d -f -p with -P -S -D (up to 10 ports per address) -W -V -b
--m -o -y. A policy word may be abbreviated (``acc``, ``m``) as ipfwadm allowed.
+-m -o -y -k -t, and ``-M -s TCP TCPFIN UDP`` (masquerade timeouts). A policy
+word may be abbreviated (``acc``, ``m``) as ipfwadm allowed. The TOS masks of
+-t get the checks ipchains made (Linux 2.0 quietly corrected bad masks instead).
 """
 
 from __future__ import annotations
 
 from masqd.firewall.builder import Builder, Spec
-from masqd.firewall.lexer import Bad, is_option, printable, suggest
+from masqd.firewall.lexer import Bad, is_option, not_a_mask, printable, suggest
 from masqd.firewall.model import PROTO_BY_NAME, VERDICT_BY_NAME
-from masqd.firewall.values import parse_addr
+from masqd.firewall.values import parse_addr, parse_tos
 
 _VALID = {
     "-I", "-O", "-F", "-a", "-i", "-d", "-f", "-p", "-P", "-S", "-D", "-V", "-W", "-b", "-m", "-o",
-    "-y", "-e", "-n", "-v", "-x",
+    "-y", "-e", "-n", "-v", "-x", "-k", "-t", "-M", "-s",
 }
 _POLICIES = ("accept", "deny", "reject", "masquerade")
 
@@ -24,6 +26,15 @@ def _policy(tok: str) -> str:
     if len(hits) != 1:
         raise Bad(f"bad policy {printable(tok)}: accept, deny, reject or masquerade")
     return {"accept": "ACCEPT", "deny": "DENY", "reject": "REJECT", "masquerade": "MASQ"}[hits[0]]
+
+
+def _masquerade(b: Builder, rest: list[str]) -> None:
+    """``ipfwadm -M -s TCP TCPFIN UDP``: masquerade timeouts, as ``ipchains -M -S``."""
+    if rest[:1] == ["-l"]:
+        raise Bad("ipfwadm -M -l is not supported in a rules file")
+    if rest[:1] != ["-s"]:
+        raise Bad("expected: ipfwadm -M -s TCP TCPFIN UDP")
+    b.set_timeouts(rest[1:])
 
 
 def run(b: Builder, args: list[str], where: str) -> None:
@@ -50,7 +61,7 @@ def run(b: Builder, args: list[str], where: str) -> None:
         nonlocal i
         got = []
         while i < n and not is_option(args[i]):
-            got.append(args[i])
+            got.append(not_a_mask(args[i]))
             i += 1
         if len(got) > 10:
             raise Bad("at most 10 ports per address")
@@ -67,7 +78,8 @@ def run(b: Builder, args: list[str], where: str) -> None:
         if a == "-A":
             raise Bad("ipfwadm -A (accounting) is not supported")
         if a == "-M":
-            raise Bad("ipfwadm -M (masquerade listing and timeouts) is not supported")
+            _masquerade(b, [w for w in args if w not in ("-M", "-e", "-n", "-v", "-x")])
+            return
         if a in ("-l", "-z", "-c", "-h"):
             raise Bad(f"ipfwadm {a} is not supported in a rules file")
         if a in ("-a", "-i", "-d", "-f", "-p"):
@@ -108,11 +120,18 @@ def run(b: Builder, args: list[str], where: str) -> None:
         elif a == "-y":
             sp.syn = 1
         elif a == "-k":
-            raise Bad("ipfwadm -k (ACK) is not supported")
+            sp.ack = 1
         elif a == "-r":
             raise Bad("ipfwadm -r (redirect) is not supported")
         elif a == "-t":
-            raise Bad("ipfwadm -t (TOS masks) is not supported")
+            if i + 1 >= n or is_option(args[i]) or is_option(args[i + 1]):
+                raise Bad("-t needs two hex bytes: ANDMASK XORMASK")
+            tos_and, tos_xor, multi = parse_tos(args[i], args[i + 1])
+            i += 2
+            sp.tos = (tos_and, tos_xor)
+            if multi:
+                b.warnings.append(f"{where}: TOS masks {args[i - 2]} {args[i - 1]} may set more than one "
+                                  f"TOS bit for packets with TOS {', '.join(multi)}")
         elif a in ("-e", "-n", "-v", "-x"):
             pass
         elif is_option(a):
