@@ -150,6 +150,11 @@ class Masquerade(_Frozen):
         return LINUX22_TIMEOUTS if self.profile == "linux-2.2" else Timeouts()
 
 
+def _default_aliases() -> dict[str, Literal["lan", "wan"]]:
+    """The firewall's default interface aliases (``ppp+`` and friends -> wan)."""
+    return {k: "lan" if v == "lan" else "wan" for k, v in DEFAULT_ALIASES.items()}
+
+
 class FirewallRule(_Frozen):
     """One structured rule (``[[firewall.rule]]``), the TOML twin of an ``ipchains -A`` line.
 
@@ -180,7 +185,7 @@ class Firewall(_Frozen):
     rules: str = ""
     rules_file: str | None = None
     # Interface names used in rule lines -> "lan" / "wan".
-    aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=lambda: dict(DEFAULT_ALIASES))  # type: ignore[arg-type]
+    aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=_default_aliases)
     log_rate: float = Field(10.0, gt=0)  # -l log events per second, burst the same
     # Structured rules, applied after rules_file and rules.
     rule: tuple[FirewallRule, ...] = ()
