@@ -11,16 +11,18 @@ config's ``rules_file`` and the host's ``/etc/services``.
 
 The engine calls ``build_ruleset(cfg)`` once per (re)load and then, per
 packet, ``ruleset.evaluate(chain, iface, proto, src, dst, sport, dport,
-flags)``; the config loader calls ``validate_config_rules(cfg)``.
+flags)``; the config loader calls ``check_config_rules(cfg)`` (errors, warnings,
+masquerade timeouts).
 
 Modules, from the words up: ``lexer`` (lines and words), ``services``
-(service names, with the built-in ``services_table``), ``values``
-(addresses, ports, protocols, ICMP types, TOS masks), ``model`` (Rule, Chain, Decision,
-forwards, constants), ``builder`` (the rule set as lines build it, the
-operations every tool shares), ``dialects`` (one module per tool), ``parse``
-(runs text through the dialects), ``ruleset`` (compilation and evaluation),
-``format`` (listing), ``settings`` (what is read from a config), ``load``
-(config -> Ruleset).
+(service names; the built-in table is ``services.txt``), ``values``
+(addresses, ports, protocols, ICMP types, TOS masks), ``model`` (Rule,
+Chain, Decision, forwards, constants), ``spec`` (a rule as written ->
+Rules), ``builder`` (the rule set as lines build it, the operations every
+tool shares), ``dialects`` (one module per tool), ``parse`` (runs text
+through the dialects), ``ruleset`` (compilation and evaluation), ``format``
+(listing), ``settings`` (what is read from a config), ``load`` (config ->
+Ruleset).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ The tools of that era resolved a port word such as ``finger`` or ``pop-3``
 through the system's services database, per protocol (``getservbyname(name,
 "tcp")``). masqd reads the host's ``/etc/services`` (services(5) format) when
 there is one, and otherwise a built-in table generated from Debian netbase's
-services file and the IANA service name registry (``services_table``, made by
-``scripts/gen-services-table``), e.g. inside a minimal container image. As in
+services file and the IANA service name registry (``services.txt`` beside this
+module, made by ``scripts/gen-services-table``), e.g. inside a minimal
+container image. As in
 the C library, names and aliases are case sensitive and the first line that
 names a (name, protocol) pair wins.
 """
@@ -13,10 +14,10 @@ names a (name, protocol) pair wins.
 from __future__ import annotations
 
 import functools
-
-from masqd.firewall import services_table
+from importlib import resources
 
 HOST_FILE = "/etc/services"
+BUILTIN_FILE = "services.txt"
 MAX_FILE = 4 * 1024 * 1024  # a services file larger than this is not one
 
 
@@ -46,7 +47,9 @@ class Services:
     @classmethod
     def builtin(cls) -> Services:
         """The table kept in the package."""
-        return cls.from_text(services_table.TABLE, f"built-in table ({services_table.SOURCE})")
+        text = resources.files(__package__).joinpath(BUILTIN_FILE).read_text(encoding="utf-8")
+        source = next((ln[len("# source: "):] for ln in text.splitlines()[:8] if ln.startswith("# source: ")), "?")
+        return cls.from_text(text, f"built-in table ({source})")
 
     def port(self, name: str, proto: str) -> int | None:
         return self.ports.get((name, proto))

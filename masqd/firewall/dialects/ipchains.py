@@ -8,9 +8,10 @@ belong to a running firewall, not to a rules file, and are refused.
 
 from __future__ import annotations
 
-from masqd.firewall.builder import Builder, Spec
+from masqd.firewall.builder import Builder
 from masqd.firewall.lexer import Bad, is_option, not_a_mask, printable, suggest
 from masqd.firewall.model import VERDICT_BY_NAME
+from masqd.firewall.spec import Spec
 from masqd.firewall.values import parse_addr, parse_proto, parse_tos
 
 LONG_OPTIONS = {

@@ -8,9 +8,10 @@ word may be abbreviated (``acc``, ``m``) as ipfwadm allowed. The TOS masks of
 
 from __future__ import annotations
 
-from masqd.firewall.builder import Builder, Spec
+from masqd.firewall.builder import Builder
 from masqd.firewall.lexer import Bad, is_option, not_a_mask, printable, suggest
 from masqd.firewall.model import PROTO_BY_NAME, VERDICT_BY_NAME
+from masqd.firewall.spec import Spec
 from masqd.firewall.values import parse_addr, parse_tos
 
 _VALID = {
