@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["rules", "check"]:  # offline: masqd rules check FILE [--map ...] [--config CFG] [-v]
-        from masqd.firewall.cli import rules_check
+        from masqd.rulescheck import rules_check
 
         return rules_check(argv[2:])
     rest: list[str] = []

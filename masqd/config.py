@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from masqd.firewall import check_config_rules
+from masqd.firewall.builder import DEFAULT_ALIASES
+from masqd.firewall.model import PortForward, ProtoForward
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; ``errors`` lists every problem."""
@@ -146,7 +150,9 @@ class Masquerade(_Frozen):
         return LINUX22_TIMEOUTS if self.profile == "linux-2.2" else Timeouts()
 
 
-_DEFAULT_ALIASES: dict[str, Literal["lan", "wan"]] = {"eth0": "lan", "eth1": "wan", "ppp0": "wan"}
+def _default_aliases() -> dict[str, Literal["lan", "wan"]]:
+    """The firewall's default interface aliases (``ppp+`` and friends -> wan)."""
+    return {k: "lan" if v == "lan" else "wan" for k, v in DEFAULT_ALIASES.items()}
 
 
 class FirewallRule(_Frozen):
@@ -179,7 +185,7 @@ class Firewall(_Frozen):
     rules: str = ""
     rules_file: str | None = None
     # Interface names used in rule lines -> "lan" / "wan".
-    aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=lambda: dict(_DEFAULT_ALIASES))
+    aliases: dict[str, Literal["lan", "wan"]] = Field(default_factory=_default_aliases)
     log_rate: float = Field(10.0, gt=0)  # -l log events per second, burst the same
     # Structured rules, applied after rules_file and rules.
     rule: tuple[FirewallRule, ...] = ()
@@ -206,22 +212,9 @@ class PPTP(_Frozen):
     max_calls_per_server: int = Field(4096, ge=1)
 
 
-class PortForward(_Frozen):
-    proto: Literal["tcp", "udp"]
-    # "wan" (follows the WAN address) or a literal address
-    listen: str = "wan"
-    port: int = Field(ge=1, le=65535)
-    to: ipaddress.IPv4Address
-    to_port: int = Field(ge=1, le=65535)
-    pref: int = Field(10, ge=1)
-
-
-class ProtoForward(_Frozen):
-    proto: int = Field(ge=0, le=255)
-    to: ipaddress.IPv4Address
-
-
 class Forwarding(_Frozen):
+    """Forwards written as TOML; the types are the firewall's (``masqd.firewall.model``)."""
+
     portfw: tuple[PortForward, ...] = ()
     protofw: tuple[ProtoForward, ...] = ()
 
@@ -366,11 +359,13 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     except ValidationError as exc:
         raise ConfigError(source, _format_errors(exc)) from None
     # Rules are parsed here so that a config with a bad rule line is refused whole.
-    from masqd.firewall import validate_config_rules  # local import: firewall imports config types
-
-    errors = validate_config_rules(cfg)
-    if errors:
-        raise ConfigError(source, errors)
+    rules = check_config_rules(cfg)
+    if rules.errors:
+        raise ConfigError(source, rules.errors)
+    if rules.timeouts:  # ipchains -M -S / ipfwadm -M -s lines set masquerade timeouts
+        m = cfg.masquerade
+        timeouts = m.effective_timeouts.model_copy(update=rules.timeouts)
+        cfg = cfg.model_copy(update={"masquerade": m.model_copy(update={"timeouts": timeouts})})
     return cfg
 
 

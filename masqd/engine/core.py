@@ -30,7 +30,7 @@ from collections import Counter
 from typing import Any
 
 from masqd import firewall as fwmod
-from masqd.config import Config
+from masqd.config import Config, Timeouts
 from masqd.engine.counters import Counters, slot
 from masqd.engine.defrag import Reassembler
 from masqd.engine.fastpath import FastEntry, FastPath, HelperFast
@@ -183,6 +183,11 @@ class Engine:
     @property
     def tx_pkts(self) -> list[int]:
         return self.ctr.tx_pkts
+
+    @property
+    def tmo(self) -> Timeouts:
+        """The timeouts in force (the config's, with ``ipchains -M -S`` / ``ipfwadm -M -s`` applied)."""
+        return self.nat.tmo
 
     @property
     def pool(self) -> PortPool:

@@ -59,6 +59,7 @@ from masqd.wire.ipv4 import (
     check_ipv4,
     decrement_ttl,
     ip_str,
+    rewrite_tos,
 )
 
 if TYPE_CHECKING:
@@ -155,6 +156,8 @@ class FullPath:
             tfl = pkt[ihl + 13]
             if tfl & TH_SYN and not tfl & TH_ACK:
                 flags = fwmod.FLAG_SYN
+            elif tfl & TH_ACK:
+                flags = fwmod.FLAG_ACK
         elif proto == UDP:
             if plen < 8:
                 raise Malformed("truncated_udp")
@@ -228,8 +231,12 @@ class FullPath:
                                src=ip_str(int.from_bytes(pkt[12:16], "big")),
                                dst=ip_str(int.from_bytes(pkt[16:20], "big")), proto=pkt[9])
             hits.append(None)  # marks "do not cache": every match must be logged
+        if not d.cache:
+            hits.append(None)  # a decision for this packet only (a TOS rewrite, TCP flags)
         v = d.verdict
         if v == fwmod.ACCEPT or v == fwmod.MASQ:
+            if d.tos is not None and rewrite_tos(pkt, *d.tos):  # ipchains -t
+                self.ctr.count("tos_rewritten")
             return True
         self.ctr.drop(f"{chain}_{'reject' if v == fwmod.REJECT else 'deny'}")
         if v == fwmod.REJECT:
@@ -250,7 +257,7 @@ class FullPath:
             elif proto == ICMP:
                 sport, dport = pkt[ihl], pkt[ihl + 1]
             tfl = pkt[ihl + 13] if proto == TCP else 0
-            flags = fwmod.FLAG_SYN if tfl & TH_SYN and not tfl & TH_ACK else 0
+            flags = fwmod.FLAG_SYN if tfl & TH_SYN and not tfl & TH_ACK else fwmod.FLAG_ACK if tfl & TH_ACK else 0
             d = rules.evaluate("output", oif, proto, int.from_bytes(pkt[12:16], "big"),
                                int.from_bytes(pkt[16:20], "big"), sport, dport, flags)
             if not self.fw_pass(d, "output", oif, pkt, ihl, out, hits):

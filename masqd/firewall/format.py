@@ -1,27 +1,28 @@
 """Listing of a Ruleset the way ``ipchains -L -n [-v]`` and ``ipmasqadm portfw -l`` showed it.
 
 Differences from ipchains, on purpose: the interface column is always shown
-(it holds masqd's side, ``lan``/``wan``, after alias mapping), counters are
-exact (as with ``-x``), and the port and protocol forwards follow the chains.
+(it holds masqd's side, ``lan``/``wan``, after alias mapping, or ``lo``), counters
+are exact (as with ``-x``), TOS masks follow the ports as ``TOS and/xor``, and
+the port and protocol forwards and masquerade timeouts follow the chains.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from masqd.firewall.model import Rule, addr_str, ports_str, proto_name
-from masqd.firewall.parse import policy_name
+from masqd.firewall.model import Rule, addr_str, policy_name, ports_str, proto_name
 
 if TYPE_CHECKING:
     from masqd.firewall.ruleset import Ruleset
 
 
 def _ports_col(r: Rule) -> str:
+    tos = f"  TOS 0x{r.tos_and:02x}/0x{r.tos_xor:02x}" if r.tos is not None else ""
     if r.proto not in (1, 6, 17) or r.proto_neg:
-        return "n/a"
+        return "n/a" + tos
     s = ("!" if r.sport_neg else "") + ports_str(r.sports) if r.sports else "*"
     d = ("!" if r.dport_neg else "") + ports_str(r.dports) if r.dports else "*"
-    return f"{s} ->   {d}"
+    return f"{s} ->   {d}{tos}"
 
 
 def _rule_cols(r: Rule) -> list[str]:
@@ -36,6 +37,7 @@ def _rule_cols(r: Rule) -> list[str]:
     ]
 
 
+_TIMEOUT_LABELS = (("tcp_established", "tcp"), ("tcp_fin", "tcpfin"), ("udp", "udp"))
 _HEAD = ["target", "prot", "opt", "ifname", "source", "destination", "ports"]
 _WIDTH = [10, 5, 6, 10, 21, 21, 0]
 
@@ -80,5 +82,10 @@ def format_rules(ruleset: Ruleset, verbose: bool = True) -> str:
         out.append("prot  host")
         for p in ruleset.protofw:
             out.append(f"{proto_name(p.proto):<5} {p.to}")
+        out.append("")
+    if ruleset.timeouts:
+        t = ruleset.timeouts
+        shown = ", ".join(f"{label} {t[k]} s" for k, label in _TIMEOUT_LABELS if k in t)
+        out.append(f"Masquerade timeouts (-M -S): {shown}")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"

@@ -1,14 +1,19 @@
-"""Firewall data model: verdicts, flags, rules, chains and the Decision type.
+"""Firewall data model: verdicts, flags, rules, chains, forwards and the Decision type.
 
 A ``Rule`` is the parsed, validated meaning of one ipchains/ipfwadm rule: plain
 ints and small tuples that the compiler turns into Python source. Rules and
 chains carry packet and byte counters the engine bumps (``r.pkts += 1;
-r.bytes += n``, or ``Decision.account(n)``). Nothing here knows any syntax.
+r.bytes += n``, or ``Decision.account(n)``). ``PortForward`` and
+``ProtoForward`` are the inbound forwards (ipportfw / ipmasqadm portfw, ipfwd);
+the configuration's ``[forwarding]`` section is made of the same types.
+Nothing here knows any syntax.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 ACCEPT, DENY, REJECT, MASQ = 0, 1, 2, 3
 VERDICT_NAMES = {ACCEPT: "ACCEPT", DENY: "DENY", REJECT: "REJECT", MASQ: "MASQ"}
@@ -16,6 +21,7 @@ VERDICT_BY_NAME = {v: k for k, v in VERDICT_NAMES.items()}
 
 FLAG_SYN = 1  # TCP SYN set and ACK clear (ipchains -y)
 FLAG_FRAG = 2  # a non-first fragment (ipchains -f)
+FLAG_ACK = 4  # TCP ACK set (ipfwadm -k)
 
 # REJECT answers with ICMP destination unreachable, code "port unreachable",
 # for every protocol: that is what Linux 2.2's ipchains REJECT sent. (The
@@ -25,6 +31,9 @@ ICMP_PORT_UNREACH = 3
 
 BUILTIN_CHAINS = ("input", "forward", "output")
 IFACES = ("lan", "wan")
+# The loopback interface of the scripts' hosts. masqd has no loopback side: a rule on
+# it is kept, listed and counted, and never matches (``! lo`` matches every packet).
+LOOPBACK = "lo"
 
 # Targets that end the walk; RETURN, jumps and "no target" do not.
 TERMINAL = {"ACCEPT": ACCEPT, "DENY": DENY, "REJECT": REJECT, "MASQ": MASQ}
@@ -33,6 +42,10 @@ PROTO_NAMES = {1: "icmp", 2: "igmp", 4: "ipip", 6: "tcp", 17: "udp", 41: "ipv6",
 PROTO_BY_NAME = {v: k for k, v in PROTO_NAMES.items()} | {"all": 0}
 
 Ports = tuple[tuple[int, int], ...]  # inclusive ranges; () means "any"
+
+
+def policy_name(v: int | None) -> str:
+    return VERDICT_NAMES.get(v, "-") if v is not None else "-"
 
 
 def proto_name(p: int) -> str:
@@ -69,12 +82,20 @@ class Decision(NamedTuple):
     ``rules``: every rule (and built-in chain, for its policy) that matched,
     whose counters this packet bumps. ``logged``: the matching rules with -l.
     ``code``: the ICMP destination-unreachable code to send for REJECT.
+    ``tos``: (AND mask, XOR mask) to apply to the packet's TOS byte when it
+    passes (ipchains -t; the masks of every matching rule, composed in walk
+    order), or None. ``cache``: False when the decision holds for this packet
+    only and must not be reused for later packets of its flow: a TOS rewrite
+    is per packet, and a walk that met -y/-k rules on a TCP packet whose flags
+    are not those of an established flow (ACK set, no SYN) may differ for them.
     """
 
     verdict: int
     rules: tuple = ()
     logged: tuple = ()
     code: int = ICMP_PORT_UNREACH
+    tos: tuple[int, int] | None = None
+    cache: bool = True
 
     def account(self, nbytes: int) -> None:
         """Bump the counters of every rule that matched by one packet of ``nbytes``."""
@@ -89,7 +110,7 @@ class Rule:
     __slots__ = (
         "chain", "target", "proto", "proto_neg", "src", "smask", "src_neg", "sports", "sport_neg",
         "dst", "dmask", "dst_neg", "dports", "dport_neg", "ifaces", "iface_name", "iface_neg",
-        "syn", "frag", "log", "origin", "pkts", "bytes",
+        "syn", "frag", "log", "origin", "pkts", "bytes", "ack", "tos_and", "tos_xor",
     )
 
     def __init__(
@@ -115,6 +136,9 @@ class Rule:
         frag: int = 0,
         log: bool = False,
         origin: str = "",
+        ack: int = 0,
+        tos_and: int = 0xFF,
+        tos_xor: int = 0,
     ) -> None:
         self.chain = chain
         self.target = target  # ACCEPT DENY REJECT MASQ RETURN, a user chain, or "" (count only)
@@ -128,6 +152,8 @@ class Rule:
         self.syn = syn  # 0 any, 1 SYN only (-y), -1 not SYN (! -y)
         self.frag = frag  # 0 any, 1 non-first fragments only (-f), -1 not those (! -f)
         self.log = log
+        self.ack = ack  # 0 any, 1 TCP ACK set only (ipfwadm -k)
+        self.tos_and, self.tos_xor = tos_and, tos_xor  # ipchains -t; 0xFF 0x00 leaves TOS alone
         self.origin = origin  # "SOURCE:LINE" it came from
         self.pkts = 0
         self.bytes = 0
@@ -137,8 +163,14 @@ class Rule:
         return (
             self.target, self.proto, self.proto_neg, self.src, self.smask, self.src_neg, self.sports,
             self.sport_neg, self.dst, self.dmask, self.dst_neg, self.dports, self.dport_neg,
-            self.ifaces, self.iface_neg, self.syn, self.frag, self.log,
+            self.ifaces, self.iface_neg, self.syn, self.frag, self.log, self.ack, self.tos_and,
+            self.tos_xor,
         )
+
+    @property
+    def tos(self) -> tuple[int, int] | None:
+        """(AND, XOR) masks when the rule rewrites TOS, else None."""
+        return None if (self.tos_and, self.tos_xor) == (0xFF, 0) else (self.tos_and, self.tos_xor)
 
     def iface_str(self) -> str:
         if self.ifaces is None:
@@ -152,6 +184,8 @@ class Rule:
             out += "y" if self.syn > 0 else "!y"
         if self.frag:
             out += "f" if self.frag > 0 else "!f"
+        if self.ack:
+            out += "k"
         if self.log:
             out += "l"
         return out or "--"
@@ -175,6 +209,10 @@ class Rule:
             parts.append("-y" if self.syn > 0 else "! -y")
         if self.frag:
             parts.append("-f" if self.frag > 0 else "! -f")
+        if self.ack:
+            parts.append("-k")
+        if self.tos is not None:
+            parts += ["-t", f"0x{self.tos_and:02x}", f"0x{self.tos_xor:02x}"]
         if self.target:
             parts += ["-j", self.target]
         if self.log:
@@ -209,3 +247,44 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {self.name} {len(self.rules)} rules>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortForward:
+    """New inbound ``proto`` connections to ``listen``:``port`` go to ``to``:``to_port``.
+
+    ``listen`` is "wan" (the WAN address, whatever it is) or a literal address.
+    Servers sharing one port take new connections by ``pref`` weight.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the config loader's validation
+
+    proto: Literal["tcp", "udp"]
+    listen: str = "wan"
+    port: int
+    to: ipaddress.IPv4Address
+    to_port: int
+    pref: int = 10
+
+    def __post_init__(self) -> None:
+        if self.proto not in ("tcp", "udp"):
+            raise ValueError(f"proto must be tcp or udp, not {self.proto!r}")
+        for name, v in (("port", self.port), ("to_port", self.to_port)):
+            if not 1 <= v <= 65535:
+                raise ValueError(f"{name} must be 1..65535, not {v}")
+        if self.pref < 1:
+            raise ValueError(f"pref must be at least 1, not {self.pref}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtoForward:
+    """Unsolicited inbound packets of IP protocol ``proto`` go to LAN host ``to``."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    proto: int
+    to: ipaddress.IPv4Address
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.proto <= 255:
+            raise ValueError(f"proto must be 0..255, not {self.proto}")

@@ -16,10 +16,20 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from masqd.config import PortForward, ProtoForward
-from masqd.firewall.model import BUILTIN_CHAINS, TERMINAL, Chain, Decision, Rule
+from masqd.firewall.model import (
+    BUILTIN_CHAINS,
+    FLAG_ACK,
+    FLAG_SYN,
+    TERMINAL,
+    Chain,
+    Decision,
+    PortForward,
+    ProtoForward,
+    Rule,
+)
 
 _FULL = 0xFFFFFFFF
+_SYN_ACK = FLAG_SYN | FLAG_ACK
 _generation = itertools.count(1)
 
 Evaluator = Callable[[str, int, int, int, int, int, int], Decision]
@@ -77,10 +87,12 @@ def rule_condition(r: Rule, known_iface_proto: bool = False) -> str:
         c.append(_ports_expr("sport", r.sports, r.sport_neg))
     if r.dports:
         c.append(_ports_expr("dport", r.dports, r.dport_neg))
-    if r.sports or r.dports or r.syn:
-        c.append("not flags & 2")  # non-first fragments carry no ports
+    if r.sports or r.dports or r.syn or r.ack:
+        c.append("not flags & 2")  # non-first fragments carry no ports (nor TCP flags)
     if r.syn:
         c.append("flags & 1" if r.syn > 0 else "not flags & 1")
+    if r.ack:
+        c.append("flags & 4")
     if r.frag:
         c.append("flags & 2" if r.frag > 0 else "not flags & 2")
     return " and ".join(c) if c else "True"
@@ -98,10 +110,11 @@ def _decisions(ch: Chain) -> dict[str, Decision]:
     consts: dict[str, Decision] = {}
     for k, r in enumerate(ch.rules):
         logged = (r,) if r.log else ()
+        tos = r.tos
         if r.target == "RETURN":
-            consts[f"D{k}"] = Decision(ch.policy, (r, ch), logged)
+            consts[f"D{k}"] = Decision(ch.policy, (r, ch), logged, tos=tos, cache=tos is None)
         else:
-            consts[f"D{k}"] = Decision(TERMINAL[r.target], (r,), logged)
+            consts[f"D{k}"] = Decision(TERMINAL[r.target], (r,), logged, tos=tos, cache=tos is None)
     consts["DP"] = Decision(ch.policy, (ch,), ())
     return consts
 
@@ -183,6 +196,7 @@ def _walker(chains: dict[str, Chain], name: str) -> Evaluator:
     def walk(iface: str, proto: int, src: int, dst: int, sport: int, dport: int, flags: int) -> Decision:
         hit: list[Any] = []
         logged: list[Rule] = []
+        tos: tuple[int, int] | None = None
         m, steps = compiled[name]
         pos = 0
         stack: list[tuple[Callable[..., int], list[tuple[Rule, int, str]], int]] = []
@@ -197,8 +211,11 @@ def _walker(chains: dict[str, Chain], name: str) -> Evaluator:
             hit.append(r)
             if r.log:
                 logged.append(r)
+            if r.tos is not None:  # (t & a1 ^ x1) & a2 ^ x2 == t & (a1 & a2) ^ (x1 & a2 ^ x2)
+                a, x = r.tos
+                tos = (a, x) if tos is None else (tos[0] & a, (tos[1] & a) ^ x)
             if v >= 0:
-                return Decision(v, tuple(hit), tuple(logged))
+                return Decision(v, tuple(hit), tuple(logged), tos=tos, cache=tos is None)
             if target == "RETURN":
                 if stack:
                     m, steps, pos = stack.pop()
@@ -211,7 +228,7 @@ def _walker(chains: dict[str, Chain], name: str) -> Evaluator:
             else:
                 pos = i + 1
         hit.append(top)
-        return Decision(policy, tuple(hit), tuple(logged))
+        return Decision(policy, tuple(hit), tuple(logged), tos=tos, cache=tos is None)
 
     return walk
 
@@ -222,7 +239,10 @@ class Ruleset:
     ``generation`` grows with every build, so the engine can tell a cached
     per-flow decision from a stale one. ``portfw``/``protofw`` hold every
     inbound forward: the config's ``[forwarding]`` entries first, then those
-    from ipportfw / ipmasqadm / ipfwd lines.
+    from ipportfw / ipmasqadm / ipfwd lines. ``timeouts``: masquerade timeouts
+    set by ``ipchains -M -S`` / ``ipfwadm -M -s`` lines (names of
+    ``masqd.config.Timeouts``; the config loader applies them). ``warnings``:
+    what was accepted but deserves a word (loopback rules, TOS masks).
     """
 
     def __init__(
@@ -230,6 +250,8 @@ class Ruleset:
         chains: dict[str, Chain],
         portfw: tuple[PortForward, ...] = (),
         protofw: tuple[ProtoForward, ...] = (),
+        timeouts: dict[str, int] | None = None,
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self.generation = next(_generation)
         self.chains = chains
@@ -241,6 +263,10 @@ class Ruleset:
         self.trivial = all(not chains[n].rules for n in BUILTIN_CHAINS)
         self.portfw = portfw
         self.protofw = protofw
+        self.timeouts = dict(timeouts or {})
+        self.warnings = warnings
+        # -y/-k rules: a decision for a TCP packet that is not "ACK set, no SYN" is not reused
+        self.flag_rules = any(r.syn or r.ack for ch in chains.values() for r in ch.rules)
         self._eval: dict[str, Evaluator] = {}
         self._tab: dict[str, Table | None] = {}
         for n in BUILTIN_CHAINS:
@@ -259,16 +285,21 @@ class Ruleset:
         output; ``proto`` 0..255; for ICMP ``sport``/``dport`` are type/code.
         """
         t = self._tab[chain]
-        if t is not None:
-            row = t.get(iface)
-            if row is not None:
-                return row[proto](src, dst, sport, dport, flags)
-        return self._eval[chain](iface, proto, src, dst, sport, dport, flags)
+        row = t.get(iface) if t is not None else None
+        if row is not None:
+            d = row[proto](src, dst, sport, dport, flags)
+        else:
+            d = self._eval[chain](iface, proto, src, dst, sport, dport, flags)
+        if self.flag_rules and proto == 6 and flags & _SYN_ACK != FLAG_ACK and d.cache:
+            return d._replace(cache=False)
+        return d
 
     def evaluator(self, chain: str) -> Evaluator:
         """A function ``f(iface, proto, src, dst, sport, dport, flags)`` same as ``evaluate(chain, ...)``."""
         t = self._tab[chain]
         generic = self._eval[chain]
+        if self.flag_rules:
+            return lambda *a: self.evaluate(chain, *a)
         if t is None:
             return generic
         lan, wan = t["lan"], t["wan"]

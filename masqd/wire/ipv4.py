@@ -123,6 +123,21 @@ def build_ipv4(src: int, dst: int, proto: int, payload: bytes, ttl: int = 64, id
     return hdr
 
 
+def rewrite_tos(pkt: bytearray, tos_and: int, tos_xor: int) -> bool:
+    """TOS byte := (TOS & ``tos_and``) ^ ``tos_xor``, the header checksum updated
+    incrementally (RFC 1624: the word holding version/IHL and TOS changes). True if it changed."""
+    old = pkt[1]
+    new = (old & tos_and) ^ tos_xor
+    if new == old:
+        return False
+    s = ((pkt[10] << 8 | pkt[11]) ^ 0xFFFF) + ((pkt[0] << 8 | old) ^ 0xFFFF) + (pkt[0] << 8 | new)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+    pkt[1] = new
+    pkt[10], pkt[11] = s >> 8, s & 0xFF
+    return True
+
+
 def set_ip_checksum(pkt: bytearray, ihl: int) -> None:
     pkt[10] = 0
     pkt[11] = 0

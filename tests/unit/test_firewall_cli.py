@@ -9,8 +9,8 @@ import pytest
 
 from masqd.cli import main
 from masqd.firewall import compile_text, format_rules
-from masqd.firewall.cli import rules_check, rules_list
 from masqd.firewall.parse import Env
+from masqd.rulescheck import rules_check, rules_list
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "config" / "examples"
 
@@ -54,7 +54,7 @@ def test_check_bad_file_prints_every_error_and_exits_2(tmp_path: Path, capsys: p
     assert err.splitlines() == [
         f"{f}:7: MASQ is only allowed in the forward chain, not in input",
         f"{f}:9: unknown option '-0' (a zero): did you mean -O (letter O, not zero)?",
-        f"{f}:10: unknown interface 'eth5' (known: eth0=lan, eth1=wan, ppp0=wan; map it in firewall.aliases)",
+        f"{f}:10: unknown interface 'eth5' (known: eth0=lan, eth1=wan, ippp+=wan, ppp+=wan, slip+=wan; map it in firewall.aliases)",
     ]
 
 

@@ -42,7 +42,7 @@ CASES = [
         "ipfwadm -0 -a accept -W eth1 -V 200.200.200.200 -P all -D 199.0.0.2/32 -S 222.0.0.2/32",
         "f.rules:1: unknown option '-0' (a zero): did you mean -O (letter O, not zero)?",
     ),
-    ("ipchains -A input -i eth7 -j DENY", "f.rules:1: unknown interface 'eth7' (known: eth0=lan, eth1=wan, ppp0=wan; map it in firewall.aliases)"),
+    ("ipchains -A input -i eth7 -j DENY", "f.rules:1: unknown interface 'eth7' (known: eth0=lan, eth1=wan, ippp+=wan, ppp+=wan, slip+=wan; map it in firewall.aliases)"),
     ("ipchains -A input -s 0/0 80 -j DENY", "f.rules:1: ports or ICMP types need -p tcp, udp or icmp"),
     ("ipchains -A input -p ! tcp -d 0/0 80 -j DENY", "f.rules:1: ports or ICMP types need -p tcp, udp or icmp"),
     ("ipchains -A input -p udp -y -j DENY", "f.rules:1: -y (SYN) needs -p tcp"),
@@ -137,7 +137,7 @@ def test_every_bad_line_is_reported_and_good_lines_still_count() -> None:
         # a rules file with three mistakes
         ipchains -P forward DENY
         ipchains -A forward -j MASQ -s 10.0.0.0/8 \\
-            -d 0.0.0.0/0 -i ppp9
+            -d 0.0.0.0/0 -i eth9
         ipchains -A input -j ACCEPT -s 10.0.0.0/8 -i eth0
 
         ipfwadm -0 -a accept -P all
@@ -147,7 +147,7 @@ def test_every_bad_line_is_reported_and_good_lines_still_count() -> None:
     prog = Program(ENV)
     prog.feed_text(text, "x.rules")
     assert [e.split(": ", 1)[0] for e in prog.errors] == ["x.rules:3", "x.rules:7", "x.rules:8"]
-    assert "unknown interface 'ppp9'" in prog.errors[0]
+    assert "unknown interface 'eth9'" in prog.errors[0]
     assert len(prog.chains["input"].rules) == 1 and len(prog.chains["output"].rules) == 1
     assert prog.chains["forward"].rules == []
 
@@ -175,7 +175,7 @@ def test_config_with_bad_rules_is_refused_whole() -> None:
         loads(toml, "m.toml")
     assert exc.value.errors == [
         "firewall.rules:2: MASQ is only allowed in the forward chain, not in input",
-        "firewall.rules:3: unknown interface 'eth9' (known: eth0=lan, eth1=wan, ppp0=wan; map it in firewall.aliases)",
+        "firewall.rules:3: unknown interface 'eth9' (known: eth0=lan, eth1=wan, ippp+=wan, ppp+=wan, slip+=wan; map it in firewall.aliases)",
     ]
     assert "m.toml: firewall.rules:2: MASQ" in str(exc.value)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from masqd.firewall import ACCEPT, DENY, FLAG_SYN, MASQ, compile_text
-from masqd.firewall.parse import Env, Program, logical_lines, split_words
+from masqd.firewall.lexer import logical_lines, split_words
+from masqd.firewall.parse import Env, Program
 
 HOWTO = {
     "ipfwadm_open_head": """\

@@ -10,6 +10,7 @@ from scapy.all import IP, UDP, raw
 
 from masqd.wire import Malformed, addr_delta, apply_delta, check_ipv4, checksum, word_delta
 from masqd.wire.checksum import apply_delta_udp
+from masqd.wire.ipv4 import build_ipv4, rewrite_tos, set_ip_checksum
 
 
 @given(st.binary(min_size=0, max_size=300))
@@ -82,3 +83,16 @@ def test_check_ipv4_rejects_bad_headers() -> None:
     padded = bytearray(good + b"\0\0\0\0")
     check_ipv4(padded)
     assert len(padded) == len(good)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255), st.integers(0, 0xFFFF), st.integers(1, 255))
+def test_rewrite_tos_updates_the_header_checksum_as_a_full_computation_would(
+    tos: int, tos_and: int, tos_xor: int, ident: int, ttl: int
+) -> None:
+    pkt = build_ipv4(0x0A000002, 0xC6336401, 17, b"payload!", ttl=ttl, ident=ident, tos=tos)
+    changed = rewrite_tos(pkt, tos_and, tos_xor)
+    assert pkt[1] == (tos & tos_and) ^ tos_xor and changed == (pkt[1] != tos)
+    full = bytearray(pkt)
+    set_ip_checksum(full, 20)
+    assert full[10:12] == pkt[10:12]

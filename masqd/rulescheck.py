@@ -1,7 +1,11 @@
-"""``masqd rules check FILE``: parse a rules file (or a config) and list it like ``ipchains -L -n``.
+"""``masqd rules check FILE``: check a rules file (or a config) offline and list it like ``ipchains -L -n``.
 
-Exit 0 and the normalised listing on stdout when every line is good; exit 2
-and one ``FILE:LINE: reason`` per bad line on stderr otherwise. Without
+It joins the configuration and the firewall, so it lives above both.
+
+Exit 0 and the normalised listing on stdout when every line is good (with
+``FILE:LINE: warning: ...`` on stderr for what is accepted but deserves a
+word: rules on the loopback interface, TOS masks); exit 2 and one
+``FILE:LINE: reason`` per bad line on stderr otherwise. Without
 ``--config``, ``-V ADDR`` is matched against the project's stand-in
 addresses (LAN 10.0.0.1, WAN 203.0.113.200); ``--map`` adds aliases
 (interface names or addresses -> lan/wan).
@@ -12,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from masqd.firewall.format import format_rules
+from masqd.config import ConfigError, load
+from masqd.firewall import RulesError, Ruleset, build_ruleset, env_from_config, format_rules
 from masqd.firewall.parse import Env, Program
-from masqd.firewall.ruleset import Ruleset
 
 EXIT_OK, EXIT_BAD = 0, 2
 STANDIN_LAN = (10 << 24) | 1  # 10.0.0.1
@@ -59,9 +63,6 @@ def _parse_map(items: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def _check_config(path: str, verbose: bool) -> int:
-    from masqd.config import ConfigError, load
-    from masqd.firewall import RulesError, build_ruleset
-
     try:
         cfg = load(path)
         rs = build_ruleset(cfg)
@@ -73,8 +74,15 @@ def _check_config(path: str, verbose: bool) -> int:
         for e in exc.errors:
             print(f"{path}: {e}", file=sys.stderr)
         return EXIT_BAD
+    _warn(rs.warnings)
     sys.stdout.write(format_rules(rs, verbose=verbose))
     return EXIT_OK
+
+
+def _warn(warnings: tuple[str, ...] | list[str]) -> None:
+    for w in warnings:
+        where, _, what = w.partition(": ")
+        print(f"{where}: warning: {what}", file=sys.stderr)
 
 
 def rules_check(argv: list[str]) -> int:
@@ -90,9 +98,6 @@ def rules_check(argv: list[str]) -> int:
     extra, errors = _parse_map(args.map)
     env = Env(lan_ip=STANDIN_LAN, wan_ip=STANDIN_WAN)
     if args.config:
-        from masqd.config import ConfigError, load
-        from masqd.firewall import env_from_config
-
         try:
             env = env_from_config(load(args.config))
         except ConfigError as exc:
@@ -124,7 +129,8 @@ def rules_check(argv: list[str]) -> int:
         for e in prog.errors:
             print(e, file=sys.stderr)
         return EXIT_BAD
-    rs = Ruleset(prog.chains, tuple(prog.portfw), tuple(prog.protofw))
+    rs = Ruleset(prog.chains, tuple(prog.portfw), tuple(prog.protofw), prog.timeouts, tuple(prog.warnings))
+    _warn(rs.warnings)
     sys.stdout.write(format_rules(rs, verbose=args.verbose))
     return EXIT_OK
 
