@@ -9,16 +9,12 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
-from masqd.interop.images import IMAGES, debian_mirror_and_suite, is_current, stamp_for
-from masqd.interop.peers import PeerSpec
-from masqd.interop.router import to_toml
-from masqd.interop.scenario import (
-    Scenario,
-    ScenarioRun,
-    masqd_entries,
-    masqueraded_by,
-    wan_distinct_sources,
-)
+from .checks import masqd_entries, masqueraded_by, wan_distinct_sources
+from .harness import images
+from .harness.images import IMAGES, debian_mirror_and_suite, is_current, stamp_for
+from .harness.peers import PeerSpec
+from .harness.router import to_toml
+from .harness.scenario import Scenario, ScenarioRun
 
 pytestmark = pytest.mark.interop
 
@@ -64,14 +60,14 @@ def test_masqd_entries_reads_the_snapshot(tmp_path: Path) -> None:
 def test_image_stamp_changes_with_the_recipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("masqd.interop.images.CACHE_DIR", tmp_path)
+    monkeypatch.setattr(images, "CACHE_DIR", tmp_path)
     img = IMAGES["strongswan"]
     _mirror, suite = debian_mirror_and_suite()
     (tmp_path / "strongswan" / "sbin").mkdir(parents=True)
     assert not is_current(img, suite)  # no stamp yet
     img.stamp_path.write_text(stamp_for(img, suite) + "\n")
     assert is_current(img, suite)
-    monkeypatch.setattr("masqd.interop.images.IMAGE_VERSION", 999)
+    monkeypatch.setattr(images, "IMAGE_VERSION", 999)
     assert not is_current(img, suite)  # recipe changed: rebuild
 
 
@@ -85,3 +81,4 @@ def test_masqd_config_is_valid_toml_for_masqd() -> None:
            "masquerade": {"timeouts": {"udp": 30.0}}}  # fmt: skip
     cfg = loads(to_toml(doc), "interop")
     assert cfg.wan.bridge == "br-wan" and cfg.masquerade.effective_timeouts.udp == 30.0
+

@@ -3,10 +3,11 @@
 Two Debian trees are built with debootstrap (strongSwan and libreswan conflict
 in Debian, so each gets its own), both with pppd, pptpd, pptp-linux and the
 usual network tools, plus the UML kernel's modules and the guest init files
-from ``masqd/interop/guest``. Trees live in ``/var/cache/masqd-interop`` and
-are reused while their stamp (a hash of the image recipe) matches; a changed
-recipe rebuilds them. Guest init files are refreshed on every call (cheap).
-Run as ``python -m masqd.interop.images`` (scripts/interop-setup does).
+from ``guest/`` beside this module. Trees live in ``/var/cache/masqd-interop``
+and are reused while their stamp (a hash of the image recipe) matches; a
+changed recipe rebuilds them. Guest init files are refreshed on every call
+(cheap). scripts/interop-setup runs this module (``python -m
+interop.harness.images`` with ``tests/`` on the path).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ COMMON_PACKAGES = (
     "pptp-linux",
     "tcpdump",
 )
-# Guest files: (source name in masqd/interop/guest, path inside the tree, mode)
+# Guest files: (source name in guest/, path inside the tree, mode)
 GUEST_FILES = (
     ("masqd-guest-init", "sbin/masqd-guest-init", 0o755),
     ("masqd-guest-stage2", "sbin/masqd-guest-stage2", 0o755),
