@@ -248,6 +248,16 @@ class Lab:
         self._batch("sw", [f"tuntap add dev {name} mode tap", f"link set {name} master {SEGMENTS[segment]} up"])
         return self.ns("sw")
 
+    def release_address(self, address: str) -> None:
+        """The lab host holding ``address`` (e.g. lan2's 10.0.0.2) lets it go: its link goes
+        down and loses its addresses, so a device on the segment (a UML guest on a TAP from
+        :meth:`attach_tap`) can own the address. No host holds it: nothing to do."""
+        want = address.split("/")[0]
+        for role, (ifs, _gw) in HOSTS.items():
+            for _seg, ifname, cidr in ifs:
+                if cidr.split("/")[0] == want:
+                    self._batch(role, [f"link set {ifname} down", f"addr flush dev {ifname}"])
+
     def software_checksums(self, role: str = "isp") -> None:
         """Make ``role`` a hop that checksums and segments in software (offloads off on its links).
 
@@ -264,27 +274,37 @@ class Lab:
 
     # ------------------------------------------------------------------ kernel reference router
 
-    def kernel_router_up(self) -> None:
-        """``{p}-kfw``: the kernel's own nftables masquerade between br-lan and br-wan (benchmarks).
+    def kernel_router_up(self, *, replace_masqd: bool = False, pptp_helper: bool = False) -> str:
+        """The kernel's own nftables masquerade between br-lan and br-wan; returns its namespace.
 
-        LAN side 10.0.0.254/8, WAN side 203.0.113.201/24 (gateway 203.0.113.1).
-        Point a LAN host at it with ``use_gateway(role, KFW_LAN)``.
+        By default it stands beside masqd in ``{p}-kfw`` (LAN side 10.0.0.254/8, WAN side
+        203.0.113.201/24, gateway 203.0.113.1) for the benchmarks: point a LAN host at it
+        with ``use_gateway(role, KFW_LAN)``. ``replace_masqd``: it takes masqd's place
+        instead, in ``{p}-fw`` with masqd's addresses (masqd must not run), so hosts set up
+        for masqd go through the kernel unchanged (the interop suite's reference router).
+        ``pptp_helper``: the kernel's PPTP conntrack helper follows calls on TCP 1723, so
+        their GRE is masqueraded too.
         """
-        role = "kfw"
-        _run(["ip", "netns", "add", self.ns(role)])
+        role, lan, wan = ("fw", FW_LAN, FW_WAN) if replace_masqd else ("kfw", KFW_LAN, KFW_WAN)
+        if role not in self.roles():
+            _run(["ip", "netns", "add", self.ns(role)])
         self._sysctl(role, {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
                             "net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
                             "net.ipv4.conf.default.rp_filter": 0})
         self._batch("sw", [
-            f"link add kfw0 type veth peer name eth0 netns {self.ns(role)}", "link set kfw0 master br-lan up",
-            f"link add kfw1 type veth peer name eth1 netns {self.ns(role)}", "link set kfw1 master br-wan up",
+            f"link add {role}0 type veth peer name eth0 netns {self.ns(role)}", f"link set {role}0 master br-lan up",
+            f"link add {role}1 type veth peer name eth1 netns {self.ns(role)}", f"link set {role}1 master br-wan up",
         ])
-        self._batch(role, ["link set lo up", f"addr add {KFW_LAN}/8 dev eth0", "link set eth0 up",
-                           f"addr add {KFW_WAN}/24 dev eth1", "link set eth1 up",
+        self._batch(role, ["link set lo up", f"addr add {lan}/8 dev eth0", "link set eth0 up",
+                           f"addr add {wan}/24 dev eth1", "link set eth1 up",
                            f"route add default via {ISP_WAN}"])
+        helper = ('ct helper pptp-h { type "pptp" protocol tcp; }\n'
+                  ' chain pre { type filter hook prerouting priority 0; tcp dport 1723 ct helper set "pptp-h"; }\n'
+                  if pptp_helper else "")
         _run(["ip", "netns", "exec", self.ns(role), "nft", "-f", "-"], input=(
-            "table ip kfw {\n chain post { type nat hook postrouting priority 100; "
+            f"table ip kfw {{\n {helper} chain post {{ type nat hook postrouting priority 100; "
             "oifname \"eth1\" masquerade; }\n}\n"))
+        return self.ns(role)
 
     def use_gateway(self, role: str, gw: str) -> None:
         """Change a host's default route."""
@@ -421,18 +441,36 @@ class Lab:
                 f"remove:       masqd lab down --prefix {p}")
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int | None:
-    """SIGTERM by PID, then SIGKILL after ``timeout``; returns the exit status."""
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0, *, sig: int = signal.SIGTERM,
+                 group: bool = False) -> int | None:
+    """Stop a child by PID: ``sig`` (SIGTERM), then SIGKILL after ``timeout``.
+
+    ``group``: the child was started in a session of its own (``start_new_session=True``):
+    signal its whole process group, and once it has exited SIGKILL what is left of the
+    group (helpers it spawned). Returns the exit status, None if it is still running.
+    """
+    kill = os.killpg if group else os.kill
     if proc.poll() is None:
         try:
-            os.kill(proc.pid, signal.SIGTERM)
+            kill(proc.pid, sig)
         except ProcessLookupError:
             pass
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout)
+            try:
+                kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return proc.returncode
 
 

@@ -165,6 +165,11 @@ def test_lan_container_reaches_wan_container_through_masqd(docker: Docker) -> No
     # the operator CLI works through docker exec (root in the container may use the 0600 socket)
     table = docker("exec", f"{p}-masqd", "masqd", "table").stdout
     assert "IP masquerading entries:" in table and "ICMP" in table and "203.0.113.10" in table, table
+    # the image holds what a user runs (the lab and the demo too), not the interop test harness
+    found = docker("exec", f"{p}-masqd", "python3", "-c",
+                   "import importlib.util as u; print([u.find_spec(m) is not None for m in "
+                   "('masqd.interop', 'masqd.lab.topology', 'masqd.lab.demo')])").stdout.strip()
+    assert found == "[False, True, True]", found
     # the container log is JSON lines throughout (entrypoint, data plane, ops)
     logs = docker("logs", f"{p}-masqd").stdout + docker("logs", f"{p}-masqd").stderr
     events = [json.loads(line) for line in logs.splitlines() if line.strip()]

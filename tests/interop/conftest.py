@@ -11,7 +11,7 @@ from types import FrameType
 
 import pytest
 
-from masqd.interop.images import ensure_images
+from .harness.images import ensure_images
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,16 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from masqd.interop import catalog
-from masqd.interop.netns import list_netns
-from masqd.interop.peers import strongswan_initiator, strongswan_responder
-from masqd.interop.scenario import Scenario, ScenarioRun, clients_ok, new_prefix, run_scenario
+from masqd.lab import Lab
+
+from . import catalog
+from .checks import clients_ok
+from .harness.peers import strongswan_initiator, strongswan_responder
+from .harness.scenario import Scenario, ScenarioRun, new_prefix, run_scenario
 
 pytestmark = pytest.mark.interop
 
 
 def _leftovers(prefix: str, run: ScenarioRun) -> list[str]:
-    found = [f"netns {n}" for n in list_netns() if n.startswith(prefix)]
+    found = [f"netns {n}" for n in Lab(prefix).namespaces()]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if prefix in line]
     found += [
@@ -96,13 +99,14 @@ def test_sigterm_mid_scenario_tears_down(guest_images: dict[str, Path]) -> None:
         "    hit.append(s)\n"
         "    raise KeyboardInterrupt\n"
         "signal.signal(signal.SIGTERM, stop)\n"
-        "from masqd.interop import catalog\n"
-        "from masqd.interop.scenario import run_scenario\n"
+        f"from {__package__} import catalog\n"
+        f"from {__package__}.harness.scenario import run_scenario\n"
         f"run_scenario(catalog.strongswan_natt(1, router='kernel'), prefix={prefix!r})\n"
         "sys.exit(3 if hit else 0)\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # tests/: this package
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

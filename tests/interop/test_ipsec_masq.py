@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from masqd.interop import catalog
-from masqd.interop.scenario import run_scenario
+from . import catalog
+from .harness.scenario import run_scenario
 
 pytestmark = pytest.mark.interop
 

@@ -1,6 +1,6 @@
 """Real libreswan peers through masqd's IPsec masquerade (issue 6): ISAKMP 500<->500 and raw ESP.
 
-Each scenario runs UML guests on the lab's segments (masqd.interop): libreswan
+Each scenario runs UML guests on the lab's segments (harness/): libreswan
 clients on the LAN (encapsulation=no, so no NAT-T: IKE stays on UDP 500 and
 ESP is IP protocol 50) and one libreswan gateway on the remote segment. The
 checks read the WAN capture and masqd's own table and counters (its state
@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from masqd.interop import catalog
-from masqd.interop.peers import PeerSpec
-from masqd.interop.scenario import Scenario, ScenarioRun, clients_ok, raw_esp_checks, run_scenario
+from . import catalog
+from .checks import clients_ok, raw_esp_checks
+from .harness.peers import PeerSpec
+from .harness.scenario import Scenario, ScenarioRun, run_scenario
 
 pytestmark = pytest.mark.interop
 

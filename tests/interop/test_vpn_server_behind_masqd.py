@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from masqd.interop import catalog
-from masqd.interop.scenario import run_scenario
+from . import catalog
+from .harness.scenario import run_scenario
 
 pytestmark = pytest.mark.interop
 
@@ -80,8 +80,9 @@ def test_readme_vpn_server_config_is_what_the_interop_tests_run() -> None:
 
 
 def test_forward_and_pptp_call_checks_read_the_snapshot(tmp_path: Path) -> None:
-    from masqd.interop.peers import PeerSpec
-    from masqd.interop.scenario import Scenario, ScenarioRun, masqd_forward_hits, masqd_pptp_calls
+    from .checks import masqd_forward_hits, masqd_pptp_calls
+    from .harness.peers import PeerSpec
+    from .harness.scenario import Scenario, ScenarioRun
 
     spec = PeerSpec("r1", "strongswan", "rem", "198.51.100.41/24", None, "client", "")
     run = ScenarioRun(Scenario("t", (spec,)), "mitest", tmp_path)

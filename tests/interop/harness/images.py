@@ -3,10 +3,12 @@
 Two Debian trees are built with debootstrap (strongSwan and libreswan conflict
 in Debian, so each gets its own), both with pppd, pptpd, pptp-linux and the
 usual network tools, plus the UML kernel's modules and the guest init files
-from ``masqd/interop/guest``. Trees live in ``/var/cache/masqd-interop`` and
-are reused while their stamp (a hash of the image recipe) matches; a changed
-recipe rebuilds them. Guest init files are refreshed on every call (cheap).
-Run as ``python -m masqd.interop.images`` (scripts/interop-setup does).
+from ``guest/`` beside this module. Trees live in ``/var/cache/masqd-interop``
+and are reused while their stamp (a hash of the image recipe) matches; a
+changed recipe rebuilds them (a few minutes: one line per step and how far
+it has come, see `Progress`). Guest init files are refreshed on every call
+(cheap). scripts/interop-setup runs this module (``python -m
+interop.harness.images`` with ``tests/`` on the path).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 CACHE_DIR = Path(os.environ.get("MASQD_INTEROP_CACHE", "/var/cache/masqd-interop"))
 IMAGE_VERSION = 1
@@ -41,7 +44,7 @@ COMMON_PACKAGES = (
     "pptp-linux",
     "tcpdump",
 )
-# Guest files: (source name in masqd/interop/guest, path inside the tree, mode)
+# Guest files: (source name in guest/, path inside the tree, mode)
 GUEST_FILES = (
     ("masqd-guest-init", "sbin/masqd-guest-init", 0o755),
     ("masqd-guest-stage2", "sbin/masqd-guest-stage2", 0o755),
@@ -129,7 +132,7 @@ def debian_mirror_and_suite() -> tuple[str, str]:
     return "http://deb.debian.org/debian", suite
 
 
-def ensure_host_packages() -> None:
+def ensure_host_packages(say: Callable[[str], None] = lambda line: None) -> None:
     """apt-get install the host side (UML kernel, debootstrap, tools) if missing."""
     missing = []
     for pkg in HOST_PACKAGES:
@@ -140,6 +143,7 @@ def ensure_host_packages() -> None:
             missing.append(pkg)
     if not missing:
         return
+    say(f"installing host packages: {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(
@@ -165,33 +169,96 @@ def install_guest_files(tree: Path) -> None:
         tmp.replace(dst)
 
 
-def build_tree(image: Image, mirror: str, suite: str) -> float:
+_RETRIEVED = re.compile(r"^I: Retrieving [a-z0-9][a-z0-9+.-]* \S+$")
+_INSTALLED = re.compile(r"^I: (Extracting|Unpacking|Configuring) [a-z0-9][a-z0-9+.-]*\.\.\.$")
+_DONE = {"Extracting": "extracted", "Unpacking": "unpacked", "Configuring": "configured"}
+BUILD_STEPS = 4
+
+
+class Progress:
+    """What one image build says while it runs: a line when a step starts (``[k/4]``) and,
+    inside the two long debootstrap steps, how far it has come at most every ``every``
+    seconds (packages downloaded; packages extracted, unpacked, configured of all)."""
+
+    def __init__(self, name: str, say: Callable[[str], None], every: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.say = say
+        self.every = every
+        self.clock = clock
+        self.step_no = 0
+        self.last = clock()
+        self.retrieved = 0
+        self.installed: dict[str, int] = {}
+
+    def step(self, no: int, what: str) -> None:
+        self.step_no = no
+        self.last = self.clock()
+        self.say(f"{self.name} [{no}/{BUILD_STEPS}] {what}")
+
+    def debootstrap_line(self, line: str) -> None:
+        """Follow debootstrap's ``I:`` lines: downloads (step 1), then installation (step 2)."""
+        if _RETRIEVED.match(line):
+            self.retrieved += 1
+            self._maybe(f"downloaded {self.retrieved} packages")
+            return
+        m = _INSTALLED.match(line)
+        if m is None:
+            return
+        if self.step_no < 2:
+            self.step(2, f"debootstrap: installing {self.retrieved} packages")
+        done = _DONE[m.group(1)]
+        self.installed[done] = self.installed.get(done, 0) + 1
+        counts = ", ".join(f"{self.installed.get(d, 0)} {d}" for d in _DONE.values())
+        self._maybe(f"{counts} of {self.retrieved} packages")
+
+    def _maybe(self, how_far: str) -> None:
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
+            self.say(f"{self.name} [{self.step_no}/{BUILD_STEPS}] {how_far}")
+
+
+def _debootstrap(image: Image, mirror: str, suite: str, work: Path, log: Path,
+                 progress: Progress) -> int:
+    """Run debootstrap into ``work``: its output to ``log``, its progress to ``progress``."""
+    progress.step(1, f"debootstrap {suite}: downloading packages")
+    argv = ["debootstrap", "--variant=minbase", "--include=" + ",".join(image.packages()),
+            suite, str(work), mirror]
+    with log.open("w") as out, subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as proc:
+        assert proc.stdout is not None
+        follow(proc.stdout, out, progress)
+    return proc.returncode
+
+
+def follow(lines: Iterable[str], log: IO[str], progress: Progress) -> None:
+    """Copy debootstrap's output to the log file, feeding each line to ``progress``."""
+    for line in lines:
+        log.write(line)
+        progress.debootstrap_line(line.rstrip("\n"))
+
+
+def build_tree(image: Image, mirror: str, suite: str,
+               say: Callable[[str], None] = lambda line: None) -> float:
     """debootstrap one tree into a temporary directory, then move it in place."""
     t0 = time.monotonic()
+    progress = Progress(image.name, say)
     work = CACHE_DIR / f"{image.name}.building"
     log = CACHE_DIR / f"{image.name}.debootstrap.log"
     if work.exists():
         shutil.rmtree(work)
-    with log.open("w") as out:
-        res = subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=" + ",".join(image.packages()),
-                suite,
-                str(work),
-                mirror,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    if res.returncode != 0:
-        raise RuntimeError(f"debootstrap of {image.name} failed (rc={res.returncode}), see {log}")
+    rc = _debootstrap(image, mirror, suite, work, log, progress)
+    if rc != 0:
+        raise RuntimeError(f"debootstrap of {image.name} failed (rc={rc}), see {log}")
     kver = uml_kernel_version()
+    progress.step(3, f"UML kernel modules {kver}")
     mods = work / "lib" / "modules"
     mods.mkdir(parents=True, exist_ok=True)
     shutil.copytree(UML_MODULES / kver, mods / kver, symlinks=True)
     subprocess.run(["chroot", str(work), "depmod", "-a", kver], check=True)
+    progress.step(4, "apt clean, guest files, into place")
     subprocess.run(["chroot", str(work), "apt-get", "clean"], check=True)
     install_guest_files(work)
     if image.path.exists():
@@ -213,25 +280,30 @@ def _cache_lock() -> Iterator[None]:
 
 
 def ensure_images(names: tuple[str, ...] = tuple(IMAGES), log: bool = True) -> dict[str, Path]:
-    """Make sure every named tree exists and is current; return name -> path."""
+    """Make sure every named tree exists and is current; return name -> path.
+
+    With ``log``, a build says each step and how far it has come; a warm cache says one line."""
+
+    def say(line: str) -> None:
+        if log:
+            print(f"interop-setup: {line}", flush=True)
+
     t0 = time.monotonic()
-    ensure_host_packages()
+    ensure_host_packages(say)
     mirror, suite = debian_mirror_and_suite()
     with _cache_lock():
         todo = [IMAGES[n] for n in names if not is_current(IMAGES[n], suite)]
         if todo:
-            if log:
-                print(f"interop-setup: building {[i.name for i in todo]} from {mirror} {suite}")
+            say(f"building {', '.join(i.name for i in todo)} from {mirror} {suite} "
+                f"(a few minutes; logs in {CACHE_DIR})")
             with ThreadPoolExecutor(max_workers=len(todo)) as pool:
                 for image, secs in zip(
-                    todo, pool.map(lambda i: build_tree(i, mirror, suite), todo), strict=True
+                    todo, pool.map(lambda i: build_tree(i, mirror, suite, say), todo), strict=True
                 ):
-                    if log:
-                        print(f"interop-setup: {image.name} built in {secs:.0f}s")
+                    say(f"{image.name} built in {secs:.0f}s")
         for n in names:
             install_guest_files(IMAGES[n].path)
-    if log:
-        print(f"interop-setup: images ready in {time.monotonic() - t0:.1f}s ({CACHE_DIR})")
+    say(f"images ready in {time.monotonic() - t0:.1f}s ({CACHE_DIR})")
     return {n: IMAGES[n].path for n in names}
 
 

@@ -1,4 +1,4 @@
-"""Ready-made interop scenarios: NAT-T, raw-ESP and PPTP matrices through a router.
+"""The interop tests' scenarios: NAT-T, raw-ESP and PPTP matrices through a router.
 
 Addresses follow SPEC.md: LAN clients 10.0.0.11.. (gateway 10.0.0.1, masqd),
 masqd's public address 203.0.113.200, remote VPN gateways on the remote
@@ -6,6 +6,7 @@ segment 198.51.100.0/24 behind the ISP router (198.51.100.254). Each builder
 takes the number of clients, the router kind and masqd config overrides
 (e.g. ``{"ipsec": {"parallel_sessions": True}}``), so the same scenario runs
 through masqd or through the kernel's masquerade (the harness reference).
+Each scenario carries its checks (:mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from masqd.interop.peers import (
-    libreswan_gateway,
-    libreswan_initiator,
-    libreswan_remote_initiator,
-    libreswan_responder,
-    pptp_client,
-    pptp_remote_client,
-    pptp_server,
-    pptp_server_behind_nat,
-    strongswan_initiator,
-    strongswan_responder,
-)
-from masqd.interop.router import FW_WAN_IP, merge
-from masqd.interop.scenario import (
-    RouterKind,
-    Scenario,
+from masqd.lab import FW_LAN, FW_WAN, ISP_REM
+
+from .checks import (
     clients_ok,
     clients_result,
     forwarded_server_checks,
@@ -43,9 +31,23 @@ from masqd.interop.scenario import (
     wan_has,
     wan_lacks,
 )
+from .harness.peers import (
+    libreswan_gateway,
+    libreswan_initiator,
+    libreswan_remote_initiator,
+    libreswan_responder,
+    pptp_client,
+    pptp_remote_client,
+    pptp_server,
+    pptp_server_behind_nat,
+    strongswan_initiator,
+    strongswan_responder,
+)
+from .harness.router import merge
+from .harness.scenario import RouterKind, Scenario
 
-REMOTE_GW = "198.51.100.254"
-LAN_GW = "10.0.0.1"
+REMOTE_GW = ISP_REM
+LAN_GW = FW_LAN
 STRONGSWAN_SERVER = "198.51.100.10"
 LIBRESWAN_SERVER = "198.51.100.20"
 PPTP_SERVER = "198.51.100.30"
@@ -146,7 +148,7 @@ def ipsec_gateway_behind_masqd(
     if lan_clients:
         peers.append(libreswan_responder("rsrv", f"{LIBRESWAN_SERVER}/24", REMOTE_GW))
     peers += [
-        libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP,
+        libreswan_remote_initiator(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN,
                                    versions[(n - 1) % len(versions)], n)
         for n in range(1, clients + 1)
     ]
@@ -161,7 +163,7 @@ def ipsec_gateway_behind_masqd(
         clients_ok(),
         clients_result("reverse_rc", "0", tuple(f"r{n}" for n in range(1, clients + 1))),
         *forwarded_server_checks(LAN_SERVER, (("udp", 500),), "esp", 50, clients),
-        wan_has(f"src host {FW_WAN_IP} and udp src port 500 and udp dst port 500", clients,
+        wan_has(f"src host {FW_WAN} and udp src port 500 and udp dst port 500", clients,
                 "ISAKMP answers from masqd's port 500"),
         wan_lacks("udp port 4500", "NAT-T must not be used"),
     ]  # fmt: skip
@@ -169,7 +171,7 @@ def ipsec_gateway_behind_masqd(
         checks += [
             masqd_esp_pairs(LIBRESWAN_SERVER, [lan_client_address(n).split("/")[0]
                                                for n in range(1, lan_clients + 1)]),
-            wan_has(f"src host {FW_WAN_IP} and dst host {LIBRESWAN_SERVER} and ip proto 50",
+            wan_has(f"src host {FW_WAN} and dst host {LIBRESWAN_SERVER} and ip proto 50",
                     lan_clients, "LAN clients' ESP to the remote gateway"),
         ]  # fmt: skip
     name = f"ipsec-gw-behind-masqd-ikev{'+'.join(map(str, versions))}-r{clients}-l{lan_clients}"
@@ -187,7 +189,7 @@ def pptp_server_behind_masqd(
         pptp_server("rsrv", f"{PPTP_SERVER}/24", REMOTE_GW),
     ]
     peers += [
-        pptp_remote_client(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN_IP, f"user{n}")
+        pptp_remote_client(f"r{n}", remote_client_address(n), REMOTE_GW, FW_WAN, f"user{n}")
         for n in range(1, remote_clients + 1)
     ]
     peers += [
@@ -203,9 +205,9 @@ def pptp_server_behind_masqd(
         masqd_pptp_calls(LAN_SERVER, True, remote_clients, masqueraded_ids=False),
         *(masqd_pptp_calls(lan_client_address(n).split("/")[0], False, 1, masqueraded_ids=True)
           for n in range(1, lan_clients + 1)),
-        wan_distinct_sources(f"src host {FW_WAN_IP} and tcp dst port 1723 and dst host {PPTP_SERVER}",
+        wan_distinct_sources(f"src host {FW_WAN} and tcp dst port 1723 and dst host {PPTP_SERVER}",
                              lan_clients, "LAN clients' PPTP control to the remote pptpd"),
-        wan_has(f"src host {FW_WAN_IP} and dst host {PPTP_SERVER} and ip proto 47", lan_clients,
+        wan_has(f"src host {FW_WAN} and dst host {PPTP_SERVER} and ip proto 47", lan_clients,
                 "LAN clients' GRE to the remote pptpd"),
     )  # fmt: skip
     return Scenario(f"pptpd-behind-masqd-r{remote_clients}-l{lan_clients}", tuple(peers), checks,

@@ -23,32 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from masqd.interop.netns import die_with_parent, ip, stop_process
+from masqd.lab import FW_LAN, FW_WAN, ISP_WAN, Lab, stop_process
 
-FW_LAN = "10.0.0.1/8"
-FW_WAN = "203.0.113.200/24"
-FW_WAN_IP = "203.0.113.200"
-WAN_GATEWAY = "203.0.113.1"
-
-
-class LabLike(Protocol):
-    """What the harness needs from a lab (masqd.lab.Lab or the stand-in MiniLab)."""
-
-    prefix: str
-
-    @property
-    def sw(self) -> str: ...
-
-    def ns(self, host: str) -> str: ...
-
-    def attach_tap(self, segment: str, tapname: str) -> None: ...
-
-    def kernel_router(self) -> None: ...
-
-    def teardown(self) -> None: ...
+from .process import die_with_parent
 
 
 class Router(Protocol):
+    """What runs between the LAN and WAN segments during a scenario."""
+
     def start(self) -> None: ...
 
     def evidence(self) -> list[Path]: ...
@@ -72,21 +54,18 @@ class NoRouter:
 
 @dataclass
 class KernelRouter:
-    """Reference: Linux forwarding + nftables masquerade in ``{p}-fw``."""
+    """Reference: Linux forwarding + nftables masquerade (with the PPTP conntrack helper) in
+    ``{p}-fw``, on masqd's own addresses, so the same peers run through it unchanged."""
 
-    lab: LabLike
+    lab: Lab
     run_dir: Path
 
     def start(self) -> None:
-        self.lab.kernel_router()
+        self.lab.kernel_router_up(replace_masqd=True, pptp_helper=True)
 
     def evidence(self) -> list[Path]:
         out = self.run_dir / "conntrack.txt"
-        res = subprocess.run(
-            ["ip", "netns", "exec", self.lab.ns("fw"), "conntrack", "-L"],
-            capture_output=True,
-            text=True,
-        )
+        res = self.lab.exec("fw", ["conntrack", "-L"], check=False)
         out.write_text(res.stdout + res.stderr)
         return [out]
 
@@ -148,9 +127,14 @@ def masqd_command() -> list[str]:
 
 @dataclass
 class MasqdRouter:
-    """The real masqd process in ``{p}-fw``, TAP mode, its TAPs on the lab's bridges."""
+    """The real masqd process in ``{p}-fw``, TAP mode, its TAPs on the lab's bridges.
 
-    lab: LabLike
+    Not :class:`masqd.lab.MasqdProcess`: the configuration is a dict merged per scenario,
+    masqd's log, state and config stay in the run directory as evidence (the lab's own
+    directory goes with the lab), and masqd dies with the harness (:func:`die_with_parent`).
+    """
+
+    lab: Lab
     run_dir: Path
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -177,16 +161,16 @@ class MasqdRouter:
             "lan": {
                 "name": self.lan_tap,
                 "mode": "tap",
-                "address": FW_LAN,
-                "netns": self.lab.sw,
+                "address": f"{FW_LAN}/8",
+                "netns": self.lab.ns("sw"),
                 "bridge": "br-lan",
             },
             "wan": {
                 "name": self.wan_tap,
                 "mode": "tap",
-                "address": FW_WAN,
-                "gateway": WAN_GATEWAY,
-                "netns": self.lab.sw,
+                "address": f"{FW_WAN}/24",
+                "gateway": ISP_WAN,
+                "netns": self.lab.ns("sw"),
                 "bridge": "br-wan",
             },
             "metrics": {"enabled": False},
@@ -233,11 +217,11 @@ class MasqdRouter:
             time.sleep(0.1)
         raise RuntimeError(
             f"masqd not ready (ready file, TAPs {self.lan_tap}/{self.wan_tap} on br-lan/br-wan "
-            f"in {self.lab.sw}) after {timeout:.0f}s; log {self.log_path}"
+            f"in {self.lab.ns('sw')}) after {timeout:.0f}s; log {self.log_path}"
         )
 
     def _enslaved(self, tap: str, bridge: str) -> bool:
-        res = ip(self.lab.sw, "-o", "link", "show", "dev", tap, check=False)
+        res = self.lab.exec("sw", ["ip", "-o", "link", "show", "dev", tap], check=False)
         return (
             res.returncode == 0
             and f"master {bridge}" in res.stdout
@@ -275,5 +259,5 @@ class MasqdRouter:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, timeout=5)
+            stop_process(self.proc, timeout=5, group=True)
             self.proc = None

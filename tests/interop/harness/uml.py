@@ -1,6 +1,6 @@
 """Start and stop one User-Mode Linux guest whose network card is a host TAP device.
 
-The guest's root is a cached image tree (``masqd.interop.images``) over hostfs,
+The guest's root is a cached image tree (:mod:`.images`) over hostfs,
 read-only, with a private overlay made by the guest init. A per-guest host
 folder is mounted at ``/peer`` in the guest; the harness writes ``run.sh``
 there and reads back ``ready``, ``done``, ``result.txt`` and daemon logs.
@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from masqd.interop.netns import die_with_parent, stop_process
+from masqd.lab import stop_process
+
+from .process import die_with_parent
 
 UML_BINARY = "linux.uml"
 
@@ -85,5 +87,5 @@ class UmlGuest:
         """Stop the guest by PID (its process group); idempotent."""
         if self.proc is None:
             return
-        stop_process(self.proc, timeout=timeout)
+        stop_process(self.proc, timeout=timeout, group=True)
         shutil.rmtree(self.peer_dir / "uml", ignore_errors=True)

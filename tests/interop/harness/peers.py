@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from masqd.interop.images import IMAGES
-from masqd.interop.uml import UmlGuest
+from .images import IMAGES
+from .uml import UmlGuest
 
 PSK = "masqd-interop-psk"
 BEHIND_SERVER = "10.99.0.1"  # a host "behind" every IPsec gateway (loopback address)
@@ -33,7 +33,7 @@ class PeerSpec:
     """Everything needed to start one peer guest."""
 
     name: str  # short (tap name = prefix + name, 15 chars max)
-    image: str  # key of masqd.interop.images.IMAGES
+    image: str  # key of images.IMAGES
     segment: str  # lan | wan | rem
     address: str  # CIDR on the guest's NIC
     gateway: str | None
