@@ -10,6 +10,10 @@ from the built-in policies in ``[firewall]``, ``firewall.rules_file``,
 Modules: ``model`` (Rule, Chain, Decision, constants), ``parse`` (the rule
 language), ``ruleset`` (compilation and evaluation), ``format`` (listing like
 ``ipchains -L``), ``cli`` (``masqd rules check``).
+
+May import: ``masqd.wire`` and the standard library; not ``masqd.config`` (the
+config imports the firewall to validate rules) nor anything above it; no
+asyncio, socket, uvloop, pytun, pyroute2, prometheus_client or structlog.
 """
 
 from __future__ import annotations
