@@ -15,7 +15,10 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
   masqd's CPU share meanwhile
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
-[--rps auto|off|MASK] [--napi off|threaded|adaptive] [--keep-warm S] [--coalesce S] [--fastpath native|python] [--no-offload] [--runs N] [--json]`` (with ``--json``, one object per run and line)
+[--rps auto|off|MASK] [--napi off|threaded|adaptive] [--keep-warm S] [--coalesce S] [--fastpath native|python] [--no-offload] [--runs N] [--json]
+[--record FILE [--label TEXT]]`` (with ``--json``, one object per run and line, each with the date, the
+command line and the machine; ``--record`` adds the runs to a results file for docs/benchmark.md,
+see ``bench/record.py``)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import record, stamp  # noqa: E402
 from masqd.lab import FW_LAN, KFW_LAN, SRV1, Lab, MasqdProcess, stop_process  # noqa: E402
 
 
@@ -96,7 +100,7 @@ def forwarded(snap: dict[str, Any]) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     lab = Lab(f"b{os.getpid()}"[:10], mode=args.mode)
     lab.down()
-    res: dict[str, Any] = {"mode": args.mode, "seconds": args.seconds}
+    res: dict[str, Any] = {**stamp(), "mode": args.mode, "seconds": args.seconds}
     m: MasqdProcess | None = None
     srv = None
     try:
@@ -214,6 +218,9 @@ def main() -> int:
                    help="masqd's dataplane.keep_warm (0 = off, the default)")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
     p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")
+    p.add_argument("--record", metavar="FILE",
+                   help="also add the runs to this results file (bench/results/NAME.json; docs/benchmark.md)")
+    p.add_argument("--label", help="the setting's name in docs/benchmark.md (default: the options given)")
     args = p.parse_args()
     args.seconds = min(max(args.seconds, 1.0), 30.0)
     args.pings = min(max(args.pings, 10), 2000)
@@ -228,7 +235,17 @@ def main() -> int:
         print(json.dumps(res, sort_keys=True) if args.json else table(res) + "\n", flush=True)
     if args.runs > 1 and not args.json:
         print(summary(results))
+    if args.record:
+        record(args.record, "e2e", args.label or default_label(args), results)
     return 0
+
+
+def default_label(args: argparse.Namespace) -> str:
+    """``defaults, TAP`` or the options that differ from masqd's defaults."""
+    opts = [f"--{k.replace('_', '-')} {v}" for k, v in (("napi", args.napi), ("fastpath", args.fastpath),
+            ("coalesce", args.coalesce), ("keep_warm", args.keep_warm), ("rps", args.rps)) if v is not None]
+    opts += [] if args.offload else ["--no-offload"]
+    return f"{' '.join(opts) or 'defaults'}, {args.mode.upper()}"
 
 
 SUMMARY_KEYS = ("tcp1_masqd_gbps", "tcp1_kernel_gbps", "tcp4_masqd_gbps", "tcp4_kernel_gbps",

@@ -4,7 +4,9 @@
 Prints, for established UDP and TCP flows, ns per packet and packets per
 second with 10 k and 1 M entries in the table, and the RSS cost per entry.
 Other workloads (ESP, GRE, rule sets) register themselves in WORKLOADS.
-Usage: python bench/engine.py [--quick] [--json]
+Usage: python bench/engine.py [--quick] [--json] [--record FILE [--label TEXT]] (``--json``
+adds the date, the command line and the machine; ``--record`` adds the run to a results file
+for docs/benchmark.md, see ``bench/record.py``)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from scapy.all import IP, TCP, UDP, raw  # noqa: E402
 
+from bench.record import record, stamp  # noqa: E402
 from masqd.config import loads  # noqa: E402
 from masqd.engine import Engine  # noqa: E402
 
@@ -134,6 +137,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="100 k entries instead of 1 M, fewer iterations")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--record", metavar="FILE",
+                    help="also add this run to a results file (bench/results/NAME.json; docs/benchmark.md)")
+    ap.add_argument("--label", help="the column's name in docs/benchmark.md (default: full or quick)")
     args = ap.parse_args()
     _register_extra()
     iters = 50_000 if args.quick else 300_000
@@ -161,8 +167,11 @@ def main() -> int:
     t0 = time.perf_counter()
     eng.expire(1e6)
     res["expire_all_s"] = time.perf_counter() - t0
+    figures = {k: round(v, 3) for k, v in res.items()}
+    if args.record:
+        record(args.record, "engine", args.label or ("quick" if args.quick else "full"), [{**stamp(), **figures}])
     if args.json:
-        print(json.dumps({k: round(v, 3) for k, v in res.items()}))
+        print(json.dumps({**stamp(), **figures}))
         return 0
     print(f"{'workload':<28}{'ns/pkt':>10}{'pkts/s':>14}")
     for k, v in res.items():

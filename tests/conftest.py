@@ -4,18 +4,29 @@ Lab names carry a per-run prefix ``t<pid><m>`` (m: a = TAP, u = TUN) so two
 runs never collide; a session first removes labs left by test runs whose
 process is gone (a crash, a kill -9), and every lab fixture tears down on
 every path.
+
+Also the ``conformance`` marker: a marked test must name requirements listed in
+``tests/conformance.toml``, and ``pytest --conformance-json PATH`` writes the
+requirement, test id and outcome of every marked test the run collected
+(``scripts/gen-docs`` renders ``docs/conformance.md`` from it).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import re
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from masqd.lab import Lab, MasqdProcess
+
+CONFORMANCE_REQUIREMENTS = Path(__file__).with_name("conformance.toml")
 
 _PREFIX = re.compile(r"^(t(\d+)[a-z])-")
 
@@ -102,3 +113,82 @@ def routed(request: pytest.FixtureRequest, stale_labs_removed: None) -> Iterator
             proc.stop()
     finally:
         lab.down()
+
+
+# --- conformance marker and record -----------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--conformance-json", metavar="PATH", default=None,
+        help="write requirement, test id and outcome of every test marked conformance to PATH "
+             "(tests/conformance.json is the committed record; scripts/gen-docs renders it)")
+
+
+def conformance_requirement_ids() -> list[str]:
+    with CONFORMANCE_REQUIREMENTS.open("rb") as f:
+        return [str(r["id"]) for r in tomllib.load(f)["requirement"]]
+
+
+def marked_requirements(item: pytest.Item) -> list[str]:
+    return [str(a) for m in item.iter_markers("conformance") for a in m.args]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A conformance marker must name known requirements, and at least one."""
+    known: set[str] | None = None
+    for item in items:
+        for mark in item.iter_markers("conformance"):
+            known = known if known is not None else set(conformance_requirement_ids())
+            bad = [a for a in mark.args if a not in known]
+            if not mark.args or bad or mark.kwargs:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: conformance marker {mark.args!r}: name one or more requirement "
+                    f"ids of {CONFORMANCE_REQUIREMENTS.name} (unknown: {bad})")
+
+
+class ConformanceRecorder:
+    """Collects the outcome of each marked test and writes them at the end of the session."""
+
+    def __init__(self, config: pytest.Config, path: str) -> None:
+        self.config = config
+        self.path = Path(path)
+        self.requirements: dict[str, list[str]] = {}
+        self.outcome: dict[str, str] = {}
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        for item in session.items:
+            reqs = marked_requirements(item)
+            if reqs:
+                self.requirements[item.nodeid] = reqs
+                self.outcome[item.nodeid] = "not run"
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.nodeid not in self.outcome:
+            return
+        if report.when == "call":
+            self.outcome[report.nodeid] = "skipped" if report.skipped else report.outcome
+        elif report.failed:  # setup or teardown
+            self.outcome[report.nodeid] = "error"
+        elif report.skipped:
+            self.outcome[report.nodeid] = "skipped"
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        results = [{"requirement": r, "test": nodeid, "outcome": self.outcome[nodeid]}
+                   for nodeid, reqs in self.requirements.items() for r in reqs]
+        head = {
+            "command": " ".join(["pytest", *self.config.invocation_params.args]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in head.items()]
+        rows = ",\n".join(f"  {json.dumps(r, ensure_ascii=False)}" for r in results)
+        text = "{\n" + "\n".join(lines) + '\n "results": [\n' + rows + "\n ]\n}\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(text, encoding="utf-8")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("--conformance-json")
+    if path:
+        config.pluginmanager.register(ConformanceRecorder(config, path), "conformance-recorder")

@@ -23,6 +23,10 @@ tool shares), ``dialects`` (one module per tool), ``parse`` (runs text
 through the dialects), ``ruleset`` (compilation and evaluation), ``format``
 (listing), ``settings`` (what is read from a config), ``load`` (config ->
 Ruleset).
+
+May import: ``masqd.wire`` and the standard library; not ``masqd.config`` (the
+config imports the firewall to validate rules) nor anything above it; no
+asyncio, socket, uvloop, pytun, pyroute2, prometheus_client or structlog.
 """
 
 from __future__ import annotations

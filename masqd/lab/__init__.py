@@ -2,6 +2,9 @@
 
 ``Lab(prefix, mode)`` builds the HOWTO's networks (see
 :mod:`masqd.lab.topology`); ``MasqdProcess`` runs masqd inside it.
+
+May import: the standard library, pyroute2 and itself; nothing else from masqd
+(it runs masqd as a process). In the product only ``masqd.cli`` imports it.
 """
 
 from masqd.lab.topology import (

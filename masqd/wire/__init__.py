@@ -2,6 +2,9 @@
 
 Nothing here does I/O. ``Malformed`` is the only exception raised, by the checks
 at the edge; a packet that passed them can be read without further checks.
+
+May import: the standard library and nothing else from masqd (the bottom layer);
+no asyncio, socket, uvloop, pytun, pyroute2, prometheus_client or structlog.
 """
 
 from masqd.wire.checksum import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from scapy.all import IP, UDP, fragment, raw
 
 from masqd.engine import Engine
@@ -15,6 +16,7 @@ def _frags(payload: bytes, size: int = 200, ident: int = 7) -> list[bytes]:
     return [raw(f) for f in fragment(pkt, fragsize=size)]
 
 
+@pytest.mark.conformance("defragmentation")
 def test_out_of_order_fragments_are_reassembled_then_masqueraded(eng: Engine) -> None:
     payload = bytes(random.Random(1).randrange(256) for _ in range(900))
     frags = _frags(payload)
@@ -28,6 +30,7 @@ def test_out_of_order_fragments_are_reassembled_then_masqueraded(eng: Engine) ->
     assert eng.counters["frag_reassembled"] == 1
 
 
+@pytest.mark.conformance("defragmentation")
 def test_overlapping_fragments_drop_the_datagram(eng: Engine) -> None:
     frags = _frags(b"A" * 600)
     bad = IP(frags[1])
@@ -40,6 +43,7 @@ def test_overlapping_fragments_drop_the_datagram(eng: Engine) -> None:
     assert eng.counters["drop_frag_overlap"] >= 1
 
 
+@pytest.mark.conformance("defragmentation")
 def test_incomplete_datagrams_time_out(eng: Engine) -> None:
     frags = _frags(b"B" * 600)
     eng.process("lan", frags[0], 0.0)
@@ -49,6 +53,7 @@ def test_incomplete_datagrams_time_out(eng: Engine) -> None:
     assert eng.counters["drop_frag_timeout"] == 1
 
 
+@pytest.mark.conformance("defragmentation")
 def test_reassembly_memory_is_bounded() -> None:
     eng = Engine(make_cfg("[masquerade]\ndefrag_max_datagrams = 8\n"))
     for i in range(100):
@@ -57,12 +62,14 @@ def test_reassembly_memory_is_bounded() -> None:
     assert eng.counters["drop_frag_evicted"] >= 92
 
 
+@pytest.mark.conformance("defragmentation")
 def test_zero_length_fragment_is_refused(eng: Engine) -> None:
     p = IP(src=H2, dst=SRV, flags="MF", proto=17)
     assert eng.process("lan", raw(p), 0.0) == []
     assert eng.counters["drop_frag_empty"] == 1
 
 
+@pytest.mark.conformance("defragmentation")
 def test_fragment_that_would_exceed_64k_is_refused(eng: Engine) -> None:
     p = IP(src=H2, dst=SRV, frag=8190, proto=17) / (b"x" * 64)
     assert eng.process("lan", raw(p), 0.0) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from scapy.all import ICMP, IP, TCP, UDP, raw
 
 from masqd.engine import Engine
@@ -43,6 +44,7 @@ def _mutate(rng: random.Random, p: bytes) -> bytes:
     return bytes(b)
 
 
+@pytest.mark.conformance("untrusted input")
 def test_100k_random_and_mutated_packets_raise_nothing() -> None:
     rng = random.Random(20261127)
     eng = Engine(make_cfg('[masquerade]\ninbound_filtering = "endpoint-independent"\n'))

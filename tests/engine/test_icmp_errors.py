@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.all import ICMP, IP, TCP, UDP, IPerror, UDPerror, raw
 
 from masqd.engine import Engine
@@ -29,6 +30,7 @@ def _icmp_about(p: IP, src: str, typ: int, code: int, nexthop_mtu: int = 0) -> b
     return raw(IP(src=src, dst=WAN_IP) / icmp / quoted)
 
 
+@pytest.mark.conformance("RFC 5508 REQ-3..6")
 def test_rfc5508_port_unreachable_is_translated_back_with_embedded_header(eng: Engine) -> None:
     p = _out_udp(eng)
     err = one(eng.process("wan", _icmp_about(p, SRV, 3, 3), 0.5), "lan")
@@ -45,6 +47,7 @@ def test_rfc5508_port_unreachable_is_translated_back_with_embedded_header(eng: E
     assert eng.counters["icmp_errors_translated"] == 1
 
 
+@pytest.mark.conformance("traceroute, path MTU")
 def test_time_exceeded_from_a_router_on_the_path_reaches_the_lan_host_traceroute(eng: Engine) -> None:
     p = _out_udp(eng)
     err = one(eng.process("wan", _icmp_about(p, "203.0.113.1", 11, 0), 0.5), "lan")
@@ -52,6 +55,7 @@ def test_time_exceeded_from_a_router_on_the_path_reaches_the_lan_host_traceroute
     assert checksums_ok(bytes(err))
 
 
+@pytest.mark.conformance("traceroute, path MTU")
 def test_fragmentation_needed_carries_the_mtu_back(eng: Engine) -> None:
     s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
     raw_err = raw(IP(src="203.0.113.1", dst=WAN_IP) / ICMP(type=3, code=4, nexthopmtu=1280) / raw(s)[:28])
@@ -60,6 +64,7 @@ def test_fragmentation_needed_carries_the_mtu_back(eng: Engine) -> None:
     assert checksums_ok(bytes(err))
 
 
+@pytest.mark.conformance("errors never refresh")
 def test_errors_never_refresh_a_mapping(eng: Engine) -> None:
     p = _out_udp(eng)
     before = eng.table(100.0)[0]["expires_in"]
@@ -80,6 +85,7 @@ def test_error_about_an_echo_request(eng: Engine) -> None:
     assert checksums_ok(bytes(err))
 
 
+@pytest.mark.conformance("RFC 5508 REQ-3..6")
 def test_outbound_error_from_a_lan_host_is_translated(eng: Engine) -> None:
     p = _out_udp(eng)
     r = one(eng.process("wan", udp(SRV, WAN_IP, 33434, p[UDP].sport, b"reply"), 0.1), "lan")
@@ -90,6 +96,7 @@ def test_outbound_error_from_a_lan_host_is_translated(eng: Engine) -> None:
     assert checksums_ok(bytes(err))
 
 
+@pytest.mark.conformance("traceroute, path MTU")
 def test_needfrag_sent_back_when_df_and_too_big() -> None:
     eng = Engine(make_cfg().model_validate({**make_cfg().model_dump(), "wan": {**make_cfg().wan.model_dump(), "mtu": 1280}}))
     big = raw(IP(src=H2, dst=SRV, flags="DF") / UDP(sport=1, dport=2) / (b"a" * 1400))
@@ -98,6 +105,7 @@ def test_needfrag_sent_back_when_df_and_too_big() -> None:
     assert checksums_ok(bytes(err))
 
 
+@pytest.mark.conformance("fragmentation")
 def test_too_big_without_df_is_fragmented_after_masquerade() -> None:
     eng = Engine(make_cfg().model_validate({**make_cfg().model_dump(), "wan": {**make_cfg().wan.model_dump(), "mtu": 600}}))
     payload = bytes(range(256)) * 6
@@ -114,6 +122,7 @@ def test_too_big_without_df_is_fragmented_after_masquerade() -> None:
     assert checksums_ok(bytes(whole))
 
 
+@pytest.mark.conformance("RFC 5508 REQ-3..6")
 def test_tcp_error_checksum_embedded_long_quote(eng: Engine) -> None:
     s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
     err = one(eng.process("wan", raw(IP(src=SRV, dst=WAN_IP) / ICMP(type=3, code=1) / raw(s)), 0.1), "lan")

@@ -5,6 +5,7 @@ Each test names the RFC 4787 / 5382 / 5508 / 7857 requirement it shows where the
 
 from __future__ import annotations
 
+import pytest
 from scapy.all import ICMP, IP, TCP, UDP
 
 from masqd.engine import Engine
@@ -32,6 +33,7 @@ def test_udp_out_and_reply_back(eng: Engine) -> None:
     assert checksums_ok(bytes(r))
 
 
+@pytest.mark.conformance("RFC 5382 REQ-5")
 def test_tcp_handshake_data_and_close(eng: Engine) -> None:
     s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S", seq=1), 0.0), "wan")
     port = s[TCP].sport
@@ -85,12 +87,14 @@ def test_established_ping_takes_the_fast_path_and_writes_what_the_full_path_writ
     assert one(eng.process("lan", last_hop, 10.3), "lan")[ICMP].type == 11
 
 
+@pytest.mark.conformance("RFC 4787 REQ-1")
 def test_rfc4787_req1_endpoint_independent_mapping(eng: Engine) -> None:
     a = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
     b = one(eng.process("lan", udp(H2, R2, 4000, 9999), 0.0), "wan")
     assert a[UDP].sport == b[UDP].sport
 
 
+@pytest.mark.conformance("RFC 4787 REQ-3")
 def test_port_preservation_when_free_and_distinct_ports_on_conflict(eng: Engine) -> None:
     a = one(eng.process("lan", udp(H2, SRV, 5000, 53), 0.0), "wan")
     b = one(eng.process("lan", udp(H3, SRV, 5000, 53), 0.0), "wan")
@@ -101,6 +105,7 @@ def test_port_preservation_when_free_and_distinct_ports_on_conflict(eng: Engine)
     assert ra.dst == H2 and rb.dst == H3
 
 
+@pytest.mark.conformance("Linux 2.2 profile")
 def test_linux22_profile_uses_61000_65095_and_its_timeouts() -> None:
     eng = Engine(make_cfg('[masquerade]\nprofile = "linux-2.2"\nport_preservation = false\n'))
     p = one(eng.process("lan", udp(H2, SRV, 5000, 53), 0.0), "wan")
@@ -115,6 +120,7 @@ def test_linux22_profile_uses_61000_65095_and_its_timeouts() -> None:
     assert row["expires_in"] == 900.0
 
 
+@pytest.mark.conformance("port overloading")
 def test_no_port_overloading_when_the_pool_is_exhausted() -> None:
     eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
     got = set()
@@ -131,6 +137,7 @@ def test_no_port_overloading_when_the_pool_is_exhausted() -> None:
     one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")
 
 
+@pytest.mark.conformance("RFC 4787 REQ-5")
 def test_rfc4787_req5_udp_mapping_lives_five_minutes_and_is_refreshed_by_traffic(eng: Engine) -> None:
     one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
     eng.expire(299.0)
@@ -143,6 +150,7 @@ def test_rfc4787_req5_udp_mapping_lives_five_minutes_and_is_refreshed_by_traffic
     assert eng.counters["pool_used_udp"] == 0 or eng.pool.use(17) == 0
 
 
+@pytest.mark.conformance("RFC 5382 / 7857 transitory")
 def test_rfc5382_transitory_tcp_times_out_after_4_minutes(eng: Engine) -> None:
     one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
     eng.expire(239.0)
@@ -151,6 +159,7 @@ def test_rfc5382_transitory_tcp_times_out_after_4_minutes(eng: Engine) -> None:
     assert eng.counters["sessions"] == 0
 
 
+@pytest.mark.conformance("RFC 5382 / 7857 transitory")
 def test_rfc7857_rst_keeps_state_4_minutes(eng: Engine) -> None:
     s = one(eng.process("lan", tcp(H2, SRV, 40000, 80, "S"), 0.0), "wan")
     one(eng.process("wan", tcp(SRV, WAN_IP, 80, s[TCP].sport, "SA"), 0.0), "lan")
@@ -161,6 +170,7 @@ def test_rfc7857_rst_keeps_state_4_minutes(eng: Engine) -> None:
     assert eng.counters["sessions"] == 0
 
 
+@pytest.mark.conformance("RFC 5508 query")
 def test_icmp_query_mapping_lives_60_seconds(eng: Engine) -> None:
     one(eng.process("lan", echo(H2, SRV), 0.0), "wan")
     eng.expire(59.0)
@@ -191,20 +201,24 @@ def _inbound_after_outbound(filtering: str, src: str, sport: int) -> list:
     return eng.process("wan", udp(src, WAN_IP, sport, p[UDP].sport), 0.1)
 
 
+@pytest.mark.conformance("RFC 4787 REQ-8")
 def test_rfc4787_req8_address_dependent_filtering_is_the_default() -> None:
     assert len(_inbound_after_outbound("address-dependent", SRV, 9999)) == 1
     assert _inbound_after_outbound("address-dependent", R2, 53) == []
 
 
+@pytest.mark.conformance("RFC 4787 REQ-8")
 def test_rfc4787_req8_endpoint_independent_filtering() -> None:
     assert len(_inbound_after_outbound("endpoint-independent", R2, 53)) == 1
 
 
+@pytest.mark.conformance("RFC 4787 REQ-8")
 def test_rfc4787_req8_address_and_port_dependent_filtering() -> None:
     assert _inbound_after_outbound("address-and-port-dependent", SRV, 9999) == []
     assert len(_inbound_after_outbound("address-and-port-dependent", SRV, 53)) == 1
 
 
+@pytest.mark.conformance("RFC 4787 REQ-9")
 def test_rfc4787_req9_hairpinning_with_external_source() -> None:
     eng = Engine(make_cfg('[masquerade]\ninbound_filtering = "endpoint-independent"\n'))
     a = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP, raw
@@ -34,6 +35,7 @@ def packets(draw: st.DrawFn) -> bytes:
     return raw(p)
 
 
+@pytest.mark.conformance("checksums")
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(packets(), min_size=1, max_size=4))
 def test_masqueraded_packets_have_checksums_scapy_agrees_with(pkts: list[bytes]) -> None:
