@@ -301,7 +301,7 @@ class Ops:
         wan = getattr(self.engine, "wan_if", None)
         if wan is None and isinstance(getattr(self.engine, "wan_ip", None), int):
             wan = ipaddress.IPv4Address(self.engine.wan_ip)
-        parts = [f"{self._entry_count()} entries", f"packets in: lan {rx['lan']}, wan {rx['wan']}",
+        parts = [f"entries {self._entry_count()}", f"packets in: lan {rx['lan']}, wan {rx['wan']}",
                  f"WAN {wan if wan is not None else 'none'}"]
         role = self._role() if self._role is not None else None
         if role:

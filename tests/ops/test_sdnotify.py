@@ -196,7 +196,7 @@ def test_ops_ready_watchdog_reload_stop(tmp_path: Path, path_listener: Listener,
     rest = [m for m in msgs[ready:] if m != "WATCHDOG=1"]
     assert [m.split("\n")[0] for m in rest] == ["READY=1", "RELOADING=1", "READY=1", "RELOADING=1",
                                                "READY=1", "STOPPING=1"], rest
-    assert rest[0] == ("READY=1\nSTATUS=3 entries; packets in: lan 10, wan 3; WAN 203.0.113.200; "
+    assert rest[0] == ("READY=1\nSTATUS=entries 3; packets in: lan 10, wan 3; WAN 203.0.113.200; "
                        "role backup")
     assert rest[1].split("\n")[1].startswith("MONOTONIC_USEC=")
     assert "last reload refused" not in rest[2] and "last reload refused" in rest[4]
