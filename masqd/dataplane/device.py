@@ -189,8 +189,10 @@ def _enter(netns: str) -> None:
     try:
         pnetns.setns(netns, flags=0)
     except Exception as exc:
-        pnetns.popns()
-        raise DeviceError(f"cannot enter network namespace {netns!r}: {exc}") from None
+        pnetns.dropns()  # we never left: going "back" would be one more setns, refused the same way
+        hint = " (setns(2) into a network namespace needs CAP_SYS_ADMIN)" \
+            if isinstance(exc, PermissionError) else ""
+        raise DeviceError(f"cannot enter network namespace {netns!r}: {exc}{hint}") from None
 
 
 def _leave() -> None:
