@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from masqd.lab import SRV1, Lab
+from masqd.ops.control import request
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +123,12 @@ def test_ready_watchdog_reload_status_stop_in_order(lab: Lab, manager: Manager) 
         assert "\nMONOTONIC_USEC=" in manager.messages[rel][1]
         again = manager.wait_for(lambda s: s.startswith("READY=1"), 5, rel)
         assert "last reload refused" not in manager.messages[again][1]
+
+        # the control socket's reload is framed the same way
+        n = len(manager.messages)
+        request(f"/run/masqd/{p}.sock", {"cmd": "reload"})
+        rel = manager.wait_for(lambda s: s.startswith("RELOADING=1"), 5, n)
+        manager.wait_for(lambda s: s.startswith("READY=1"), 5, rel)
     finally:
         n = len(manager.messages)
         rc = m.stop()
@@ -130,7 +137,7 @@ def test_ready_watchdog_reload_status_stop_in_order(lab: Lab, manager: Manager) 
     time.sleep(0.6)
     assert [s for _, s in manager.messages[stop + 1:]] == [], "messages after STOPPING=1"
     order = [s.split("\n")[0].split("=")[0] for _, s in manager.messages if not s.startswith(("WATCHDOG", "STATUS"))]
-    assert order == ["READY", "RELOADING", "READY", "STOPPING"], order
+    assert order == ["READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"], order
 
 
 def test_start_failure_leaves_its_reason_in_status(lab: Lab, manager: Manager) -> None:
