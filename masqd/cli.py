@@ -139,7 +139,27 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_check, _add_lab, _add_demo]
+# ---------------------------------------------------------------------- version
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    import json
+
+    from masqd.version import build_info, describe
+
+    info = build_info()
+    print(json.dumps(info, indent=1) if args.json else describe(info))
+    return EXIT_OK
+
+
+def _add_version(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("version", help="version, Python, uvloop, native fast path, kernel TUN features")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_version)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run, _add_check, _add_lab, _add_demo, _add_version]
 
 # Operator commands over the control socket: table, stats, rules, flush, wan-address, reload, capture.
 from masqd.ops.cli import OPS_SUBCOMMANDS  # noqa: E402
@@ -148,7 +168,10 @@ _SUBCOMMANDS += OPS_SUBCOMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from masqd.version import version
+
     parser = argparse.ArgumentParser(prog="masqd", description="userspace IPv4 masquerading router")
+    parser.add_argument("--version", action="version", version=f"masqd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)

@@ -69,7 +69,12 @@ def format_mac(mac: bytes) -> str:
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNGETIFF = 0x800454D2
+TUNGETFEATURES = 0x800454CF
 IFF_NAPI = 0x0010
+IFF_NAPI_FRAGS = 0x0020
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+TUN_DEVICE = "/dev/net/tun"
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
 OFFLOAD_ALL = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6
 # tried in order: TSO needs CSUM (EINVAL otherwise); USO4 and USO6 go together; older kernels lack USO
@@ -95,6 +100,20 @@ def set_offload(fd: int, wanted: int) -> int:
         except OSError:
             continue
     return 0
+
+
+def tun_features(path: str = TUN_DEVICE) -> dict[str, bool]:
+    """What this kernel's TUN driver supports, asked with TUNGETFEATURES on a fresh fd of
+    /dev/net/tun (no device is created, no namespace needed). Raises OSError when the
+    driver is missing or refuses."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        buf = fcntl.ioctl(fd, TUNGETFEATURES, struct.pack("I", 0))
+    finally:
+        os.close(fd)
+    flags = int(struct.unpack("I", buf)[0])
+    return {"vnet_hdr": bool(flags & IFF_VNET_HDR), "multi_queue": bool(flags & IFF_MULTI_QUEUE),
+            "napi": bool(flags & IFF_NAPI), "napi_frags": bool(flags & IFF_NAPI_FRAGS)}
 
 
 def _write_sysfs(name: str, netns: str | None, leaf: str, value: str) -> None:
@@ -170,8 +189,10 @@ def _enter(netns: str) -> None:
     try:
         pnetns.setns(netns, flags=0)
     except Exception as exc:
-        pnetns.popns()
-        raise DeviceError(f"cannot enter network namespace {netns!r}: {exc}") from None
+        pnetns.dropns()  # we never left: going "back" would be one more setns, refused the same way
+        hint = " (setns(2) into a network namespace needs CAP_SYS_ADMIN)" \
+            if isinstance(exc, PermissionError) else ""
+        raise DeviceError(f"cannot enter network namespace {netns!r}: {exc}{hint}") from None
 
 
 def _leave() -> None:

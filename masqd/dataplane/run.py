@@ -7,6 +7,11 @@ SIGTERM/SIGINT stop the loop; devices are closed on every path out.
 SIGUSR1 writes a JSON snapshot (masquerade table, counters, neighbours) to
 the ``state_file`` (also written once at exit), so scripts can read the
 table without a control client.
+
+Under systemd, readiness is told once the devices are up and the ops
+services listen (``ops.ready()``: READY=1), and the stop as soon as it
+begins (``ops.stopping()``: STOPPING=1); a start that fails leaves its
+reason in STATUS= (see masqd.ops.sdnotify).
 """
 
 from __future__ import annotations
@@ -71,9 +76,13 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
                 dp.set_capture(ops.capture)
         if ready_file:
             Path(ready_file).write_text(f"{os.getpid()}\n", encoding="utf-8")
+        if ops is not None:
+            ops.ready()
         log.info("masqd running (pid %d)", os.getpid())
         await stop.wait()
         log.info("masqd stopping")
+        if ops is not None:
+            ops.stopping()
     finally:
         dp.stop()
         if ops is not None:
@@ -87,6 +96,17 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
             dump()
 
 
+def _refuse(reason: str) -> int:
+    """A start that fails: the reason on stderr and, under systemd, in the unit's STATUS=."""
+    from masqd.ops.sdnotify import Notifier
+
+    print(f"masqd: {reason}", file=sys.stderr)
+    notify = Notifier.from_env()
+    notify.status(f"failed to start: {reason}")
+    notify.close()
+    return 1
+
+
 def run(cfg: Config, *, config_path: str | None = None, state_file: str | None = None,
         ready_file: str | None = None) -> int:
     """Run the router until SIGTERM/SIGINT. Returns the process exit status."""
@@ -97,14 +117,12 @@ def run(cfg: Config, *, config_path: str | None = None, state_file: str | None =
     try:
         engine = Engine(cfg)
     except Exception as exc:  # noqa: BLE001 - a refusal, not a traceback
-        print(f"masqd: cannot start the engine: {exc}", file=sys.stderr)
-        return 1
+        return _refuse(f"cannot start the engine: {exc}")
     dp = Dataplane(cfg, engine)
     try:
         dp.open()
     except DeviceError as exc:
-        print(f"masqd: {exc}", file=sys.stderr)
-        return 1
+        return _refuse(str(exc))
     loop = uvloop.new_event_loop()
     t0 = time.monotonic()
     try:

@@ -17,6 +17,14 @@ is accepted as an alias), ``sync()`` (fold what the data plane counted outside
 the engine into it: called before ops reads or changes the engine) and ``now``
 (the engine's clock, default ``time.monotonic``).
 
+Under systemd (``$NOTIFY_SOCKET`` set) ops speaks sd_notify
+(:mod:`masqd.ops.sdnotify`): the run loop calls :meth:`Ops.ready` once the
+devices are up and :meth:`Ops.stopping` when it stops; every reload (SIGHUP
+or control socket) is framed by RELOADING=1 and READY=1; a timer in this
+loop sends WATCHDOG=1 every half of ``$WATCHDOG_USEC`` (a stuck loop stops
+the pings, and systemd restarts masqd); STATUS= carries
+:meth:`Ops.status_line`, refreshed every ``STATUS_INTERVAL`` seconds.
+
 With ``wan.address_source = "interface:NAME"`` ops also runs the
 :mod:`masqd.ops.wanwatch` thread, whose address changes take the same path as
 the control socket's ``wan-address set``. With any source but "config", a
@@ -29,6 +37,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -46,11 +55,14 @@ from masqd.ops.metrics import (
     parse_listen,
 )
 from masqd.ops.pcap import Capture
-from masqd.ops.reload import Reloader
+from masqd.ops.reload import Reloader, ReloadResult
+from masqd.ops.sdnotify import Notifier, watchdog_interval
 from masqd.ops.wanwatch import WanAddressFollower, WanWatcher
 
 DRAIN_INTERVAL = 0.1
 LAG_INTERVAL = 0.25
+STATUS_INTERVAL = 5.0
+_RX_PACKETS = re.compile(r"rx_(lan|wan)_[a-z0-9]+_packets")
 
 _FILTER_KEYS = ("proto", "lan", "wan", "remote", "state")
 _PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
@@ -129,6 +141,8 @@ class Ops:
         install_signal_handlers: bool = True,
         control_socket: str | None = None,
         metrics_listen: str | None = None,
+        notifier: Notifier | None = None,
+        role: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
@@ -154,6 +168,10 @@ class Ops:
         self._metrics_listen = metrics_listen or cfg.metrics.listen
         self._tasks: list[asyncio.Task[None]] = []
         self.reloader = Reloader(config_path, cfg, self._apply, self.counters, self.log)
+        self.notify = notifier if notifier is not None else Notifier.from_env()
+        self._role = role
+        self._status_sent: str | None = None
+        self._stopping = False
 
     def synced_engine(self) -> Any:
         """The engine, with what the data plane counted outside it folded in."""
@@ -184,6 +202,7 @@ class Ops:
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self._tasks.append(asyncio.create_task(self._drain_loop(), name="masqd-ops-drain"))
         self._tasks.append(asyncio.create_task(self._lag_loop(), name="masqd-ops-lag"))
+        self._start_notify()
         self._start_wanwatch(cfg)
 
     def _extra_counters(self) -> dict[str, int]:
@@ -210,6 +229,7 @@ class Ops:
             self.wanwatch = None
 
     async def stop(self) -> None:
+        self.stopping()
         self._stop_wanwatch()
         for t in self._tasks:
             t.cancel()
@@ -227,6 +247,7 @@ class Ops:
             await self.control.stop()
         if self.metrics is not None:
             await self.metrics.stop()
+        self.notify.close()
 
     def drain(self) -> int:
         """Log what the engine recorded since the last call (also called by the run loop if it likes)."""
@@ -253,11 +274,83 @@ class Ops:
             await asyncio.sleep(LAG_INTERVAL)
             lat.observe(max(0.0, time.monotonic() - t0 - LAG_INTERVAL))
 
+    # ------------------------------------------------------------------ service manager (sd_notify)
+
+    def _start_notify(self) -> None:
+        if self.notify.problem is not None:
+            self.log.warning("sd_notify_unusable", error=self.notify.problem)
+        if not self.notify.enabled:
+            return
+        interval = watchdog_interval()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog_loop(interval), name="masqd-ops-watchdog"))
+        self._tasks.append(asyncio.create_task(self._status_loop(), name="masqd-ops-status"))
+        self.log.info("sd_notify", socket=os.environ.get("NOTIFY_SOCKET"),
+                      watchdog_interval=interval)
+
+    def ready(self) -> None:
+        """The router is up (devices, control socket): READY=1 with the first STATUS=."""
+        self._status_sent = self.status_line()
+        if not self.notify.ready(self._status_sent) and self.notify.enabled:
+            self.log.warning("sd_notify_failed", message="READY=1", error=self.notify.last_error)
+
+    def stopping(self) -> None:
+        """Shutdown has begun: STOPPING=1 (once)."""
+        if not self._stopping:
+            self._stopping = True
+            self.notify.stopping("stopping")
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: entries, packets received per side, WAN address, role."""
+        rx = {"lan": 0, "wan": 0}
+        for k, v in self._all_counters().items():
+            m = _RX_PACKETS.fullmatch(k)
+            if m:
+                rx[m.group(1)] += v
+        wan = getattr(self.engine, "wan_if", None)
+        if wan is None and isinstance(getattr(self.engine, "wan_ip", None), int):
+            wan = ipaddress.IPv4Address(self.engine.wan_ip)
+        parts = [f"entries {self._entry_count()}", f"packets in: lan {rx['lan']}, wan {rx['wan']}",
+                 f"WAN {wan if wan is not None else 'none'}"]
+        role = self._role() if self._role is not None else None
+        if role:
+            parts.append(f"role {role}")
+        if not self.counters.last_reload_ok:
+            parts.append("last reload refused (running config kept)")
+        return "; ".join(parts)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        # In the packet loop itself: a loop that stops turning stops the pings.
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            try:
+                line = self.status_line()
+            except Exception as exc:  # a status line must never take the router down
+                self.log.error("status_line_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if line != self._status_sent:
+                self._status_sent = line
+                self.notify.status(line)
+
     # ------------------------------------------------------------------ reload
+
+    def reload(self) -> ReloadResult:
+        """One reload attempt (SIGHUP, control socket), framed by RELOADING=1 / READY=1."""
+        self.notify.reloading("reloading configuration")
+        try:
+            return self.reloader.reload()
+        finally:
+            self._status_sent = self.status_line()
+            self.notify.ready(self._status_sent)
 
     def _sighup(self) -> None:
         self.log.info("sighup_received")
-        self.reloader.reload()
+        self.reload()
 
     def _apply(self, cfg: Any) -> None:
         cur = getattr(self.engine, "wan_if", None)
@@ -401,7 +494,7 @@ class Ops:
         self.log.info("wan_address_set", address=str(addr), old=str(old) if old is not None else None, by=by)
 
     def _h_reload(self, req: dict[str, Any]) -> dict[str, Any]:
-        res = self.reloader.reload()
+        res = self.reload()
         if not res.ok:
             raise RequestError("reload refused, running configuration kept:\n" + "\n".join(
                 f"{res.source}: {e}" for e in res.errors), "reload_failed")
