@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     _setup_logging(cfg)
-    from masqd.dataplane.run import run
+    from masqd.daemon import run
     from masqd.ops.wanwatch import StartError, initial_config
 
     try:

@@ -1,4 +1,5 @@
-"""Process life cycle of ``masqd run``: open devices, run one uvloop loop, shut down cleanly.
+"""Process life cycle of ``masqd run`` (top of the house: it wires the data plane and ops): open
+devices, run one uvloop loop, shut down cleanly.
 
 Order: devices are opened and placed first (synchronous pyroute2, no loop
 yet), then the uvloop loop starts the data plane and, when available, the
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from masqd.dataplane.device import DeviceError
 from masqd.dataplane.router import Dataplane
+from masqd.ops.runtime import start_ops
 
 if TYPE_CHECKING:
     from masqd.config import Config
@@ -62,27 +64,19 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
     dp.start(loop)
     ops = None
     try:
-        try:
-            from masqd.ops.runtime import start_ops
-        except ImportError:
-            start_ops = None  # type: ignore[assignment]
-        if start_ops is not None:
-            ops = await start_ops(
-                dp.engine, cfg, config_path=config_path, now=dp.clock, on_reload=dp.on_reload,
-                set_wan_address=dp.set_wan_address, extra_gauges=lambda: dict(dp.counters),
-                sync=dp.sync_native,
-            )
-            if getattr(ops, "capture", None) is not None:
-                dp.set_capture(ops.capture)
+        ops = await start_ops(
+            dp.engine, cfg, config_path=config_path, now=dp.clock, on_reload=dp.on_reload,
+            set_wan_address=dp.set_wan_address, extra_gauges=lambda: dict(dp.counters),
+            sync=dp.sync_native,
+        )
+        dp.set_capture(ops.capture)
         if ready_file:
             Path(ready_file).write_text(f"{os.getpid()}\n", encoding="utf-8")
-        if ops is not None:
-            ops.ready()
+        ops.ready()
         log.info("masqd running (pid %d)", os.getpid())
         await stop.wait()
         log.info("masqd stopping")
-        if ops is not None:
-            ops.stopping()
+        ops.stopping()
     finally:
         dp.stop()
         if ops is not None:
