@@ -8,11 +8,12 @@ for other hosts, garbage), with flushes, expiry, reloads and neighbour
 changes in between. Every step must write the same bytes on both sides, and at
 the end the engines must agree on counters, the table (expiry times) and
 firewall hits, while the native side forwarded most packets without Python.
+The apparatus (the two sides, framing, events) is tests/dataplane/diffharness.py,
+shared with the differential fuzz run of bench/fuzz.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import select
@@ -20,101 +21,30 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import Ether
 
 from masqd.config import loads
 from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
-from masqd.dataplane.device import Device, local_mac
-from masqd.dataplane.l2 import EthernetHost
-from masqd.dataplane.router import Dataplane, Port
-from masqd.engine import Engine
 from masqd.ops.runtime import rule_rows
 from masqd.wire import vnet
-
-LAN_HOSTS = ["10.0.0.2", "10.0.0.3"]
-REMOTES = ["198.51.100.1", "198.51.100.2"]
-WAN_IP, GW = "203.0.113.200", "203.0.113.1"
-RULES = ('rules = """\nipchains -A forward -p udp -s 10.0.0.0/8 -d 0/0 53 -j MASQ\n'
-         'ipchains -A forward -j MASQ\nipchains -A output -p tcp -j ACCEPT\n"""\n')
-
-
-def config(mode: str, offload: bool, fastpath: str, extra: str = "") -> str:
-    off = "" if offload else "offload = false\n"
-    return (f'[lan]\nname = "l"\nmode = "{mode}"\naddress = "10.0.0.1/8"\nmtu = 1500\n{off}'
-            f'[wan]\nname = "w"\nmode = "{mode}"\naddress = "{WAN_IP}/24"\ngateway = "{GW}"\nmtu = 1400\n{off}'
-            f'[dataplane]\nfastpath = "{fastpath}"\n[firewall]\n{RULES}{extra}')
-
-
-def mac_of(host: str) -> str:
-    return "02:aa:" + ":".join(f"{int(x):02x}" for x in host.split("."))
-
-
-@dataclass
-class Side:
-    """One data plane and the far ends of its two devices."""
-
-    dp: Dataplane
-    wires: dict[str, socket.socket]
-    clock: list[float]
-    socks: list[socket.socket] = field(default_factory=list)
-
-    def readable(self, iface: str) -> None:
-        """What the event loop does when the device fd is readable: its registered reader."""
-        cb, arg = self.dp.reader(self.dp.ports[iface])
-        cb(arg)
-
-    def feed(self, iface: str, data: bytes) -> list[tuple[str, bytes]]:
-        self.wires[iface].send(data)
-        self.readable(iface)
-        return self.collect()
-
-    def collect(self) -> list[tuple[str, bytes]]:
-        out = []
-        for iface, w in self.wires.items():
-            while True:
-                try:
-                    out.append((iface, w.recv(70000)))
-                except BlockingIOError:
-                    break
-        return out
-
-    def close(self) -> None:
-        self.dp.stop()
-        assert self.dp.loop is not None
-        self.dp.loop.close()
-        for s in self.socks:
-            s.close()
-
-
-def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False) -> Side:
-    cfg = loads(config(mode, offload, fastpath))
-    clock = [1000.0]
-    dp = Dataplane(cfg, Engine(cfg), clock=time.monotonic if real_clock else lambda: clock[0])
-    wires: dict[str, socket.socket] = {}
-    socks = []
-    for side in ("lan", "wan"):
-        icfg = getattr(cfg, side)
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for x in (a, b):
-            x.setblocking(False)
-            x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
-        socks += [a, b]
-        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload)
-        l2 = None
-        if mode == "tap":
-            l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
-                              icfg.address.network.prefixlen, dp.counters)
-        dp.add_port(Port(side, dev, l2, dp.counters))
-        wires[side] = b
-    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it, never run: the test calls them
-    dp._started = True
-    dp._set_native()
-    return Side(dp, wires, clock, socks)
+from tests.dataplane.diffharness import (
+    GW,
+    LAN_HOSTS,
+    REMOTES,
+    WAN_IP,
+    arp_in,
+    config,
+    counters,
+    event,
+    frame,
+    mac_of,
+    make_side,
+    rows,
+)
 
 
 class Traffic:
@@ -152,26 +82,8 @@ class Traffic:
 
     def frame(self, iface: str, ip: bytes, our_mac: str | None = None, partial: bool = False,
               gso: bool = False) -> bytes:
-        r = self.r
-        data = ip
-        if self.mode == "tap":
-            peer = mac_of(LAN_HOSTS[0]) if iface == "lan" else mac_of(GW)
-            dst = our_mac if r.random() > 0.03 else "02:00:00:00:00:99"  # sometimes flooded unicast
-            data = bytes(Ether(src=peer, dst=dst, type=0x0800)) + ip
-            if len(data) < 60 and r.random() < 0.5:
-                data += bytes(60 - len(data))  # a short frame's padding
-        if self.offload:
-            shift = 14 if self.mode == "tap" else 0
-            if gso:
-                vh = vnet.pack(vnet.F_NEEDS_CSUM, 1, shift + 40, 1448, shift + 20, 16)
-            elif partial and ip[9] in (6, 17):
-                vh = vnet.pack(vnet.F_NEEDS_CSUM, 0, 0, 0, shift + 20, 16 if ip[9] == 6 else 6)
-                if r.random() < 0.05:  # a bad checksum offset: the engine refuses it
-                    vh = vnet.pack(vnet.F_NEEDS_CSUM, 0, 0, 0, shift + 20, 4)
-            else:
-                vh = vnet.ZERO
-            data = vh + data
-        return data
+        peer = mac_of(LAN_HOSTS[0]) if iface == "lan" else mac_of(GW)
+        return frame(self.r, self.mode, self.offload, iface, ip, our_mac, peer, partial, gso)
 
     def packet(self, our_macs: dict[str, str]) -> tuple[str, bytes]:
         r = self.r
@@ -211,47 +123,6 @@ class Traffic:
                                  gso=gso)
 
 
-def arp_in(mode: str, iface: str, host: str, target: str) -> bytes:
-    return bytes(Ether(src=mac_of(host), dst="ff:ff:ff:ff:ff:ff") /
-                 ARP(op=1, hwsrc=mac_of(host), psrc=host, pdst=target))
-
-
-def event(sides: list[Side], r: random.Random, mode: str, offload: bool, step: int) -> str:
-    """Something that can void cached decisions, the same on both sides."""
-    what = r.choice(["expire", "flush", "tick", "reload", "neighbour", "time"])
-    later = r.choice([5.0, 40.0, 400.0])
-    for s in sides:
-        eng = s.dp.engine
-        if what == "expire":
-            s.clock[0] += later
-            s.dp._expire()
-        elif what == "flush":
-            s.dp.sync_native()  # as ops does before it changes the engine
-            eng.flush(lan_ip=int.from_bytes(bytes(int(x) for x in LAN_HOSTS[0].split(".")), "big"))
-        elif what == "tick":
-            s.dp._l2_tick()
-        elif what == "reload":
-            mtu = "1400" if step % 2 else "1300"
-            cfg = loads(config(mode, offload, "native" if s.dp.native is not None else "python")
-                        .replace("mtu = 1400", f"mtu = {mtu}"))
-            s.dp.sync_native()
-            eng.reload(cfg)
-            s.dp.on_reload(cfg)
-        elif what == "neighbour" and mode == "tap":
-            # the gateway answers from a new MAC: packets must follow it at once
-            new = f"02:bb:00:00:00:{step % 250:02x}"
-            frame = bytes(Ether(src=new, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=new, psrc=GW, pdst=WAN_IP))
-            s.wires["wan"].send((vnet.ZERO if offload else b"") + frame)
-            s.readable("wan")
-        else:
-            s.clock[0] += 0.5
-    return what
-
-
-def counters(s: Side) -> dict[str, int]:
-    return {k: v for k, v in s.dp.all_counters().items() if not k.startswith("fastpath_")}
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
@@ -271,12 +142,12 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
             for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("lan", LAN_HOSTS[1], "10.0.0.1"),
                                         ("wan", GW, WAN_IP)):
                 for s in sides:
-                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(mode, iface, host, target))
+                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(host, target))
         t = Traffic(seed, mode, offload)
         r = random.Random(seed * 7919)
         for step in range(700):
             if r.random() < 0.03:
-                event(sides, r, mode, offload, step)
+                event(sides, r, step)
                 assert py.collect() == nat.collect(), step
                 continue
             iface, data = t.packet(macs)
@@ -290,11 +161,7 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
         assert "fastpath_native_packets" not in py.dp.all_counters()
         assert counters(py) == counters(nat)
         now = py.clock[0]
-
-        def rows(s: Side) -> list[dict[str, Any]]:  # (expiry in whole seconds: real time moved on)
-            return [{k: v for k, v in row.items() if not real or k != "expires_in"} for row in s.dp.engine.table(now)]
-
-        assert rows(py) == rows(nat)
+        assert rows(py, now, real) == rows(nat, now, real)
         assert rule_rows(py.dp.engine) == rule_rows(nat.dp.engine)
         assert any(row["pkts"] for row in rule_rows(nat.dp.engine) or [])
     finally:
@@ -308,7 +175,7 @@ def test_a_ping_goes_native_both_ways_once_established(mode: str) -> None:
     try:
         if mode == "tap":
             for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("wan", GW, WAN_IP)):
-                s.feed(iface, vnet.ZERO + arp_in(mode, iface, host, target))
+                s.feed(iface, vnet.ZERO + arp_in(host, target))
         macs = {side: s.dp.ports[side].l2.mac if mode == "tap" else b"" for side in ("lan", "wan")}
 
         def frame(iface: str, p: bytes) -> bytes:
@@ -540,7 +407,7 @@ def test_mangled_packets_of_cached_flows_get_what_python_gives_them(mode: str, o
         if mode == "tap":
             for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("wan", GW, WAN_IP)):
                 for s in sides:
-                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(mode, iface, host, target))
+                    s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(host, target))
         t = Traffic(7, mode, offload)
         head = (vnet.SIZE if offload else 0) + (14 if mode == "tap" else 0)
 
