@@ -95,7 +95,7 @@ class Engine:
         if not first:
             lo, hi = m.port_range
             pool = t.pool
-            pool.low, pool.high, pool.size = lo, hi, hi - lo + 1
+            pool.set_range(lo, hi)
             pool.preserve = m.port_preservation
             self.defrag.timeout = m.defrag_timeout
             self.defrag.max_datagrams = m.defrag_max_datagrams

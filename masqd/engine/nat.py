@@ -153,6 +153,12 @@ class PortPool:
     def owner(self, proto: int, port: int) -> Any:
         return self.used.get(proto, {}).get(port)
 
+    def set_range(self, low: int, high: int) -> None:
+        """A new [low, high] (a reload): the counts of ports in use inside it are made again from
+        the ports in use, so that ``release`` (which counts by the range) keeps them right."""
+        self.low, self.high, self.size = low, high, high - low + 1
+        self.in_pool = {proto: sum(1 for p in used if low <= p <= high) for proto, used in self.used.items()}
+
     def take(self, proto: int, port: int, owner: Any) -> None:
         used = self.used.setdefault(proto, {})
         used[port] = owner

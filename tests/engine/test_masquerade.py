@@ -265,3 +265,23 @@ def test_reload_keeps_the_table(eng: Engine) -> None:
     r = one(eng.process("wan", udp(SRV, WAN_IP, 53, p[UDP].sport), 1.0), "lan")
     assert r.dst == H2
     assert isinstance(IP(bytes(r)), IP)
+
+
+def test_a_reload_that_moves_the_port_range_keeps_the_pool_count_right() -> None:
+    """Ports taken under one range and released under another (found by bench/fuzz.py): the count
+    of ports in use inside the range, which refuses new mappings when it reaches the range's size,
+    must neither creep up nor go below zero."""
+    eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
+    for i in range(2):
+        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+    assert eng.counters["pool_used_udp"] == 2
+    eng.reload(make_cfg("[masquerade]\nports = [30000, 30003]\nport_preservation = false\n"))
+    assert eng.counters["pool_used_udp"] == 0  # the live mappings are outside the new range
+    for i in range(4):
+        p = one(eng.process("lan", udp(H2, SRV, 7000 + i, 53), 1.0), "wan")
+        assert 30000 <= p[UDP].sport <= 30003
+    eng.expire(400.0)  # all of them end: the first two were taken under the old range
+    assert eng.counters["pool_used_udp"] == 0 and eng.counters["sessions"] == 0
+    for i in range(4):  # the whole new range is free again
+        one(eng.process("lan", udp(H2, SRV, 8000 + i, 53), 401.0), "wan")
+    assert "drop_pool_exhausted" not in eng.counters
