@@ -166,6 +166,8 @@ class NatTable:
         """A session through ``m`` with a remote endpoint (None: the table is full, counted)."""
         if self.nsessions >= self.max_entries:
             self.ctr.drop("table_full")
+            if m.empty() and not m.static:  # made for this session: nothing else would ever free it
+                self.drop_mapping(m)
             return None
         s = Session(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
         s.state = state

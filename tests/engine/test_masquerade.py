@@ -285,3 +285,22 @@ def test_a_reload_that_moves_the_port_range_keeps_the_pool_count_right() -> None
     for i in range(4):  # the whole new range is free again
         one(eng.process("lan", udp(H2, SRV, 8000 + i, 53), 401.0), "wan")
     assert "drop_pool_exhausted" not in eng.counters
+
+
+def test_a_full_table_refuses_new_flows_without_keeping_their_mappings() -> None:
+    """A new flow refused because the table is full must not keep the mapping (and WAN port)
+    made for it (found by bench/fuzz.py): they were never freed, so after a burst against a full
+    table the ports stayed taken for good, and the pool ran dry once the table had room again."""
+    eng = Engine(make_cfg("[masquerade]\nmax_entries = 16\nports = [20000, 20099]\nport_preservation = false\n"))
+    for i in range(16):
+        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+    for i in range(200):  # more than the pool holds: each one refused
+        assert eng.process("lan", udp(H3, SRV, 7000 + i, 53), 1.0) == []
+        assert eng.process("lan", echo(H3, SRV, ident=i), 1.0) == []
+    assert eng.counters["drop_table_full"] == 400
+    assert eng.counters["mappings"] == 16 and eng.counters["pool_used_udp"] == 16
+    assert eng.counters["pool_used_icmp"] == 0
+    eng.expire(400.0)
+    assert eng.counters["mappings"] == 0 and eng.counters["pool_used_udp"] == 0
+    for i in range(16):
+        one(eng.process("lan", udp(H3, SRV, 7000 + i, 53), 401.0), "wan")
