@@ -212,7 +212,8 @@ while True:
 time.sleep(2.0)  # the last echoes
 stop.set()
 lost = [[i, round(sent_at[i], 4)] for i in range(n) if i not in got]
-print(json.dumps({"sent": n, "echoed": n - len(lost), "lost": lost[:200000], "rate": rate}), flush=True)
+print(json.dumps({"sent": n, "echoed": n - len(lost), "lost": lost[:200000], "rate": rate,
+                  "t0": sent_at[0] if sent_at else 0.0}), flush=True)
 """
 
 
