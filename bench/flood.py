@@ -4,15 +4,17 @@
 In the lab (TAP mode, the real masqd process, its default configuration), twice
 for the same time: first quiet, then while lan2 sends UDP from random source
 ports to random addresses of 198.18.0.0/15 as fast as one process can (every
-packet a new flow; bounded by ``--count`` and the phase's time), lan3 runs an
+packet a new flow; bounded by ``--count`` and the phase's time; or paced at
+``--rate``), lan3 runs an
 iperf3 TCP transfer to srv1 and pings srv1 every 20 ms. Reports lan3's
 throughput and ping loss in both phases, the flood's rate, how many of its
 packets masqd read, masqd's table and RSS after, and, where this masqd has
 per-host limits (a ``drop_host_*`` counter in ``masqd stats``), what they
 refused.
 
-Usage (root): ``.venv/bin/python bench/flood.py [--seconds 10] [--count 1000000] [--quick]
-[--json FILE]`` (``--quick``: 5 s and 300 000 packets).
+Usage (root): ``.venv/bin/python bench/flood.py [--seconds 10] [--count 3000000] [--rate PPS]
+[--quick] [--json FILE]`` (``--quick``: 5 s phases; ``--rate``: pace the flood, e.g. 50000 as
+tests/integration/test_flood.py does).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def stats(lab: Lab) -> dict[str, Any]:
     return dict(request(f"/run/masqd/{lab.prefix}.sock", {"cmd": "stats"}))
 
 
-def phase(lab: Lab, m: MasqdProcess, seconds: float, flood_count: int) -> dict[str, Any]:
+def phase(lab: Lab, m: MasqdProcess, seconds: float, flood_count: int, rate: float = 0.0) -> dict[str, Any]:
     """lan3's iperf3 and pings for ``seconds``; with ``flood_count``, lan2's flood meanwhile."""
     c0 = stats(lab)["counters"]
     ping = lab.popen("lan3", ["ping", "-n", "-i", "0.02", "-W", "1", "-w", str(int(seconds)), SRV1],
@@ -48,7 +50,7 @@ def phase(lab: Lab, m: MasqdProcess, seconds: float, flood_count: int) -> dict[s
     flood: dict[str, Any] = {}
     if flood_count:
         time.sleep(0.3)  # iperf3 has connected: the flood starts on a running transfer
-        fl = labkit.start(lab, "lan2", labkit.FLOOD, LAN2, flood_count, max(1.0, seconds - 0.6))
+        fl = labkit.start(lab, "lan2", labkit.FLOOD, LAN2, flood_count, max(1.0, seconds - 0.6), rate)
         flood = labkit.result(fl, seconds + 30)
     try:
         out, _ = iperf.communicate(timeout=seconds + 30)
@@ -70,10 +72,11 @@ def phase(lab: Lab, m: MasqdProcess, seconds: float, flood_count: int) -> dict[s
                       if k.startswith("drop_") and int(v) != int(c0.get(k, 0))}}
 
 
-def run(seconds: float, count: int) -> dict[str, Any]:
+def run(seconds: float, count: int, rate: float = 0.0) -> dict[str, Any]:
     lab = Lab(f"fl{os.getpid()}"[:10], mode="tap")
     lab.down()
-    res: dict[str, Any] = {**stamp(), "seconds": seconds, "count": count, "limits_key": labkit.host_limits_key()}
+    res: dict[str, Any] = {**stamp(), "seconds": seconds, "count": count, "rate": rate,
+                           "limits_key": labkit.host_limits_key()}
     m: MasqdProcess | None = None
     srv = None
     try:
@@ -84,7 +87,7 @@ def run(seconds: float, count: int) -> dict[str, Any]:
         lab.exec("lan3", ["ping", "-c", "3", "-i", "0.2", "-W", "2", SRV1])
         res["rss_kib_start"] = labkit.rss_kib(m.pid)
         res["quiet"] = phase(lab, m, seconds, 0)
-        res["flood"] = phase(lab, m, seconds, count)
+        res["flood"] = phase(lab, m, seconds, count, rate)
         counters = stats(lab)["counters"]
         res["host_limit_drops"] = labkit.host_limit_drops(counters)
         res["masqd_alive"] = m.proc.poll() is None
@@ -119,18 +122,21 @@ def table(r: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase (2-60)")
-    p.add_argument("--count", type=int, default=1_000_000, help="the flood's packets at most")
-    p.add_argument("--quick", action="store_true", help="5 s phases, 300 000 packets")
+    p.add_argument("--count", type=int, default=3_000_000,
+                   help="the flood's packets at most (the default outlasts the phase at this machine's rate)")
+    p.add_argument("--rate", type=float, default=0.0, help="the flood's packets per second (0: as fast as it can)")
+    p.add_argument("--quick", action="store_true", help="5 s phases")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = p.parse_args()
     if a.quick:
-        a.seconds, a.count = 5.0, 300_000
+        a.seconds = 5.0
     a.seconds = min(max(a.seconds, 2.0), 60.0)
-    a.count = min(max(a.count, 1000), 5_000_000)
+    a.count = min(max(a.count, 1000), 10_000_000)
+    a.rate = max(a.rate, 0.0)
     if os.geteuid() != 0:
         print("bench/flood.py: needs root (network namespaces)", file=sys.stderr)
         return 1
-    res = run(a.seconds, a.count)
+    res = run(a.seconds, a.count, a.rate)
     print(table(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
