@@ -13,8 +13,9 @@ lan3 (``--hosts`` extra ones, 10.0.0.10 and up). For ``--minutes``:
   file rewritten: a good one (two variants of the firewall rules in turn) and
   a bad one (a TOML syntax error, an unknown key, a bad rule line in turn)
   alternate; the good ones must be taken and the bad ones refused;
-- every ``--wan-every`` seconds its WAN address changes over the control socket
-  (``masqd wan-address set``, as a PPP ip-up script would), between
+- every ``--wan-every`` seconds (half-way between two reloads) its WAN address
+  changes over the control socket (``masqd wan-address set``, as a PPP ip-up
+  script would), between
   203.0.113.200 and 203.0.113.210 (``wan.address_source = "control"``, so that a
   reload keeps the live address).
 
@@ -150,7 +151,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         rss: list[tuple[float, int, int]] = []
         good = bad = 0
         bad_kinds: dict[str, int] = {}
-        next_reload, next_wan, next_sample = t_start + a.reload_every, t_start + a.wan_every, t_start
+        # address changes half-way between two reloads: each loss belongs to one of them
+        next_reload, next_wan, next_sample = (t_start + a.reload_every, t_start + a.wan_every + a.reload_every / 2,
+                                              t_start)
         end = t_start + seconds
         while time.time() < end:
             now = time.time()
@@ -222,7 +225,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for _i, t in lost:
             windows[classify(t, reloads, wans)]["lost"] += 1
         res["probe"] = {"sent": probed.get("sent", 0), "lost": len(lost), "by_window": windows,
-                        "error": probed.get("error")}
+                        "error": probed.get("error"), "lost_at": [round(t - t_start, 3) for _i, t in lost][:1000]}
+        res["reload_at"] = [round(t - t_start, 3) for t in reloads]
+        res["wan_change_at"] = [round(t - t_start, 3) for t in wans]
         fails: dict[str, int] = {"reload": 0, "wan": 0, "other": 0}
         for c in churned:
             for t, _kind, _err in c.get("failures", []):
