@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from scapy.all import IP, UDP, Ether, raw  # noqa: E402
 
 from masqd.config import loads  # noqa: E402
+from masqd.dataplane import port as pmod  # noqa: E402
 from masqd.dataplane import router as rmod  # noqa: E402
 from masqd.dataplane.device import Device  # noqa: E402
 from masqd.dataplane.l2 import EthernetHost  # noqa: E402
@@ -44,7 +45,7 @@ GW_MAC = b"\x02\x00\x00\x00\x00\x0b"
 
 
 class FakeOS:
-    """``os`` for the router module: reads hand out the queued frames, writes are counted."""
+    """``os`` for the port module: reads hand out the queued frames, writes are counted."""
 
     def __init__(self) -> None:
         self.queue: list[bytes] = []
@@ -71,7 +72,7 @@ def build(mode: str, with_vnet: bool) -> tuple[rmod.Dataplane, bytes]:
     for side, mac, ip in (("lan", LAN_MAC, 0x0A000001), ("wan", WAN_MAC, 0xCB0071C8)):
         dev = Device(side, mode, 1500, None, False, None, fd=3, vnet=with_vnet)
         l2 = EthernetHost(side, mac, ip, 8 if side == "lan" else 24, dp.counters) if mode == "tap" else None
-        dp.add_port(rmod.Port(side, dev, l2, dp.counters))
+        dp.add_port(pmod.Port(side, dev, l2, dp.counters))
     pkt = raw(IP(src="10.0.0.2", dst="198.51.100.1", ttl=64) / UDP(sport=5000, dport=5201) / (b"x" * 64))
     if mode == "tap":
         wan_l2 = dp.ports["wan"].l2
@@ -101,8 +102,8 @@ def build(mode: str, with_vnet: bool) -> tuple[rmod.Dataplane, bytes]:
 def run(mode: str, with_vnet: bool, batch: int, n: int = 100_000) -> float:
     dp, frame = build(mode, with_vnet)
     fake = FakeOS()
-    real_os = rmod.os
-    rmod.os = fake  # type: ignore[assignment]
+    real_os = pmod.os
+    pmod.os = fake  # type: ignore[assignment]
     port = dp.ports["lan"]
     best = float("inf")
     try:
@@ -117,7 +118,7 @@ def run(mode: str, with_vnet: bool, batch: int, n: int = 100_000) -> float:
             best = min(best, dt / (wakeups * batch))
         assert fake.written >= n, (fake.written, dp.counters, dp.engine.counters)
     finally:
-        rmod.os = real_os  # type: ignore[assignment]
+        pmod.os = real_os  # type: ignore[assignment]
     return best * 1e9
 
 

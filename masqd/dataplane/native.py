@@ -1,0 +1,164 @@
+"""The native fast path's glue: the C flow cache (``_fastpath.FlowCache``) started, taught, folded and stopped.
+
+With ``dataplane.fastpath = "native"`` the loop's reader callbacks are the C
+flow cache (masqd/dataplane/_fastpath.c): it forwards the flows the engine's
+fast path has already handled and hands every other packet to ``Port.take``,
+in order. ``NativeCache`` is the data plane's handle on it; the ``Dataplane``
+owns one and decides when it runs.
+
+Design decisions:
+
+- The engine makes every decision; the cache only repeats one. After the
+  engine forwarded a packet, ``learn`` asks ``engine.fast_entry`` whether its
+  flow is one the engine's fast path takes and, if what was written is the
+  flow's own packet (not an ICMP error back, not a hairpin) and its next hop
+  is resolved (TAP), teaches the cache the same rewrite.
+- The engine is never called back from the cache's counts: the data plane
+  pulls. ``sync`` folds what the cache counted (sessions' expiry, firewall
+  hits, packet counters) into the engine before anyone reads or changes it.
+- The cache empties itself (through ``stale``, which folds its counts first)
+  whenever a cached decision could be void: the engine's epoch moved (a
+  session removed or rebound, a new config) or a neighbour table changed.
+- Without the compiled module (installed without a C compiler) every packet
+  goes through Python, with one warning and a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from masqd.dataplane.port import Port, bump
+from masqd.dataplane.tuning import COALESCE_HOLD, COALESCE_MIN
+
+try:
+    from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
+except ImportError:  # installed without a C compiler: the Python fast path only
+    _fastpath = None
+
+log = logging.getLogger("masqd.dataplane")
+
+
+class NativeCache:
+    """The flow cache of a data plane's two ports (``fc``: the FlowCache, None while off)."""
+
+    def __init__(self, engine: Any, ports: dict[str, Port], counters: dict[str, int]) -> None:
+        self.engine = engine
+        self.ports = ports  # the data plane's own dict
+        self.counters = counters
+        self.fc: Any = None
+
+    def possible(self) -> bool:
+        """Whether the cache can run at all here: two ports, an engine with an epoch to watch."""
+        return len(self.ports) == 2 and hasattr(self.engine, "epoch")
+
+    def start(self, coalesce: float, traffic: Callable[[float], None] | None) -> Any:
+        """Build the cache over both ports and return it (None, counted, without the module)."""
+        if _fastpath is None:
+            if self.counters.get("fastpath_native_unavailable", 0) == 0:
+                log.warning("dataplane.fastpath = native, but masqd was installed without its native "
+                            "module (no C compiler?): every packet goes through Python")
+            bump(self.counters, "fastpath_native_unavailable")
+            return None
+        fc = _fastpath.FlowCache()
+        for idx, side in enumerate(("lan", "wan")):
+            port = self.ports[side]
+            fc.set_port(idx, port.fd, bool(port.hlen), port.l2 is not None,
+                        port.l2.mac if port.l2 is not None else b"")
+            fc.set_miss(idx, port.native_miss)
+            port.native, port.native_idx = fc, idx
+        # the cache empties itself (through stale, which folds its counts) whenever a
+        # cached decision could be void: the engine's epoch moved (a session removed or
+        # rebound, a new config) or a neighbour table changed (TAP)
+        fc.set_watch(self.engine, self.ports["lan"].l2, self.ports["wan"].l2, self.stale)
+        fc.set_coalesce(coalesce, COALESCE_MIN, COALESCE_HOLD)
+        fc.set_capture(self.ports["lan"].capture)
+        self.fc = fc
+        self.set_traffic(traffic)
+        log.info("native fast path on: established TCP/UDP flows and pings are forwarded without Python")
+        return fc
+
+    def stop(self) -> int:
+        """Fold the last counts and drop the cache; returns the packets it passed on in all."""
+        fc = self.fc
+        if fc is None:
+            return 0
+        self.sync(clear=True)
+        self.fc = None
+        for port in self.ports.values():
+            port.native = None
+        return int(fc.passed)
+
+    def reader(self, port: Port, clock: Callable[[], float]) -> tuple[Callable[[Any], None], Any] | None:
+        """The loop's callback for ``port``'s fd and its argument when the cache runs and the
+        data plane's clock is the monotonic clock it reads; None: the Python reader."""
+        if self.fc is not None and clock is time.monotonic:
+            return self.fc.on_readable, port.native_idx
+        return None
+
+    def stale(self) -> None:
+        """Forget every cached flow (their counts folded first)."""
+        if self.fc is not None:
+            self._fold(self.fc.clear())
+
+    def set_traffic(self, traffic: Callable[[float], None] | None) -> None:
+        """keep_warm needs to hear of traffic the flow cache forwarded without Python."""
+        if self.fc is not None:
+            self.fc.set_traffic(traffic)
+
+    def set_coalesce(self, period: float) -> None:
+        if self.fc is not None:
+            self.fc.set_coalesce(period, COALESCE_MIN, COALESCE_HOLD)
+
+    def set_capture(self, tap: Any) -> None:
+        """While the tap is active every packet goes through Python."""
+        if self.fc is not None:
+            self.fc.set_capture(tap)
+
+    def sync(self, clear: bool = False) -> None:
+        """Fold what the flow cache counted into the engine (sessions' expiry, firewall hits,
+        packet counters) and into the data plane's counters; ``clear``: forget its flows too."""
+        fc = self.fc
+        if fc is None:
+            return
+        self._fold(fc.clear() if clear else fc.sync())
+        lan_err, wan_err, full, rounds = fc.take_errors()
+        if rounds:
+            bump(self.counters, "dp_coalesce_rounds", rounds)
+        if lan_err:
+            bump(self.counters, "dp_lan_write_errors", lan_err)
+        if wan_err:
+            bump(self.counters, "dp_wan_write_errors", wan_err)
+        if full:
+            bump(self.counters, "fastpath_native_full", full)
+
+    def _fold(self, rows: list[tuple[Any, int, int, int, int, float]]) -> None:
+        total = self.engine.count_fast(rows)
+        if total:
+            bump(self.counters, "fastpath_native_packets", total)
+
+    def learn(self, iface: str, ipkt: bytes | bytearray, oif: str, opkt: bytes | bytearray) -> None:
+        """The engine forwarded ``ipkt`` (from ``iface``) as ``opkt`` (to ``oif``): if its flow is
+        one the engine's fast path takes, teach the flow cache the same rewrite."""
+        port = self.ports.get(oif)
+        if port is None:
+            return
+        entry = self.engine.fast_entry(iface, ipkt)
+        if entry is None:
+            return
+        # only when what was written is the flow's own packet (not an ICMP error back, a hairpin)
+        d, key, new_addr = entry[0], entry[2], entry[4]
+        if oif != ("wan" if d == 0 else "lan") or bytes(opkt[16:20]) != (key[4:8] if d == 0 else new_addr):
+            return
+        hdr: bytes | None = b""
+        if port.l2 is not None:
+            hdr = port.hcache.get(bytes(opkt[16:20]))  # the next hop is resolved (Port.send cached it)
+            if hdr is None:
+                return
+        try:
+            self.fc.add(*entry, hdr)
+        except RuntimeError:  # the key was another session's, with counts: fold them first
+            self.sync()
+            self.fc.add(*entry, hdr)
