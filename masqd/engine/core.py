@@ -38,6 +38,7 @@ from masqd.engine.forward import Forwarders
 from masqd.engine.fullpath import FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
+from masqd.engine.limits import HostLimits
 from masqd.engine.nat import PortPool, Session
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, TIMEOUT, NatTable, state_name
@@ -89,6 +90,11 @@ class Engine:
         m = cfg.masquerade
         t.tmo = m.effective_timeouts
         t.max_entries = m.max_entries
+        lo, hi = m.port_range
+        lim = cfg.limits
+        e = lim.effective(m.max_entries, hi - lo + 1)
+        t.set_limits(HostLimits(int(e["max_entries"]), int(e["max_ports"]), e["rate"], int(e["burst"]),
+                                e["quarantine"], int(e["half_open"])), lim.top_offenders, lim.log_interval)
         self.routes.configure(cfg)
         self.lan_mtu = cfg.lan.mtu
         self.wan_mtu = cfg.wan.mtu

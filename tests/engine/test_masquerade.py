@@ -122,19 +122,28 @@ def test_linux22_profile_uses_61000_65095_and_its_timeouts() -> None:
 
 @pytest.mark.conformance("port overloading")
 def test_no_port_overloading_when_the_pool_is_exhausted() -> None:
+    # four ports: each host may hold a quarter of the pool (the default per-host limit), one port
     eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
+    hosts = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
     got = set()
-    for i in range(4):
-        p = one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+    for h in hosts:
+        p = one(eng.process("lan", udp(h, SRV, 6000, 53), 0.0), "wan")
         got.add(p[UDP].sport)
     assert got == {20000, 20001, 20002, 20003}
-    assert eng.process("lan", udp(H2, SRV, 7000, 53), 0.0) == []
+    assert eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 0.0) == []
     assert eng.counters["drop_pool_exhausted"] == 1
     # the live mappings still work
-    for i in range(4):
-        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 1.0), "wan")
+    for h in hosts:
+        one(eng.process("lan", udp(h, SRV, 6000, 53), 1.0), "wan")
     eng.expire(400.0)
-    one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")
+    # the released ports stay with their hosts for the quarantine (RFC 6888 REQ-8) ...
+    assert eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 400.0) == []
+    assert eng.counters["drop_pool_exhausted"] == 2
+    p = one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")  # (its own port back)
+    assert p[UDP].sport in got
+    # ... and are free for anyone after it
+    eng.expire(521.0)
+    one(eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 521.0), "wan")
 
 
 @pytest.mark.conformance("RFC 4787 REQ-5")
@@ -146,8 +155,10 @@ def test_rfc4787_req5_udp_mapping_lives_five_minutes_and_is_refreshed_by_traffic
     eng.expire(500.0)
     assert eng.counters["sessions"] == 1
     eng.expire(600.0)
-    assert eng.counters["sessions"] == 0
-    assert eng.counters["pool_used_udp"] == 0 or eng.pool.use(17) == 0
+    assert eng.counters["sessions"] == 0 and eng.counters["mappings"] == 0
+    assert eng.pool.use(17) == 1  # the port stays in quarantine for other hosts (RFC 6888 REQ-8) ...
+    eng.expire(600.0 + 120.0)
+    assert eng.pool.use(17) == 0  # ... for two minutes
 
 
 @pytest.mark.conformance("RFC 5382 / 7857 transitory")
