@@ -237,6 +237,7 @@ class IPsec(_Frozen):
     guess_min_left: float = Field(300.0, ge=0)
     parallel_sessions: bool = False
     max_spis_per_remote: int = Field(64, ge=1)
+    max_entries: int = Field(16384, ge=1)  # ESP SPI entries and ISAKMP entries together
 
 
 class PPTP(_Frozen):
@@ -246,6 +247,7 @@ class PPTP(_Frozen):
     call_timeout: float = Field(900.0, gt=0)
     call_clear_timeout: float = Field(30.0, gt=0)
     max_calls_per_server: int = Field(4096, ge=1)
+    max_entries: int = Field(16384, ge=1)  # PPTP calls and plain GRE entries together
 
 
 class Forwarding(_Frozen):

@@ -232,8 +232,19 @@ def format_stats(stats: dict[str, Any]) -> str:
     for k in sorted(counters):
         out.append(f"{k:<{width}}  {counters[k]}")
     for k, v in sorted(stats.items()):
-        if k != "counters":
+        if k not in ("counters", "host_limits"):
             out.append(f"{k}: {json.dumps(v, default=str)}")
+    hl = stats.get("host_limits")
+    if isinstance(hl, dict):
+        out.append(f"host limits: {json.dumps(hl.get('limits', {}), default=str)}")
+        out.append(f"hosts tracked: {hl.get('hosts', 0)}; ports in quarantine: {hl.get('ports_in_quarantine', 0)}")
+        top = hl.get("top_offenders") or []
+        out.append("top offenders (refused by a per-host limit):" if top else "top offenders: none")
+        for r in top:
+            if isinstance(r, dict):
+                reasons = " ".join(f"{k}={n}" for k, n in sorted((r.get("reasons") or {}).items()))
+                out.append(f"  {r.get('rank', ''):>2}  {r.get('host', ''):<15}  score {r.get('score', 0):<8}  "
+                           f"drops {r.get('drops', 0):<8}  {reasons}  (last {r.get('last_seen_ago', 0)} s ago)")
     return "\n".join(out)
 
 
