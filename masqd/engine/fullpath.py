@@ -184,7 +184,8 @@ class FullPath:
         if iface == WAN and dst == wan_ip:
             if self.demasq(pkt, ihl, proto, src, sport, dport, now, out, hits):
                 return
-        hairpin = iface == LAN and dst == wan_ip and proto in (TCP, UDP) and self.hairpinning
+        hairpin = (iface == LAN and dst == wan_ip and self.hairpinning
+                   and (proto == TCP or proto == UDP or (proto == ICMP and pkt[ihl] in ICMP_ERRORS)))
         if (dst == self.routes.lan_ip or dst == wan_ip) and not hairpin:
             self.local(iface, pkt, ihl, proto, src, dst, out)
             return

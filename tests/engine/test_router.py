@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.all import ICMP, IP, UDP
 
 from masqd.engine import Engine
@@ -20,6 +21,7 @@ def _bad_checksum(p: bytes) -> bytes:
     return bytes(q)
 
 
+@pytest.mark.conformance("RFC 1812 5.2.2")
 def test_rfc1812_a_wrong_header_checksum_is_dropped_and_counted_on_both_sides(eng: Engine) -> None:
     """RFC 1812 5.2.2: new flows (full path) and established ones (fast path), both directions,
     with and without options: nothing is forwarded and nothing is created."""
