@@ -561,7 +561,8 @@ class FullPath:
                 else:
                     s = self.forwarded_session(proto, pkt, ihl, src, sport, dport, now)
                     if s is None:
-                        ctr.drop("inbound_no_mapping")
+                        if not self.forwarders.port_forwarded(proto, dport):  # (else counted already)
+                            ctr.drop("inbound_no_mapping")
                         return True
             if pkt[8] <= 1:
                 self.icmp_error(WAN, pkt, ihl, ICMP_TIMXCEED, 0, 0, now, out)
