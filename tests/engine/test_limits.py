@@ -280,3 +280,21 @@ def test_syn_flood_to_a_forwarded_server_is_capped_per_server() -> None:
     p = one(eng.process("wan", tcp(SRV, WAN_IP, 33000, 80, "S"), 260.0), "lan")
     one(eng.process("lan", tcp(H2, SRV, 80, p[TCP].sport, "SA"), 260.0), "wan")
     assert eng.nat.half_open == {}  # answered: no longer half-open
+
+
+def test_limits_are_reloadable_and_validated() -> None:
+    from masqd.config import ConfigError
+
+    eng = Engine(make_cfg())
+    tpl, _ = sprayer(H2, SRV)
+    for i in range(10):
+        assert eng.process("lan", spray(tpl, 1000 + i), 0.0)
+    eng.reload(make_cfg("[limits]\nhost_max_ports = 12\nport_quarantine = 30\n"))
+    assert eng.host_limits()["limits"]["host_max_ports"] == 12
+    got = sum(1 for i in range(10, 20) if eng.process("lan", spray(tpl, 1000 + i), 1.0))
+    assert got == 2 and eng.counters["drop_host_ports_limit"] == 8
+    for bad in ("host_max_ports = -1", "host_mapping_rate = -5", "port_quarantine = 99999", "top_offenders = 0",
+                "host_mapping_burst = 0", "no_such_limit = 1"):
+        with pytest.raises(ConfigError) as exc:
+            make_cfg(f"[limits]\n{bad}\n")
+        assert "limits." in str(exc.value)

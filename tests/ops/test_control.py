@@ -347,3 +347,23 @@ def test_a_client_that_never_reads_is_dropped_and_cannot_grow_memory(tmp_path: P
     assert sent > 10 and slow == 1  # dropped after its write timeout, once
     assert peak <= 2 * reply  # not sent * reply: one reply waits at a time, and only that long
     assert ticks >= secs * 100 * 0.5  # the loop never waited on it
+
+
+def test_stats_show_the_host_limits_and_top_offenders(tmp_path: Path) -> None:
+    from scapy.all import IP, UDP
+
+    from masqd.engine import Engine
+
+    cfg = make_cfg(tmp_path, limits={"host_max_ports": 1})
+    eng = Engine(cfg)
+    for port in (1000, 1001, 1002):
+        eng.process("lan", bytes(IP(src="10.0.0.7", dst="198.51.100.1") / UDP(sport=port, dport=53)), 1.0)
+
+    def body(ops: Ops, path: str) -> Any:
+        return request(path, {"cmd": "stats"})
+
+    st = run_with_ops(tmp_path, body, engine=eng, now=lambda: 2.0)  # type: ignore[arg-type]
+    hl = st["host_limits"]
+    assert hl["limits"]["host_max_ports"] == 1 and hl["hosts"] == 1
+    assert hl["top_offenders"][0]["host"] == "10.0.0.7" and hl["top_offenders"][0]["drops"] == 2
+    assert st["counters"]["drop_host_ports_limit"] == 2
