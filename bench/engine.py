@@ -37,6 +37,8 @@ gateway = "203.0.113.1"
 [masquerade]
 inbound_filtering = "endpoint-independent"
 max_entries = 4000000
+[limits]
+host_mapping_rate = 0  # fill() makes 40,000 mappings of 10 hosts at once: no home host's rate
 """
 
 
