@@ -345,7 +345,7 @@ class NatTable:
             s.helper.session_closed(s)
         if m.empty() and not m.static:
             self.drop_mapping(m)
-        elif h is not None:
+        elif h is not None and not h.sessions:  # (a port forward's server: it may hold no port)
             self._forget_idle(m.lan_ip, h)
         self.emit(DESTROY, s, reason)
 
