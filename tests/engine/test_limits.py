@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from scapy.all import TCP
+from scapy.all import TCP, UDP
 
 from masqd.engine import Engine
 from masqd.engine.expiry import TimerWheel
@@ -298,3 +298,22 @@ def test_limits_are_reloadable_and_validated() -> None:
         with pytest.raises(ConfigError) as exc:
             make_cfg(f"[limits]\n{bad}\n")
         assert "limits." in str(exc.value)
+
+
+def test_a_udp_session_an_inbound_packet_made_is_unreplied_until_the_lan_host_answers() -> None:
+    """Early drop may take it meanwhile; once answered it is REPLIED and both directions take
+    the fast path."""
+    eng = Engine(make_cfg('[masquerade]\ninbound_filtering = "endpoint-independent"\n'))
+    a = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")[UDP].sport
+    one(eng.process("wan", udp(R2, WAN_IP, 7000, a), 0.1), "lan")  # R2 was never contacted: EIF lets it in
+    row = next(r for r in eng.table(0.1) if r["remote"] == f"{R2}:7000")
+    assert row["state"] == "UNREPLIED" and row["inbound"]
+    s = next(x for x in eng.nat if x.rem_port == 7000)
+    from masqd.engine.table import droppable
+
+    assert droppable(s) and s.fw is not None and s.fw[1] is None  # (its answer must take the full path)
+    one(eng.process("lan", udp(H2, R2, 4000, 7000), 0.2), "wan")
+    assert next(r for r in eng.table(0.2) if r["remote"] == f"{R2}:7000")["state"] == "REPLIED"
+    assert not droppable(s) and s.fw[1] is not None
+    assert eng.fast.out(udp(H2, R2, 4000, 7000, b"x" * 32), 0.3) is not None  # the fast path takes it now
+    assert eng.fast.inb(udp(R2, WAN_IP, 7000, a, b"x" * 32), 0.3) is not None
