@@ -1273,7 +1273,7 @@ def run_stream(d: Any, seed: int, packets: int, sample_every: int,
 # ``_quiet``: the IPsec helper's rate limit of its log events (cleared at 4096 keys);
 # ``proto_hits``: the protocol forward's hit counts, one key per IP protocol; ``fw_entry``: the
 # PPTP helper's pointer to the call it handled last (one object).
-BOUNDED_CACHES = ("._quiet", ".proto_hits", ".fw_entry.")
+BOUNDED_CACHES = ("._quiet", ".proto_hits", ".fw_entry.", ".offenders.")  # offenders: top 2N by design
 
 
 def state_of(eng: Engine, now: float) -> dict[str, Any]:

@@ -150,6 +150,42 @@ class Masquerade(_Frozen):
         return LINUX22_TIMEOUTS if self.profile == "linux-2.2" else Timeouts()
 
 
+class Limits(_Frozen):
+    """Per-LAN-host limits and the bounds of hostile traffic (docs/limits.md has the arithmetic).
+
+    ``host_max_entries``: sessions of one LAN host, all protocols together (the
+    cost of an entry does not depend on its protocol); unset: ``max_entries`` / 16.
+    ``host_max_ports``: WAN ports (ICMP identifiers) one LAN host holds per
+    protocol, in use or in quarantine; unset: a quarter of the port pool.
+    ``host_mapping_rate`` / ``host_mapping_burst``: new mappings per second per
+    host (token bucket). ``port_quarantine``: seconds a released port is kept
+    from other hosts (RFC 6888 REQ-8). ``half_open_per_server``: inbound TCP
+    sessions not yet answered per LAN endpoint (a forwarded server). 0 turns a
+    limit off. ``top_offenders``: hosts listed by ``masqd stats`` and the metrics;
+    ``log_interval``: seconds between two ``host_limit`` log events of one host.
+    """
+
+    host_max_entries: int | None = Field(None, ge=0)
+    host_max_ports: int | None = Field(None, ge=0)
+    host_mapping_rate: float = Field(1000.0, ge=0)
+    host_mapping_burst: int = Field(4000, ge=1)
+    port_quarantine: float = Field(120.0, ge=0, le=3600)
+    half_open_per_server: int = Field(1024, ge=0)
+    top_offenders: int = Field(10, ge=1, le=100)
+    log_interval: float = Field(10.0, gt=0)
+
+    def effective(self, max_entries: int, pool_size: int) -> dict[str, float]:
+        """The numbers in force: unset ones derived from the table and pool sizes."""
+        return {
+            "max_entries": self.host_max_entries if self.host_max_entries is not None else max(1, max_entries // 16),
+            "max_ports": self.host_max_ports if self.host_max_ports is not None else max(1, pool_size // 4),
+            "rate": self.host_mapping_rate,
+            "burst": self.host_mapping_burst,
+            "quarantine": self.port_quarantine,
+            "half_open": self.half_open_per_server,
+        }
+
+
 def _default_aliases() -> dict[str, Literal["lan", "wan"]]:
     """The firewall's default interface aliases (``ppp+`` and friends -> wan)."""
     return {k: "lan" if v == "lan" else "wan" for k, v in DEFAULT_ALIASES.items()}
@@ -201,6 +237,7 @@ class IPsec(_Frozen):
     guess_min_left: float = Field(300.0, ge=0)
     parallel_sessions: bool = False
     max_spis_per_remote: int = Field(64, ge=1)
+    max_entries: int = Field(16384, ge=1)  # ESP SPI entries and ISAKMP entries together
 
 
 class PPTP(_Frozen):
@@ -210,6 +247,7 @@ class PPTP(_Frozen):
     call_timeout: float = Field(900.0, gt=0)
     call_clear_timeout: float = Field(30.0, gt=0)
     max_calls_per_server: int = Field(4096, ge=1)
+    max_entries: int = Field(16384, ge=1)  # PPTP calls and plain GRE entries together
 
 
 class Forwarding(_Frozen):
@@ -322,6 +360,7 @@ class Config(_Frozen):
     lan: LanInterface
     wan: WanInterface
     masquerade: Masquerade = Masquerade()
+    limits: Limits = Limits()
     firewall: Firewall = Firewall()
     ipsec: IPsec = IPsec()
     pptp: PPTP = PPTP()

@@ -9,8 +9,8 @@
  * identifier, the precomputed RFC 1624 checksum deltas, the MTU to check, the
  * output port and its Ethernet header). Every packet that matches a cached flow
  * under the same conditions as the engine's fast path (IPv4 without options or
- * fragments, TTL > 1, TCP without SYN/FIN/RST, length within the MTU, no
- * super-packet, a sane virtio-net header) is rewritten in place and written out,
+ * fragments, a correct header checksum, TTL > 1, TCP without SYN/FIN/RST, length
+ * within the MTU, no super-packet, a sane virtio-net header) is rewritten in place and written out,
  * its flow's counters and last-seen time updated; any other packet goes to
  * Python as it was read, before the next one is read, so the order is kept.
  *
@@ -153,6 +153,14 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     uint8_t *p = f + sh;
     ssize_t n = r - hl - sh;
     if (p[0] != 0x45 || (p[6] & 0x3F) || p[7] || p[8] <= 1)
+        return 0;
+    /* RFC 1812 5.2.2: a header with a wrong checksum goes to Python, which drops and counts it */
+    uint32_t hs = 0;
+    for (int i = 0; i < 20; i += 2)
+        hs += (uint32_t)((p[i] << 8) | p[i + 1]);
+    hs = (hs & 0xFFFF) + (hs >> 16);
+    hs = (hs & 0xFFFF) + (hs >> 16);
+    if (hs != 0xFFFF)
         return 0;
     ssize_t tl = (p[2] << 8) | p[3];
     if (sh && tl >= 20 && tl < n)

@@ -35,9 +35,10 @@ from masqd.engine.counters import Counters, slot
 from masqd.engine.defrag import Reassembler
 from masqd.engine.fastpath import FastEntry, FastPath, HelperFast
 from masqd.engine.forward import Forwarders
-from masqd.engine.fullpath import FullPath
+from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
+from masqd.engine.limits import HostLimits
 from masqd.engine.nat import PortPool, Session
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, TIMEOUT, NatTable, state_name
@@ -89,6 +90,11 @@ class Engine:
         m = cfg.masquerade
         t.tmo = m.effective_timeouts
         t.max_entries = m.max_entries
+        lo, hi = m.port_range
+        lim = cfg.limits
+        e = lim.effective(m.max_entries, hi - lo + 1)
+        t.set_limits(HostLimits(int(e["max_entries"]), int(e["max_ports"]), e["rate"], int(e["burst"]),
+                                e["quarantine"], int(e["half_open"])), lim.top_offenders, lim.log_interval)
         self.routes.configure(cfg)
         self.lan_mtu = cfg.lan.mtu
         self.wan_mtu = cfg.wan.mtu
@@ -169,7 +175,30 @@ class Engine:
             out[f"pool_used_{name}"] = t.pool.use(p)
         out["pool_size"] = t.pool.size
         out["frag_queue"] = len(self.defrag)
+        for name, (size, limit) in self.tables().items():
+            out[f"table_size_{name}"] = size
+            out[f"table_limit_{name}"] = limit
         return out
+
+    def tables(self) -> dict[str, tuple[int, int]]:
+        """Every bounded table: name -> (entries, limit)."""
+        t = self.nat
+        d = self.defrag
+        out = {
+            "nat_sessions": (t.nsessions, t.max_entries),
+            "defrag_datagrams": (len(d), d.max_datagrams),
+            "defrag_bytes": (d.bytes, d.max_bytes),
+            "tcp_reset_keys": (len(self.full.reset_keys), RESET_KEYS_MAX),
+            "limit_offenders": (len(t.offenders.hosts), 2 * t.offenders.n),
+        }
+        for h in self.helpers:
+            out.update(h.tables())
+        return out
+
+    def host_limits(self, now: float | None = None) -> dict[str, Any]:
+        """The per-host limits in force, the hosts tracked, the ports in quarantine and the top
+        offenders (``masqd stats``, metrics)."""
+        return self.nat.host_rows(self.nat.now if now is None else now)
 
     @property
     def c(self) -> dict[str, int]:

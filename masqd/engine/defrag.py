@@ -1,6 +1,9 @@
 """IPv4 reassembly ("always defragment") and fragmentation on the egress MTU.
 
-Reassembly is bounded in datagrams, bytes and time. Overlapping fragments make
+Reassembly is bounded in datagrams, bytes and time; each fragment is charged its
+payload plus ``FRAG_OVERHEAD`` bytes (what holding it costs), so a flood of tiny
+fragments meets the byte bound as a flood of big ones does, and a new datagram
+in a full queue evicts the oldest at constant cost. Overlapping fragments make
 the whole datagram invalid (dropped and counted), the safe choice of RFC 5722
 applied to IPv4, so no fragment can overwrite already received data.
 """
@@ -9,15 +12,18 @@ from __future__ import annotations
 
 from masqd.wire.ipv4 import IP_DF, IP_MF, IP_OFFMASK, Malformed, set_ip_checksum
 
+FRAG_OVERHEAD = 64  # bytes charged per fragment held, beyond its payload
+
 
 class _Datagram:
-    __slots__ = ("header", "parts", "total", "received", "deadline")
+    __slots__ = ("header", "parts", "total", "received", "charged", "deadline")
 
     def __init__(self, deadline: float) -> None:
         self.header: bytes | None = None  # header of the first fragment
         self.parts: list[tuple[int, int, bytes]] = []  # (start, end, data)
         self.total = -1  # payload length once the last fragment is seen
         self.received = 0
+        self.charged = 0  # payload + FRAG_OVERHEAD per fragment
         self.deadline = deadline
 
 
@@ -33,7 +39,7 @@ class Reassembler:
     def _drop(self, key: bytes, reason: str) -> None:
         d = self._q.pop(key, None)
         if d is not None:
-            self.bytes -= d.received
+            self.bytes -= d.charged
         self._c[reason] = self._c.get(reason, 0) + 1
 
     def add(self, pkt: bytearray, ihl: int, now: float) -> bytearray | None:
@@ -57,7 +63,7 @@ class Reassembler:
         d = self._q.get(key)
         if d is None:
             if len(self._q) >= self.max_datagrams:
-                self.expire(now)
+                self._expire_oldest(now)
                 if len(self._q) >= self.max_datagrams:
                     # evict the oldest datagram to make room (bounded memory)
                     oldest = next(iter(self._q))
@@ -76,18 +82,20 @@ class Reassembler:
         if d.total >= 0 and end > d.total:
             self._drop(key, "drop_frag_inconsistent")
             return None
-        if self.bytes + n > self.max_bytes:
+        cost = n + FRAG_OVERHEAD
+        if self.bytes + cost > self.max_bytes:
             self._drop(key, "drop_frag_memory")
             return None
         d.parts.append((off, end, data))
         d.received += n
-        self.bytes += n
+        d.charged += cost
+        self.bytes += cost
         if off == 0:
             d.header = bytes(pkt[:ihl])
         if d.total < 0 or d.received != d.total or d.header is None:
             return None
         del self._q[key]
-        self.bytes -= d.received
+        self.bytes -= d.charged
         d.parts.sort()
         hdr = bytearray(d.header)
         body = b"".join(p[2] for p in d.parts)
@@ -101,6 +109,15 @@ class Reassembler:
         set_ip_checksum(hdr, len(hdr))
         hdr += body
         return hdr
+
+    def _expire_oldest(self, now: float) -> None:
+        """Drop the timed-out datagrams at the front (the oldest first: no walk of the queue)."""
+        q = self._q
+        while q:
+            key = next(iter(q))
+            if q[key].deadline > now:
+                return
+            self._drop(key, "drop_frag_timeout")
 
     def expire(self, now: float) -> None:
         for key in [k for k, d in self._q.items() if d.deadline <= now]:

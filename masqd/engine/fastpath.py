@@ -6,6 +6,9 @@ one dict lookup finds the session, and the rewrite folds precomputed checksum
 deltas (RFC 1624). Anything unusual (fragments, options, TCP flags other than
 ACK/PSH/URG, TTL 1, oversize, a firewall decision cached under older rules)
 returns None: the full path takes the packet, and counts what is wrong with it.
+A header whose checksum is wrong is one of them: the RFC 1624 update would carry
+it along (a bad checksum stays bad), so it is verified first, in one C call
+(see ``masqd.wire.ipv4.header_checksum_ok``), for the helpers' fast paths too.
 
 Every fast path, the protocol helpers' (ESP, GRE) included, ends with the same
 bookkeeping: ``hits`` (the cached decision for the direction, under the current
@@ -117,7 +120,8 @@ class FastPath:
     def out(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:
         """A packet from the LAN: the rewritten packet for the WAN, [] (dropped by a helper), or None."""
         n = len(data)
-        if n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1:
+        if (n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1
+                or int.from_bytes(data[:20], "big") % 0xFFFF):  # a bad header checksum (see wire.ipv4)
             return None
         proto = data[9]
         if proto == UDP:
@@ -173,7 +177,8 @@ class FastPath:
     def inb(self, data: bytes, now: float, partial: int = 0, seg: int = 0) -> list[tuple[str, bytes]] | None:
         """A packet from the WAN: the rewritten packet for the LAN, [] (dropped by a helper), or None."""
         n = len(data)
-        if n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1:
+        if (n < 40 or data[0] != 0x45 or data[6] & 0x3F or data[7] or data[8] <= 1
+                or int.from_bytes(data[:20], "big") % 0xFFFF):
             return None
         proto = data[9]
         if proto == UDP:

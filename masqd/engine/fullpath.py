@@ -21,6 +21,7 @@ from masqd import firewall as fwmod
 from masqd.engine.counters import WAN_BASE, proto_index
 from masqd.engine.defrag import fragment
 from masqd.engine.nat import (
+    S_INBOUND,
     S_REPLIED,
     S_UNREPLIED,
     T_ESTABLISHED,
@@ -183,7 +184,8 @@ class FullPath:
         if iface == WAN and dst == wan_ip:
             if self.demasq(pkt, ihl, proto, src, sport, dport, now, out, hits):
                 return
-        hairpin = iface == LAN and dst == wan_ip and proto in (TCP, UDP) and self.hairpinning
+        hairpin = (iface == LAN and dst == wan_ip and self.hairpinning
+                   and (proto == TCP or proto == UDP or (proto == ICMP and pkt[ihl] in ICMP_ERRORS)))
         if (dst == self.routes.lan_ip or dst == wan_ip) and not hairpin:
             self.local(iface, pkt, ihl, proto, src, dst, out)
             return
@@ -265,7 +267,10 @@ class FullPath:
         if s is not None and None not in hits and not self.helper_port_session(s):
             fw = s.fw
             if fw is None or fw[0] != self.gen:
-                fw = self.fw_trivial if rules.trivial else [self.gen, None, None]
+                # (a UDP session an inbound packet made keeps its own: its first outbound packet,
+                # the LAN side's answer, must take this path to record that it was answered)
+                trivial = rules.trivial and not (type(s) is Session and s.state == S_INBOUND)
+                fw = self.fw_trivial if trivial else [self.gen, None, None]
                 s.fw = fw
             if fw is not self.fw_trivial:
                 if outbound:
@@ -361,7 +366,7 @@ class FullPath:
                     st = T_SYN_SENT if tfl & TH_SYN else T_NEW
                 else:
                     st = S_UNREPLIED
-                m = t.new_mapping(proto, src, sport)
+                m = t.new_mapping(proto, src, sport, now)
                 if m is None:
                     return None
                 s = t.new_session(m, dst, dport, now, st)
@@ -372,6 +377,8 @@ class FullPath:
                     s.helper.session_created(s, now)
             elif proto == TCP:
                 self.tcp_track(s, pkt[ihl + 13], True)
+            elif s.state == S_INBOUND:  # the LAN side answers a session an inbound packet made
+                t.set_state(s, S_REPLIED)
             if proto == TCP and pkt[ihl + 13] & TH_SYN:
                 self.clamp_mss(pkt, ihl)
             translate_out(s, pkt, ihl)
@@ -388,6 +395,13 @@ class FullPath:
                 return self.masq_icmp_query(pkt, ihl, src, dst, now)
             if typ in ICMP_ERRORS:
                 if self.icmp.translate_out(pkt, ihl):
+                    if self.hairpinning and dst == t.wan_ip:
+                        # about a hairpinned packet: back to the LAN host that sent it, translated as
+                        # an error arriving from the WAN would be (translate_in takes one off the TTL)
+                        if self.icmp.translate_in(pkt, ihl):
+                            self.ctr.count("hairpinned")
+                            self.send(LAN, pkt, ihl, out)
+                        return None
                     decrement_ttl(pkt)
                     self.send(WAN, pkt, ihl, out)
                 return None
@@ -411,22 +425,36 @@ class FullPath:
         return None
 
     def hairpin(self, pkt: bytearray, ihl: int, now: float, out: Out) -> None:
-        """RFC 4787 REQ-9: a LAN host reaching another LAN host's mapping, seen with external addresses."""
+        """RFC 4787 REQ-9, RFC 5382 REQ-8: a LAN host reaching another LAN host's mapping (or a port
+        forward), seen with the sender's external address and port. The packet comes from behind
+        this NAT, so no inbound filtering applies to it, whatever ``inbound_filtering`` says; the
+        target's session is tracked as an inbound packet's would be."""
         t = self.t
         self.ctr.count("hairpinned")
         proto = pkt[9]
         s = t.inb[proto].get(bytes(pkt[12:20]) + bytes(pkt[ihl: ihl + 4]))
+        src = int.from_bytes(pkt[12:16], "big")
+        sport = (pkt[ihl] << 8) | pkt[ihl + 1]
         if s is None:
-            m = t.pool.owner(proto, (pkt[ihl + 2] << 8) | pkt[ihl + 3])
-            if not isinstance(m, Mapping) or not self.filter_ok(m, int.from_bytes(pkt[12:16], "big"),
-                                                                  (pkt[ihl] << 8) | pkt[ihl + 1]):
+            dport = (pkt[ihl + 2] << 8) | pkt[ihl + 3]
+            m = t.pool.owner(proto, dport)
+            if isinstance(m, Mapping):
+                if proto == TCP and pkt[ihl + 13] & TH_RST:
+                    self.ctr.drop("tcp_no_session")
+                    return
+                s = t.new_session(m, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT, True)
+            elif self.forwarders.port_forwarded(proto, dport):
+                s = self.forwarded_session(proto, pkt, ihl, src, sport, dport, now)
+            else:
                 self.ctr.drop("hairpin_no_mapping")
-                return
-            s = t.new_session(m, int.from_bytes(pkt[12:16], "big"), (pkt[ihl] << 8) | pkt[ihl + 1], now,
-                              S_REPLIED if proto == UDP else T_SYN_SENT)
             if s is None:
                 return
+        if proto == TCP:
+            self.tcp_track(s, pkt[ihl + 13], False)
+        elif s.state == S_UNREPLIED:
+            t.set_state(s, S_REPLIED)
         translate_in(s, pkt, ihl)
+        s.expires = now + s.tmo
         # translate_in decremented the TTL a second time; a hairpin is one hop
         old = (pkt[8] << 8) | pkt[9]
         pkt[8] += 1
@@ -488,7 +516,7 @@ class FullPath:
         key = bytes(pkt[12:20]) + bytes(pkt[ihl + 4: ihl + 6]) + b"\0\0"
         s = t.out[ICMP].get(key)
         if s is None:
-            m = t.new_mapping(ICMP, src, ident)
+            m = t.new_mapping(ICMP, src, ident, now)
             if m is None:
                 return None
             s = t.new_session(m, dst, 0, now, S_UNREPLIED)
@@ -527,14 +555,14 @@ class FullPath:
                     if proto == TCP and pkt[ihl + 13] & TH_RST:
                         ctr.drop("tcp_no_session")
                         return True
-                    s = t.new_session(owner, src, sport, now, S_REPLIED if proto == UDP else T_SYN_SENT)
+                    s = t.new_session(owner, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT, True)
                     if s is None:
                         return True
-                    s.inbound = True
                 else:
                     s = self.forwarded_session(proto, pkt, ihl, src, sport, dport, now)
                     if s is None:
-                        ctr.drop("inbound_no_mapping")
+                        if not self.forwarders.port_forwarded(proto, dport):  # (else counted already)
+                            ctr.drop("inbound_no_mapping")
                         return True
             if pkt[8] <= 1:
                 self.icmp_error(WAN, pkt, ihl, ICMP_TIMXCEED, 0, 0, now, out)
@@ -595,10 +623,9 @@ class FullPath:
         m = self.forwarders.inbound_mapping(proto, pkt, ihl, dport)
         if m is None:
             return None
-        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_REPLIED)
+        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_INBOUND, True)
         if s is None:
             return None
-        s.inbound = True
         h = self.tcp_helpers.get(m.lan_port) if proto == TCP else None
         if h is not None:
             s.helper = h

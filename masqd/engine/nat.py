@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +23,8 @@ from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp, word_d
 # TCP states (as small ints)
 T_NEW, T_SYN_SENT, T_SYN_RECV, T_ESTABLISHED, T_FIN, T_CLOSED, T_RST = range(7)
 TCP_STATE_NAMES = ("NEW", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSED", "RST")
-# UDP / ICMP states
-S_UNREPLIED, S_REPLIED = 0, 1
+# UDP / ICMP states; S_INBOUND: created by an inbound packet, the LAN side has not answered yet
+S_UNREPLIED, S_REPLIED, S_INBOUND = 0, 1, 2
 
 TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
 ICMP, TCP, UDP = 1, 6, 17
@@ -138,16 +139,33 @@ class Session:
         return int.from_bytes(self.in_key[8:10], "big")
 
 
+class Quarantined:
+    """A released port kept from other hosts until ``until`` (RFC 6888 REQ-8): it stands in the
+    pool's ``used`` map in the place of its former owner; its host may take it again."""
+
+    __slots__ = ("proto", "port", "host", "until", "live")
+
+    def __init__(self, proto: int, port: int, host: int, until: float) -> None:
+        self.proto = proto
+        self.port = port
+        self.host = host
+        self.until = until
+        self.live = True  # False once its host took the port again (or it was purged)
+
+
 class PortPool:
-    """WAN ports (or ICMP identifiers) per protocol; never hands out a port in use."""
+    """WAN ports (or ICMP identifiers) per protocol; never hands out a port in use, nor a port in
+    quarantine to another host than the one that released it."""
 
     def __init__(self, low: int, high: int, preserve: bool, rng: random.Random | None = None) -> None:
         self.low = low
         self.high = high
         self.size = high - low + 1
         self.preserve = preserve
-        self.used: dict[int, dict[int, Any]] = {}  # proto -> port -> owner
+        self.used: dict[int, dict[int, Any]] = {}  # proto -> port -> owner (or its Quarantined mark)
         self.in_pool: dict[int, int] = {}  # proto -> ports in use inside [low, high]
+        self.quarantined: deque[Quarantined] = deque()  # in release order
+        self.reclaimed: Quarantined | None = None  # the mark the last allocate() took back, if any
         self._rng = rng or random.Random(0x6D61)
 
     def owner(self, proto: int, port: int) -> Any:
@@ -161,38 +179,78 @@ class PortPool:
 
     def take(self, proto: int, port: int, owner: Any) -> None:
         used = self.used.setdefault(proto, {})
-        used[port] = owner
-        if self.low <= port <= self.high:
+        if port not in used and self.low <= port <= self.high:
             self.in_pool[proto] = self.in_pool.get(proto, 0) + 1
+        used[port] = owner
 
-    def release(self, proto: int, port: int, owner: Any) -> None:
+    def release(self, proto: int, port: int, owner: Any) -> bool:
+        """Free ``port`` if ``owner`` holds it (True)."""
         used = self.used.get(proto)
         if used is not None and used.get(port) is owner:
             del used[port]
             if self.low <= port <= self.high:
                 self.in_pool[proto] -= 1
+            return True
+        return False
 
-    def allocate(self, proto: int, wanted: int, owner: Any) -> int | None:
-        """A free port: ``wanted`` when free and preservation is on, else one from the pool."""
+    def quarantine(self, proto: int, port: int, host: int, until: float) -> None:
+        """Keep the free ``port`` from hosts other than ``host`` until ``until``."""
+        q = Quarantined(proto, port, host, until)
+        self.take(proto, port, q)
+        self.quarantined.append(q)
+
+    def expire_quarantine(self, now: float) -> list[Quarantined]:
+        """Free the ports whose quarantine ended; returns their marks that were still live."""
+        out: list[Quarantined] = []
+        dq = self.quarantined
+        while dq and dq[0].until <= now:
+            q = dq.popleft()
+            if q.live:
+                q.live = False
+                self.release(q.proto, q.port, q)
+                out.append(q)
+        return out
+
+    @staticmethod
+    def _free_for(used: dict[int, Any], port: int, host: int, own_only: bool = False) -> bool:
+        x = used.get(port)
+        if x is None:
+            return not own_only
+        return type(x) is Quarantined and x.host == host
+
+    def _take_for(self, proto: int, port: int, owner: Any) -> int:
+        x = self.used[proto].get(port)
+        if type(x) is Quarantined:
+            x.live = False
+            self.reclaimed = x
+        self.take(proto, port, owner)
+        return port
+
+    def allocate(self, proto: int, wanted: int, owner: Any, host: int = 0, own_only: bool = False) -> int | None:
+        """A free port for LAN host ``host``: ``wanted`` when free and preservation is on, else one
+        from the pool. A port in quarantine is free for the host that released it only; when
+        such a port is taken back, ``reclaimed`` is its mark (else None). ``own_only``: only such
+        a port will do (the host holds all the ports it may)."""
         used = self.used.setdefault(proto, {})
-        if self.preserve and wanted not in used and wanted != 0:
-            self.take(proto, wanted, owner)
-            return wanted
-        if self.in_pool.get(proto, 0) >= self.size:
+        self.reclaimed = None
+        if self.preserve and wanted != 0 and self._free_for(used, wanted, host, own_only):
+            return self._take_for(proto, wanted, owner)
+        full = own_only or self.in_pool.get(proto, 0) >= self.size
+        if full and not self.quarantined:
             return None
         rng = self._rng
         low, size = self.low, self.size
         for _ in range(32):
             p = low + rng.randrange(size)
-            if p not in used:
-                self.take(proto, p, owner)
-                return p
+            if self._free_for(used, p, host, own_only):
+                return self._take_for(proto, p, owner)
+        if full:  # only the host's own ports in quarantine could do: not worth a full search
+            return None
         start = rng.randrange(size)
         for i in range(size):
             p = low + (start + i) % size
-            if p not in used:
-                self.take(proto, p, owner)
-                return p
+            if self._free_for(used, p, host):
+                return self._take_for(proto, p, owner)
         return None
 
     def use(self, proto: int) -> int:

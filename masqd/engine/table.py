@@ -14,6 +14,19 @@ Subscribers are plain callables, run synchronously: they must only record (appen
 to a queue); nothing here does I/O. ``epoch`` moves whenever a decision cached
 outside the engine could have become void (a session removed or rebound, a new
 configuration): the data plane's flow cache watches it.
+
+Limits (``[limits]``, docs/limits.md) are enforced here, where entries are made:
+per LAN host (:mod:`masqd.engine.limits`) its sessions, the WAN ports it holds
+per protocol and the rate of its new mappings; a released port stays in
+quarantine for other hosts; inbound half-open TCP sessions per LAN endpoint
+(a forwarded server) are capped. A refusal is a counted drop
+(``drop_host_entries_limit``, ``drop_host_ports_limit``, ``drop_host_rate_limit``,
+``drop_half_open_limit``), the host is remembered among the top offenders, and a
+rate-limited ``host_limit`` event is recorded. When the table is full, a new
+session first evicts one that never saw a reply or is closing (early drop, as
+conntrack does; found by a bounded walk of the timer wheel), never an
+established one; only when none is found in that walk is it refused
+(``drop_table_full``).
 """
 
 from __future__ import annotations
@@ -22,12 +35,15 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from masqd.engine.expiry import TimerWheel
+from masqd.engine.limits import PORT_INDEX, Host, HostLimits, Offenders
 from masqd.engine.nat import (
     ICMP,
     S_REPLIED,
     T_ESTABLISHED,
     T_FIN,
+    T_NEW,
     T_RST,
+    T_SYN_SENT,
     TCP,
     TCP_STATE_NAMES,
     UDP,
@@ -60,6 +76,20 @@ class Change(NamedTuple):
 
 Subscriber = Callable[[Change], None]
 
+EARLY_DROP_SCAN = 256  # sessions looked at, at most, to find one to evict when the table is full
+_HALF_OPEN = (T_NEW, T_SYN_SENT)
+
+
+def _dead(s: Session) -> bool:
+    return s.dead
+
+
+def droppable(s: Session) -> bool:
+    """May early drop evict ``s``: it never saw a reply, or it is closing (never an established one)."""
+    if s.m.proto == TCP:
+        return s.state != T_ESTABLISHED
+    return s.state != S_REPLIED
+
 
 def state_name(s: Session) -> str:
     """The state of a session as ``masqd table`` shows it."""
@@ -88,7 +118,17 @@ class NatTable:
         self.wan_ip = 0
         self.wan_ip_b = b"\0\0\0\0"
         self._subs: list[Subscriber] = []
+        self.limits = HostLimits()
+        self.hosts: dict[int, Host] = {}  # LAN host -> its counts (while it has a session or a port)
+        self.half_open: dict[Mapping, int] = {}  # inbound TCP sessions not yet answered, per mapping
+        self.offenders = Offenders()
+        self.now = 0.0  # the latest time seen (for removals that are not given one)
         self.set_wan(wan_ip)
+
+    def set_limits(self, limits: HostLimits, top: int = 10, log_interval: float = 10.0) -> None:
+        self.limits = limits
+        self.offenders.n = top
+        self.offenders.log_interval = log_interval
 
     # ------------------------------------------------------------ the stream
     def subscribe(self, fn: Subscriber) -> None:
@@ -130,20 +170,57 @@ class NatTable:
             return t.icmp
         return t.other
 
+    # ------------------------------------------------------------------ hosts
+    def _host(self, ip: int, now: float) -> Host:
+        h = self.hosts.get(ip)
+        if h is None:
+            h = self.hosts[ip] = Host(float(self.limits.burst), now)
+        return h
+
+    def _forget_idle(self, ip: int, h: Host) -> None:
+        if h.idle() and self.hosts.get(ip) is h:
+            del self.hosts[ip]
+
+    def _refuse(self, ip: int, reason: str, limit: float, now: float) -> None:
+        """A per-host limit refused a packet of LAN host ``ip``: counted, remembered, logged (rarely)."""
+        self.ctr.drop(reason)
+        n = self.offenders.hit(ip, reason, now)
+        if n:
+            self.ctr.event("warning", "host_limit", host=ip_str(ip), reason=reason, limit=limit, drops=n)
+
     # -------------------------------------------------------------- mappings
-    def new_mapping(self, proto: int, lan_ip: int, lan_port: int) -> Mapping | None:
-        """The endpoint-independent mapping of a LAN endpoint, created if needed
-        (None: the pool is exhausted, counted)."""
+    def new_mapping(self, proto: int, lan_ip: int, lan_port: int, now: float | None = None) -> Mapping | None:
+        """The endpoint-independent mapping of a LAN endpoint, created if needed (None: refused by
+        the host's limits or the pool is exhausted, counted)."""
         mk = (proto, lan_ip, lan_port)
         m = self.maps.get(mk)
         if m is not None:
             return m
+        if now is None:
+            now = self.now
+        lim = self.limits
+        h = self._host(lan_ip, now)
+        i = PORT_INDEX.get(proto, 0)
+        at_limit = bool(lim.max_ports) and h.ports[i] >= lim.max_ports
+        if lim.max_entries and h.sessions >= lim.max_entries:
+            self._refuse(lan_ip, "host_entries_limit", lim.max_entries, now)
+            return None
+        if lim.rate and not h.take_token(lim, now):
+            self._refuse(lan_ip, "host_rate_limit", lim.rate, now)
+            return None
         m = Mapping(proto, lan_ip, lan_port, self.wan_ip, 0, self.wan_ip_b)
-        port = self.pool.allocate(proto, lan_port, m)
+        pool = self.pool
+        port = pool.allocate(proto, lan_port, m, lan_ip, at_limit)
+        if port is None and at_limit:  # (only a port of its own in quarantine would have done)
+            self._refuse(lan_ip, "host_ports_limit", lim.max_ports, now)
+            return None
         if port is None:
+            self._forget_idle(lan_ip, h)
             self.ctr.drop("pool_exhausted")
             self.ctr.event("warning", "pool_exhausted", proto=PROTO_NAMES.get(proto, proto))
             return None
+        if pool.reclaimed is None:  # (a port taken back from its own quarantine is counted already)
+            h.ports[i] += 1
         m.set_wan(self.wan_ip, self.wan_ip_b, port)
         self.maps[mk] = m
         return m
@@ -155,22 +232,52 @@ class NatTable:
         self.maps.setdefault((proto, lan_ip, lan_port), m)
         return m
 
-    def drop_mapping(self, m: Mapping) -> None:
+    def drop_mapping(self, m: Mapping, used: bool = True) -> None:
+        """Forget ``m`` and free its port: into quarantine for other hosts when it carried traffic
+        (``used``) and quarantine is on."""
         mk = (m.proto, m.lan_ip, m.lan_port)
         if self.maps.get(mk) is m:
             del self.maps[mk]
-        self.pool.release(m.proto, m.wan_port, m)
+        if not self.pool.release(m.proto, m.wan_port, m):
+            return  # a port forward's port, or not its own: nothing of a host's
+        h = self.hosts.get(m.lan_ip)
+        q = self.limits.quarantine
+        if used and q > 0:
+            self.pool.quarantine(m.proto, m.wan_port, m.lan_ip, self.now + q)  # still the host's
+        elif h is not None:
+            h.ports[PORT_INDEX.get(m.proto, 0)] -= 1
+            self._forget_idle(m.lan_ip, h)
+
+    def _unused(self, m: Mapping) -> None:
+        """A mapping made for a session that was then refused: gone, its port free at once."""
+        if m.empty() and not m.static:
+            self.drop_mapping(m, used=False)
 
     # -------------------------------------------------------------- sessions
-    def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0) -> Session | None:
-        """A session through ``m`` with a remote endpoint (None: the table is full, counted)."""
-        if self.nsessions >= self.max_entries:
+    def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0,
+                    inbound: bool = False) -> Session | None:
+        """A session through ``m`` with a remote endpoint (None: refused by a limit, counted).
+        ``inbound``: made by an inbound packet (a port forward, inbound filtering, a hairpin)."""
+        self.now = now
+        lim = self.limits
+        lan = m.lan_ip
+        h = self.hosts.get(lan)
+        if h is not None and lim.max_entries and h.sessions >= lim.max_entries:
+            self._refuse(lan, "host_entries_limit", lim.max_entries, now)
+            self._unused(m)
+            return None
+        half = inbound and m.proto == TCP and state in _HALF_OPEN
+        if half and lim.half_open and self.half_open.get(m, 0) >= lim.half_open:
+            self.ctr.drop("half_open_limit")
+            self._unused(m)
+            return None
+        if self.nsessions >= self.max_entries and not self.early_drop(m):
             self.ctr.drop("table_full")
-            if m.empty() and not m.static:  # made for this session: nothing else would ever free it
-                self.drop_mapping(m)
+            self._unused(m)
             return None
         s = Session(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
         s.state = state
+        s.inbound = inbound
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
         old = out_t.get(s.out_key) or in_t.get(s.in_key)
         if old is not None:
@@ -179,6 +286,10 @@ class NatTable:
         in_t[s.in_key] = s
         m.add(s)
         self.nsessions += 1
+        h = self._host(lan, now)  # (again: an eviction may have ended the host's record)
+        h.sessions += 1
+        if half:
+            self.half_open[m] = self.half_open.get(m, 0) + 1
         self.wheel.add(s, s.expires)
         self.ctr.event("debug", "entry_created", proto=PROTO_NAMES.get(m.proto, m.proto),
                        lan=f"{ip_str(m.lan_ip)}:{m.lan_port}", wan=f"{ip_str(m.wan_ip)}:{m.wan_port}",
@@ -186,12 +297,31 @@ class NatTable:
         self.emit(NEW, s)
         return s
 
+    def early_drop(self, keep: Mapping | None = None) -> bool:
+        """The table is full: evict one session that never saw a reply or is closing (not one of
+        ``keep``'s), looking at no more than EARLY_DROP_SCAN sessions. True if one was evicted."""
+        victim = self.wheel.take(_dead, lambda x: x.m is not keep and droppable(x), EARLY_DROP_SCAN)
+        if victim is None:
+            return False
+        self.ctr.count("early_drop")
+        self.remove(victim, TABLE_FULL)
+        return True
+
     def set_state(self, s: Session, state: int) -> None:
         """A session's state changed (TCP tracking, a first reply): its timeout follows."""
         if state != s.state:
+            if s.inbound and s.m.proto == TCP and s.state in _HALF_OPEN and state not in _HALF_OPEN:
+                self._half_closed(s.m)
             s.state = state
             s.tmo = self.timeout_for(s.m.proto, state)
             self.emit(UPDATE, s, "state")
+
+    def _half_closed(self, m: Mapping) -> None:
+        n = self.half_open.get(m, 0) - 1
+        if n > 0:
+            self.half_open[m] = n
+        else:
+            self.half_open.pop(m, None)
 
     def remove(self, s: Session, reason: str) -> None:
         if s.dead:
@@ -206,10 +336,17 @@ class NatTable:
             del in_t[s.in_key]
         m.remove(s)
         self.nsessions -= 1
+        if s.inbound and m.proto == TCP and s.state in _HALF_OPEN:
+            self._half_closed(m)
+        h = self.hosts.get(m.lan_ip)
+        if h is not None:
+            h.sessions -= 1
         if s.helper is not None:
             s.helper.session_closed(s)
         if m.empty() and not m.static:
             self.drop_mapping(m)
+        elif h is not None and not h.sessions:  # (a port forward's server: it may hold no port)
+            self._forget_idle(m.lan_ip, h)
         self.emit(DESTROY, s, reason)
 
     def rebind(self, s: Session, new_ip: int) -> None:
@@ -228,8 +365,27 @@ class NatTable:
             self.emit(UPDATE, x, ADDRESS_CHANGE)
 
     def due(self, now: float) -> list[Session]:
-        """The sessions whose time ran out (not yet removed)."""
-        return self.wheel.due(now, lambda x: x.dead, lambda x: x.expires)  # type: ignore[no-any-return]
+        """The sessions whose time ran out (not yet removed); ends the quarantines that are over."""
+        self.now = now
+        if self.pool.quarantined:
+            for q in self.pool.expire_quarantine(now):
+                h = self.hosts.get(q.host)
+                if h is not None:
+                    h.ports[PORT_INDEX.get(q.proto, 0)] -= 1
+                    self._forget_idle(q.host, h)
+        return self.wheel.due(now, _dead, lambda x: x.expires)  # type: ignore[no-any-return]
+
+    def host_rows(self, now: float) -> dict[str, Any]:
+        """The per-host limits in force and the top offenders, for ``masqd stats``."""
+        lim = self.limits
+        return {
+            "limits": {"host_max_entries": lim.max_entries, "host_max_ports": lim.max_ports,
+                       "host_mapping_rate": lim.rate, "host_mapping_burst": lim.burst,
+                       "port_quarantine": lim.quarantine, "half_open_per_server": lim.half_open},
+            "hosts": len(self.hosts),
+            "ports_in_quarantine": sum(1 for q in self.pool.quarantined if q.live),
+            "top_offenders": self.offenders.top(now),
+        }
 
     def sessions(self) -> list[Session]:
         """Every live session (a copy: safe to remove from while iterating)."""

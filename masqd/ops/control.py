@@ -15,6 +15,15 @@ argument with :class:`RequestError`; every refusal (bad JSON, unknown command,
 bad argument, oversized line) gets an error reply and is counted by reason in
 ``masqd_control_errors_total``. The socket is created mode 0600.
 
+Abuse costs bounded memory and never stalls the packet loop: a request line is
+read into a buffer of at most ``MAX_LINE`` bytes (longer: refused, connection
+closed, ``too_long``); at most ``MAX_CLIENTS`` connections are served at once
+(more: a one-line refusal, ``too_many_clients``); a client has ``IDLE_TIMEOUT``
+seconds to send a whole line; a reply waits for the client to read it for at
+most ``WRITE_TIMEOUT`` seconds, and a client that does not read by then is
+dropped (``slow_client``), so one reply at most is buffered per client, and only
+that long. Refusals are logged at most once per second per reason.
+
 The client side (:func:`request`) is synchronous: the CLI subcommands use it.
 """
 
@@ -26,6 +35,7 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,8 @@ from masqd.ops.metrics import OpsCounters
 
 MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 60.0
+MAX_CLIENTS = 16
+WRITE_TIMEOUT = 10.0
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -60,6 +72,12 @@ class ControlServer:
         self.counters = counters
         self.log = logger
         self._server: asyncio.AbstractServer | None = None
+        self.clients = 0  # connections being served
+        self.max_clients = MAX_CLIENTS
+        self.write_timeout = WRITE_TIMEOUT
+        self.idle_timeout = IDLE_TIMEOUT
+        self._logged: dict[str, float] = {}
+        self.peak_buffered = 0  # the most reply bytes ever waiting for one client (a bound to check)
 
     async def start(self) -> None:
         p = Path(self.path)
@@ -89,9 +107,27 @@ class ControlServer:
 
     def _refuse(self, reason: str, message: str) -> dict[str, Any]:
         self.counters.bump(self.counters.control_errors, reason)
-        if self.log is not None:
-            self.log.warning("control_request_refused", reason=reason, error=message)
+        now = time.monotonic()
+        if self.log is not None and now - self._logged.get(reason, -1e18) >= 1.0:
+            self._logged[reason] = now
+            self.log.warning("control_request_refused", reason=reason, error=message,
+                             refused_so_far=self.counters.control_errors[reason])
         return {"ok": False, "error": message}
+
+    async def _send(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> bool:
+        """Write one reply; False (connection aborted, counted) when the client does not read it
+        within ``write_timeout``."""
+        writer.write(_dump(reply))
+        buffered = writer.transport.get_write_buffer_size()
+        if buffered > self.peak_buffered:
+            self.peak_buffered = buffered
+        try:
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        except TimeoutError:
+            self._refuse("slow_client", f"the client did not read its reply within {self.write_timeout:g}s")
+            writer.transport.abort()
+            return False
+        return True
 
     async def handle_line(self, line: bytes) -> dict[str, Any]:
         """One request line -> one reply object (never raises)."""
@@ -99,6 +135,8 @@ class ControlServer:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._refuse("bad_json", f"request is not valid JSON: {exc}")
+        except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+            return self._refuse("bad_json", "request is not valid JSON: nested too deeply")
         if not isinstance(req, dict):
             return self._refuse("bad_request", "request must be a JSON object")
         cmd = req.get("cmd")
@@ -120,26 +158,40 @@ class ControlServer:
         return {"ok": True, "result": result}
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= self.max_clients:
+            reply = self._refuse("too_many_clients", f"more than {self.max_clients} clients at once; try again")
+            try:
+                writer.write(_dump(reply))  # (a few bytes into an empty socket buffer: never waits)
+            finally:
+                writer.close()
+            return
+        self.clients += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.clients -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+                    line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
                 except asyncio.IncompleteReadError as exc:
                     if not exc.partial.strip():
                         break
                     line = exc.partial  # last line without newline
                 except asyncio.LimitOverrunError:
                     reply = self._refuse("too_long", f"request line longer than {MAX_LINE} bytes")
-                    writer.write(_dump(reply))
-                    await writer.drain()
+                    await self._send(writer, reply)
                     break
                 except TimeoutError:
+                    self.counters.bump(self.counters.control_errors, "idle_timeout")
                     break
                 if not line.strip():
                     continue
                 reply = await self.handle_line(line)
-                writer.write(_dump(reply))
-                await writer.drain()
+                if not await self._send(writer, reply):
+                    return
                 if reader.at_eof():
                     break
         except (ConnectionError, OSError):
@@ -232,8 +284,19 @@ def format_stats(stats: dict[str, Any]) -> str:
     for k in sorted(counters):
         out.append(f"{k:<{width}}  {counters[k]}")
     for k, v in sorted(stats.items()):
-        if k != "counters":
+        if k not in ("counters", "host_limits"):
             out.append(f"{k}: {json.dumps(v, default=str)}")
+    hl = stats.get("host_limits")
+    if isinstance(hl, dict):
+        out.append(f"host limits: {json.dumps(hl.get('limits', {}), default=str)}")
+        out.append(f"hosts tracked: {hl.get('hosts', 0)}; ports in quarantine: {hl.get('ports_in_quarantine', 0)}")
+        top = hl.get("top_offenders") or []
+        out.append("top offenders (refused by a per-host limit):" if top else "top offenders: none")
+        for r in top:
+            if isinstance(r, dict):
+                reasons = " ".join(f"{k}={n}" for k, n in sorted((r.get("reasons") or {}).items()))
+                out.append(f"  {r.get('rank', ''):>2}  {r.get('host', ''):<15}  score {r.get('score', 0):<8}  "
+                           f"drops {r.get('drops', 0):<8}  {reasons}  (last {r.get('last_seen_ago', 0)} s ago)")
     return "\n".join(out)
 
 

@@ -66,6 +66,13 @@ _PROTO = r"(?P<protocol>[a-z0-9]+)"
 
 #: Engine counter name -> metric. Counters are exported with ``_total``.
 COUNTER_RULES: tuple[Rule, ...] = (
+    _r(r"table_size_(?P<table>[a-z0-9_]+)", "masqd_table_entries",
+       "Entries in each bounded table (NAT sessions, helpers' tables, reassembly queue...).", ("table",),
+       kind="gauge"),
+    _r(r"table_limit_(?P<table>[a-z0-9_]+)", "masqd_table_limit",
+       "The configured bound of each table (see masqd_table_entries).", ("table",), kind="gauge"),
+    _r(r"early_drop", "masqd_early_drops", "Sessions evicted (never replied or closing) to make room in a "
+       "full table.", ()),
     _r(rf"{_DIR}_{_IF}_{_PROTO}_packets", "masqd_packets", "Packets by interface, direction and protocol.",
        ("direction", "interface", "protocol")),
     _r(rf"{_DIR}_{_IF}_{_PROTO}_bytes", "masqd_bytes", "Bytes (IPv4 packet length) by interface, direction and protocol.",
@@ -330,7 +337,37 @@ class MasqdCollector:
         yield from families.values()
         if engine is not None:
             yield from self._rule_metrics(engine)
+            yield from self._offender_metrics(engine)
         yield from self._ops_metrics()
+
+    @staticmethod
+    def _offender_metrics(engine: Any) -> Iterator[Metric]:
+        """The top offenders of the per-host limits, without a series per LAN host: the score is
+        labelled by rank only (at most ``limits.top_offenders`` series, always the same), and which
+        host holds a rank is an info-style series (value 1), joined on ``rank`` when wanted."""
+        fn = getattr(engine, "host_limits", None)
+        if not callable(fn):
+            return
+        rows = fn().get("top_offenders", [])
+        score = GaugeMetricFamily("masqd_host_limit_top_score",
+                                  "Refusals by a per-host limit of the host at this rank, decayed (half-life 60 s).",
+                                  labels=["rank"])
+        drops = GaugeMetricFamily("masqd_host_limit_top_drops",
+                                  "Refusals by a per-host limit of the host at this rank since it was first seen.",
+                                  labels=["rank"])
+        info = GaugeMetricFamily("masqd_host_limit_top_info",
+                                 "Which LAN host holds a rank of masqd_host_limit_top_score, and its main reason "
+                                 "(value 1).", labels=["rank", "host", "reason"])
+        for r in rows:
+            rank = str(r["rank"])
+            score.add_metric([rank], float(r["score"]))
+            drops.add_metric([rank], float(r["drops"]))
+            reasons = r.get("reasons") or {}
+            main = max(reasons, key=lambda k: reasons[k]) if reasons else ""
+            info.add_metric([rank, str(r["host"]), main], 1.0)
+        yield score
+        yield drops
+        yield info
 
     @staticmethod
     def _rule_metrics(engine: Any) -> Iterator[Metric]:

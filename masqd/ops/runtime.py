@@ -397,7 +397,9 @@ class Ops:
     def _h_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self.counters
         wan = getattr(self.engine, "wan_ip", None)
+        limits = getattr(self.engine, "host_limits", None)
         return {
+            "host_limits": limits(self.now()) if callable(limits) else None,
             "counters": self._all_counters(),
             "entries": self._entry_count(),
             "wan_address": str(ipaddress.IPv4Address(wan)) if isinstance(wan, int) else None,

@@ -3,7 +3,7 @@
 Two data planes over socket pairs (SOCK_SEQPACKET keeps packet boundaries,
 like a TUN/TAP fd): one with the flow cache, one without. The same random
 traffic goes into both (flows in both directions, TCP flags, TTL 1, options,
-fragments, oversize packets, partial checksums, super-packet headers, frames
+wrong IPv4 header checksums, fragments, oversize packets, partial checksums, super-packet headers, frames
 for other hosts, garbage), with flushes, expiry, reloads and neighbour
 changes in between. Every step must write the same bytes on both sides, and at
 the end the engines must agree on counters, the table (expiry times) and
@@ -118,6 +118,8 @@ class Traffic:
         raw = bytearray(bytes(p))
         if proto == "udp" and r.random() < 0.05:
             raw[26:28] = b"\x00\x00"  # no UDP checksum: stays 0
+        if r.random() < 0.04:
+            raw[11] ^= 1 << r.randrange(8)  # a wrong IPv4 header checksum: dropped and counted, never forwarded
         gso = self.offload and r.random() < 0.02
         return iface, self.frame(iface, bytes(raw), our_macs[iface], partial=self.offload and r.random() < 0.5,
                                  gso=gso)
@@ -160,6 +162,7 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
         assert native > 60, native  # established traffic skipped Python
         assert "fastpath_native_packets" not in py.dp.all_counters()
         assert counters(py) == counters(nat)
+        assert counters(nat).get("drop_bad_ip_checksum", 0) > 0
         now = py.clock[0]
         assert rows(py, now, real) == rows(nat, now, real)
         assert rule_rows(py.dp.engine) == rule_rows(nat.dp.engine)

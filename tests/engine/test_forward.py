@@ -66,14 +66,13 @@ portfw = [
   {proto = "tcp", port = 80, to = "10.0.0.2", to_port = 80, pref = 1},
   {proto = "tcp", port = 80, to = "10.0.0.3", to_port = 80, pref = 3},
 ]
-[masquerade]
-max_entries = 100000
 """))
     seen = {H2: 0, H3: 0}
     for i in range(10_000):
         src = f"198.51.{100 + i // 60000}.{1 + (i // 250) % 250}"
         p = one(eng.process("wan", tcp(src, WAN_IP, 1024 + i % 60000, 80, "S"), 0.0), "lan")
         seen[p.dst] += 1
+        one(eng.process("lan", tcp(p.dst, src, 80, p[TCP].sport, "SA"), 0.0), "wan")  # the server answers
     assert abs(seen[H2] / 10_000 - 0.25) < 0.05 and abs(seen[H3] / 10_000 - 0.75) < 0.05
 
 

@@ -122,19 +122,28 @@ def test_linux22_profile_uses_61000_65095_and_its_timeouts() -> None:
 
 @pytest.mark.conformance("port overloading")
 def test_no_port_overloading_when_the_pool_is_exhausted() -> None:
+    # four ports: each host may hold a quarter of the pool (the default per-host limit), one port
     eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
+    hosts = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
     got = set()
-    for i in range(4):
-        p = one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+    for h in hosts:
+        p = one(eng.process("lan", udp(h, SRV, 6000, 53), 0.0), "wan")
         got.add(p[UDP].sport)
     assert got == {20000, 20001, 20002, 20003}
-    assert eng.process("lan", udp(H2, SRV, 7000, 53), 0.0) == []
+    assert eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 0.0) == []
     assert eng.counters["drop_pool_exhausted"] == 1
     # the live mappings still work
-    for i in range(4):
-        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 1.0), "wan")
+    for h in hosts:
+        one(eng.process("lan", udp(h, SRV, 6000, 53), 1.0), "wan")
     eng.expire(400.0)
-    one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")
+    # the released ports stay with their hosts for the quarantine (RFC 6888 REQ-8) ...
+    assert eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 400.0) == []
+    assert eng.counters["drop_pool_exhausted"] == 2
+    p = one(eng.process("lan", udp(H2, SRV, 7000, 53), 400.0), "wan")  # (its own port back)
+    assert p[UDP].sport in got
+    # ... and are free for anyone after it
+    eng.expire(521.0)
+    one(eng.process("lan", udp("10.0.0.6", SRV, 7000, 53), 521.0), "wan")
 
 
 @pytest.mark.conformance("RFC 4787 REQ-5")
@@ -146,8 +155,10 @@ def test_rfc4787_req5_udp_mapping_lives_five_minutes_and_is_refreshed_by_traffic
     eng.expire(500.0)
     assert eng.counters["sessions"] == 1
     eng.expire(600.0)
-    assert eng.counters["sessions"] == 0
-    assert eng.counters["pool_used_udp"] == 0 or eng.pool.use(17) == 0
+    assert eng.counters["sessions"] == 0 and eng.counters["mappings"] == 0
+    assert eng.pool.use(17) == 1  # the port stays in quarantine for other hosts (RFC 6888 REQ-8) ...
+    eng.expire(600.0 + 120.0)
+    assert eng.pool.use(17) == 0  # ... for two minutes
 
 
 @pytest.mark.conformance("RFC 5382 / 7857 transitory")
@@ -270,30 +281,38 @@ def test_reload_keeps_the_table(eng: Engine) -> None:
 def test_a_reload_that_moves_the_port_range_keeps_the_pool_count_right() -> None:
     """Ports taken under one range and released under another (found by bench/fuzz.py): the count
     of ports in use inside the range, which refuses new mappings when it reaches the range's size,
-    must neither creep up nor go below zero."""
+    must neither creep up nor go below zero. (One flow per LAN host: with a 4-port pool the
+    default per-host share is one port.)"""
+    hosts = [f"10.0.0.{10 + i}" for i in range(10)]
     eng = Engine(make_cfg("[masquerade]\nports = [20000, 20003]\nport_preservation = false\n"))
-    for i in range(2):
-        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+    for h in hosts[:2]:
+        one(eng.process("lan", udp(h, SRV, 6000, 53), 0.0), "wan")
     assert eng.counters["pool_used_udp"] == 2
     eng.reload(make_cfg("[masquerade]\nports = [30000, 30003]\nport_preservation = false\n"))
     assert eng.counters["pool_used_udp"] == 0  # the live mappings are outside the new range
-    for i in range(4):
-        p = one(eng.process("lan", udp(H2, SRV, 7000 + i, 53), 1.0), "wan")
+    for h in hosts[2:6]:
+        p = one(eng.process("lan", udp(h, SRV, 7000, 53), 1.0), "wan")
         assert 30000 <= p[UDP].sport <= 30003
     eng.expire(400.0)  # all of them end: the first two were taken under the old range
-    assert eng.counters["pool_used_udp"] == 0 and eng.counters["sessions"] == 0
-    for i in range(4):  # the whole new range is free again
-        one(eng.process("lan", udp(H2, SRV, 8000 + i, 53), 401.0), "wan")
+    assert eng.counters["sessions"] == 0
+    assert eng.counters["pool_used_udp"] == 4  # the new range's ports, in quarantine (RFC 6888 REQ-8)
+    eng.expire(400.0 + 121)  # the quarantine is over
+    assert eng.counters["pool_used_udp"] == 0
+    for h in hosts[6:10]:  # the whole new range is free again
+        one(eng.process("lan", udp(h, SRV, 8000, 53), 521.0), "wan")
     assert "drop_pool_exhausted" not in eng.counters
 
 
 def test_a_full_table_refuses_new_flows_without_keeping_their_mappings() -> None:
     """A new flow refused because the table is full must not keep the mapping (and WAN port)
     made for it (found by bench/fuzz.py): they were never freed, so after a burst against a full
-    table the ports stayed taken for good, and the pool ran dry once the table had room again."""
+    table the ports stayed taken for good, and the pool ran dry once the table had room again.
+    (The table is full of answered flows, which early drop never evicts; one per LAN host, the
+    default per-host share of a 16-entry table.)"""
     eng = Engine(make_cfg("[masquerade]\nmax_entries = 16\nports = [20000, 20099]\nport_preservation = false\n"))
     for i in range(16):
-        one(eng.process("lan", udp(H2, SRV, 6000 + i, 53), 0.0), "wan")
+        p = one(eng.process("lan", udp(f"10.0.0.{10 + i}", SRV, 6000, 53), 0.0), "wan")
+        one(eng.process("wan", udp(SRV, WAN_IP, 53, p[UDP].sport), 0.0), "lan")
     for i in range(200):  # more than the pool holds: each one refused
         assert eng.process("lan", udp(H3, SRV, 7000 + i, 53), 1.0) == []
         assert eng.process("lan", echo(H3, SRV, ident=i), 1.0) == []
@@ -301,6 +320,8 @@ def test_a_full_table_refuses_new_flows_without_keeping_their_mappings() -> None
     assert eng.counters["mappings"] == 16 and eng.counters["pool_used_udp"] == 16
     assert eng.counters["pool_used_icmp"] == 0
     eng.expire(400.0)
-    assert eng.counters["mappings"] == 0 and eng.counters["pool_used_udp"] == 0
+    assert eng.counters["mappings"] == 0
+    eng.expire(400.0 + 121)  # their ports leave their quarantine
+    assert eng.counters["pool_used_udp"] == 0
     for i in range(16):
         one(eng.process("lan", udp(H3, SRV, 7000 + i, 53), 401.0), "wan")

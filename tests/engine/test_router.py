@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.all import ICMP, IP, UDP
 
 from masqd.engine import Engine
@@ -12,6 +13,31 @@ def test_ttl_is_decremented_with_a_correct_header_checksum(eng: Engine) -> None:
     p = one(eng.process("lan", udp(H2, SRV, 4000, 53, ttl=10), 0.0), "wan")
     assert p.ttl == 9
     assert checksums_ok(bytes(p))
+
+
+def _bad_checksum(p: bytes) -> bytes:
+    q = bytearray(p)
+    q[10] ^= 0x40
+    return bytes(q)
+
+
+@pytest.mark.conformance("RFC 1812 5.2.2")
+def test_rfc1812_a_wrong_header_checksum_is_dropped_and_counted_on_both_sides(eng: Engine) -> None:
+    """RFC 1812 5.2.2: new flows (full path) and established ones (fast path), both directions,
+    with and without options: nothing is forwarded and nothing is created."""
+    assert eng.process("lan", _bad_checksum(udp(H2, SRV, 4000, 53)), 0.0) == []
+    assert eng.counters["sessions"] == 0
+    p = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
+    one(eng.process("wan", udp(SRV, WAN_IP, 53, p[UDP].sport), 0.0), "lan")
+    one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")  # established: the fast path from now on
+    reply = udp(SRV, WAN_IP, 53, p[UDP].sport)
+    assert eng.process("lan", _bad_checksum(udp(H2, SRV, 4000, 53)), 0.1) == []
+    assert eng.process("wan", _bad_checksum(reply), 0.1) == []
+    opts = bytes(IP(src=SRV, dst=WAN_IP, options=[b"\x01\x01\x01\x00"]) / UDP(sport=53, dport=p[UDP].sport))
+    assert eng.process("wan", _bad_checksum(opts), 0.1) == []
+    assert eng.counters["drop_bad_ip_checksum"] == 4
+    assert len(one_each := eng.process("wan", reply, 0.2)) == 1 and one_each[0][0] == "lan"
+    assert eng.counters["sessions"] == 1
 
 
 def test_ttl_running_out_gets_time_exceeded_from_the_lan_address(eng: Engine) -> None:

@@ -212,3 +212,158 @@ def test_capture_configured_at_boot(tmp_path: Path) -> None:
     st = asyncio.run(main())
     assert st == {"lan": {"path": str(tmp_path / "boot-lan.pcap"), "packets": 1, "linktype": 1}}
     assert (tmp_path / "boot-lan.pcap").stat().st_size == 24 + 16 + 34
+
+
+# ------------------------------------------------------------------------------------------ abuse
+
+
+def _ops_with_ticker(tmp_path: Path, body: Callable[[Ops, str], Any], eng: Any = None,
+                     **server: Any) -> tuple[Any, int, float]:
+    """Run ``body`` (blocking, in a thread) against a started Ops whose control server has the
+    attributes ``server``; a timer in the loop ticks every 10 ms meanwhile. Returns (body's result,
+    ticks, seconds)."""
+    cfg = make_cfg(tmp_path)
+
+    async def main() -> tuple[Any, int, float]:
+        ops = Ops(eng or FakeEngine(), cfg, install_signal_handlers=False)
+        await ops.start()
+        assert ops.control is not None
+        for k, v in server.items():
+            setattr(ops.control, k, v)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            res = await asyncio.to_thread(body, ops, cfg.control.socket)
+        finally:
+            t.cancel()
+            await ops.stop()
+        return res, ticks, loop.time() - t0
+
+    return asyncio.run(main())
+
+
+def test_malformed_requests_of_every_kind_are_answered_and_counted(tmp_path: Path) -> None:
+    def body(ops: Ops, path: str) -> dict[str, int]:
+        lines = [b"\xff\xfe\x00garbage", b"[" * 60000, b'{"cmd": 5}', b'{"cmd": "table", "filter": 7}',
+                 b'"just a string"', b"\x00" * 100, b'{"cmd": "ping"}']
+        replies = raw(path, b"\n".join(lines) + b"\n")
+        assert [r["ok"] for r in replies] == [False] * 6 + [True]
+        assert "nested too deeply" in replies[1]["error"]
+        # 4 MiB without a newline: refused, the connection closed, the server's buffer bounded
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        try:
+            for _ in range(64):
+                s.sendall(b"x" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed by the server after its refusal
+        got = s.recv(65536)
+        s.close()
+        assert b"longer than" in got
+        assert request(path, {"cmd": "ping"})["pid"] > 0
+        return dict(ops.counters.control_errors)
+
+    errs, ticks, secs = _ops_with_ticker(tmp_path, body)
+    assert errs == {"bad_json": 3, "bad_request": 2, "bad_argument": 1, "too_long": 1}
+
+
+def test_many_clients_at_once_beyond_the_cap_are_refused_and_the_rest_served(tmp_path: Path) -> None:
+    def body(ops: Ops, path: str) -> tuple[int, int, int]:
+        idle = []
+        for _ in range(40):  # clients that connect and say nothing
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(path)
+            idle.append(s)
+        refused = 0
+        for s in idle:  # the refused ones got a line and were closed; the others are waiting
+            s.setblocking(False)
+        import time as _t
+        _t.sleep(0.3)
+        for s in idle:
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                continue
+            if b"too many clients" in data or b"more than" in data:
+                refused += 1
+        served_while_full = 0
+        try:
+            request(path, {"cmd": "ping"}, timeout=2)
+        except ControlError as exc:
+            assert "more than" in str(exc)
+        else:
+            served_while_full = 1
+        for s in idle:
+            s.close()
+        _t.sleep(0.3)
+        ok = 1 if request(path, {"cmd": "ping"})["pid"] else 0
+        return refused, served_while_full, ok
+
+    (refused, served_while_full, ok), ticks, secs = _ops_with_ticker(tmp_path, body, max_clients=8)
+    assert refused == 40 - 8 and served_while_full == 0 and ok == 1
+    assert ticks >= secs * 100 * 0.5  # the loop kept turning
+
+
+def test_a_client_that_never_reads_is_dropped_and_cannot_grow_memory(tmp_path: Path) -> None:
+    eng = FakeEngine()
+    eng.entries = [dict(eng.entries[0], lan=f"10.0.{i >> 8}.{i & 255}:1025") for i in range(20000)]  # ~3 MB
+
+    def body(ops: Ops, path: str) -> tuple[int, int]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(path)
+        s.settimeout(0.2)
+        sent = 0
+        try:
+            for _ in range(200):  # pipelined requests for big replies, never a read
+                s.sendall(b'{"cmd": "table"}\n')
+                sent += 1
+        except (TimeoutError, OSError):
+            pass
+        import time as _t
+        peak = 0
+        t_end = _t.monotonic() + 2.0
+        while _t.monotonic() < t_end:  # meanwhile others are served
+            assert request(path, {"cmd": "ping"}, timeout=2)["pid"] > 0
+            peak = max(peak, ops.counters.control_errors.get("slow_client", 0))
+            _t.sleep(0.05)
+        s.close()
+        assert ops.control is not None
+        return sent, ops.counters.control_errors.get("slow_client", 0), ops.control.peak_buffered
+
+    (sent, slow, peak), ticks, secs = _ops_with_ticker(tmp_path, body, eng, write_timeout=0.5)
+    reply = len(control._dump({"ok": True, "result": eng.table()}))
+    assert sent > 10 and slow == 1  # dropped after its write timeout, once
+    assert peak <= 2 * reply  # not sent * reply: one reply waits at a time, and only that long
+    assert ticks >= secs * 100 * 0.5  # the loop never waited on it
+
+
+def test_stats_show_the_host_limits_and_top_offenders(tmp_path: Path) -> None:
+    from scapy.all import IP, UDP
+
+    from masqd.engine import Engine
+
+    cfg = make_cfg(tmp_path, limits={"host_max_ports": 1})
+    eng = Engine(cfg)
+    for port in (1000, 1001, 1002):
+        eng.process("lan", bytes(IP(src="10.0.0.7", dst="198.51.100.1") / UDP(sport=port, dport=53)), 1.0)
+
+    def body(ops: Ops, path: str) -> Any:
+        return request(path, {"cmd": "stats"})
+
+    st = run_with_ops(tmp_path, body, engine=eng, now=lambda: 2.0)  # type: ignore[arg-type]
+    hl = st["host_limits"]
+    assert hl["limits"]["host_max_ports"] == 1 and hl["hosts"] == 1
+    assert hl["top_offenders"][0]["host"] == "10.0.0.7" and hl["top_offenders"][0]["drops"] == 2
+    assert st["counters"]["drop_host_ports_limit"] == 2

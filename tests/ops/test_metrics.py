@@ -194,3 +194,46 @@ def test_large_table_not_walked_at_scrape_time() -> None:
     eng.counters["sessions"] = 2_000_000
     text = scrape(eng)
     assert not walked and "masqd_masq_sessions 2e+06" in text
+
+
+def test_host_limits_offenders_and_table_bounds_are_exported_without_a_series_per_host() -> None:
+    """Ten LAN hosts hit their port limit: the top offenders appear as N rank series plus one info
+    series per rank naming the host; each bounded table has an entries and a limit gauge; the
+    control socket's stats carry the same list. promtool accepts it all."""
+    import struct
+
+    from masqd import config
+    from masqd.engine import Engine
+    from masqd.ops.control import format_stats
+    from masqd.wire.ipv4 import set_ip_checksum
+
+    cfg = config.loads('[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "203.0.113.200/24"\n'
+                       'gateway = "203.0.113.1"\n[limits]\nhost_max_ports = 2\ntop_offenders = 3\n')
+    eng = Engine(cfg)
+    from scapy.all import IP, UDP  # type: ignore[import-untyped]
+
+    tpl = bytearray(bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=1, dport=53)))
+    for h in range(10):
+        for port in range(1000, 1003 + h):  # host h is refused 1 + h times
+            struct.pack_into("!IH", tpl, 12, 0x0A000010 + h, 0)
+            struct.pack_into("!H", tpl, 20, port)
+            set_ip_checksum(tpl, 20)
+            eng.process("lan", bytes(tpl), 5.0)
+    text = scrape(eng)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+    s = samples(text)
+    scores = {dict(lb)["rank"]: v for (n, lb), v in s.items() if n == "masqd_host_limit_top_score"}
+    infos = [dict(lb) for (n, lb), v in s.items() if n == "masqd_host_limit_top_info"]
+    assert sorted(scores) == ["1", "2", "3"] and scores["1"] >= scores["2"] >= scores["3"]
+    assert [i["host"] for i in sorted(infos, key=lambda i: i["rank"])] == ["10.0.0.25", "10.0.0.24", "10.0.0.23"]
+    assert {i["reason"] for i in infos} == {"host_ports_limit"}
+    assert s[("masqd_drops_total", (("reason", "host_ports_limit"),))] == sum(1 + h for h in range(10))
+    assert s[("masqd_table_limit", (("table", "nat_sessions"),))] == 1_048_576
+    assert s[("masqd_table_entries", (("table", "nat_sessions"),))] == 20
+    for table in ("ipsec", "pptp", "defrag_datagrams", "defrag_bytes", "tcp_reset_keys"):
+        assert ("masqd_table_limit", (("table", table),)) in s
+    stats = {"counters": {}, "host_limits": eng.host_limits(5.0)}
+    shown = format_stats(stats)
+    assert "10.0.0.25" in shown and "host_ports_limit=10" in shown

@@ -67,6 +67,7 @@ def test_check_ipv4_rejects_bad_headers() -> None:
         "not_ipv4": bytearray(b"\x60") + good[1:],
         "bad_ihl": bytearray(b"\x44") + good[1:],
         "bad_total_length": good[:2] + b"\x00\x05" + good[4:],
+        "bad_ip_checksum": good[:11] + bytes([good[11] ^ 0x10]) + good[12:],
     }
     for reason, pkt in cases.items():
         try:
@@ -83,6 +84,31 @@ def test_check_ipv4_rejects_bad_headers() -> None:
     padded = bytearray(good + b"\0\0\0\0")
     check_ipv4(padded)
     assert len(padded) == len(good)
+    # the checksum covers the options too (RFC 1812 5.2.2)
+    opts = bytearray(raw(IP(src="10.0.0.2", dst="198.51.100.1", options=[b"\x01\x01\x01\x00"]) / UDP()))
+    assert check_ipv4(bytearray(opts)) == 24
+    opts[21] ^= 0x01
+    try:
+        check_ipv4(opts)
+    except Malformed as exc:
+        assert exc.reason == "bad_ip_checksum"
+    else:
+        raise AssertionError("bad checksum over the options accepted")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=20, max_size=60).map(bytearray))
+def test_header_checksum_ok_agrees_with_the_rfc1071_sum(hdr: bytearray) -> None:
+    from masqd.wire.ipv4 import header_checksum_ok
+
+    n = len(hdr) & ~3
+    hdr = hdr[:n]
+    hdr[0] = 0x40 | (n >> 2)
+    assert header_checksum_ok(hdr) == (checksum(hdr) == 0)
+    hdr[10:12] = b"\0\0"
+    c = checksum(hdr)
+    hdr[10:12] = c.to_bytes(2, "big")
+    assert header_checksum_ok(hdr)
 
 
 @settings(max_examples=300, deadline=None)

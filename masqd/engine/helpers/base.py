@@ -74,3 +74,7 @@ class Helper:
 
     def size(self) -> int:
         return 0
+
+    def tables(self) -> dict[str, tuple[int, int]]:
+        """The helper's own tables: name -> (entries, limit), for the metrics."""
+        return {}

@@ -49,7 +49,10 @@ than ``guess_min_left`` seconds left, newest first, at most
 ``guess_max_hosts``), creating no entry (``esp_guessed``). Without
 ``parallel_sessions`` a second LAN host is refused while another host has an
 entry with that remote. State per remote is bounded by
-``max_spis_per_remote`` and the whole table by ``masquerade.max_entries``.
+``max_spis_per_remote`` and the whole table by ``ipsec.max_entries``
+(refusals counted as ``drop_ipsec_table_full``). Events caused by traffic are
+rate-limited per host and in all (a flood of packets from ever new remotes
+records a few events per second, and the rate-limit map stays bounded).
 
 Known, documented mis-associations (HOWTO "Routage correct du trafic crypté
 entrant"): a reply slower than the pending lifetime, or inbound traffic of an
@@ -86,6 +89,7 @@ if TYPE_CHECKING:
     from masqd.engine.api import EngineAPI
 
 ESP, AH = 50, 51
+WARN_RATE = 20.0  # traffic-driven events per second, at most
 
 # ESP entry states
 PENDING, ESTABLISHED, SQUELCHED, REPLACED = 0, 1, 2, 3
@@ -182,6 +186,8 @@ class IPsecHelper(Helper):
         self._wheel = TimerWheel()
         self._n = 0
         self._quiet: dict[tuple[str, int], float] = {}
+        self._ev_tokens = WARN_RATE
+        self._ev_last = 0.0
         # the entry the last masq_out / demasq_in used, so the engine caches its firewall decision on it
         self.fw_entry: EspEntry | None = None
 
@@ -205,11 +211,19 @@ class IPsecHelper(Helper):
 
     # ------------------------------------------------------------ bookkeeping
     def _warn(self, name: str, key: int, now: float, level: str = "warning", **kw: Any) -> None:
-        """A traffic-driven event, at most once per second per (event, host)."""
+        """A traffic-driven event, at most once per second per (event, host) and WARN_RATE per
+        second in all (so the map of last times grows by WARN_RATE entries a second at most)."""
         k = (name, key)
         last = self._quiet.get(k)
         if last is not None and now - last < 1.0:
             return
+        tok = min(WARN_RATE, self._ev_tokens + (now - self._ev_last) * WARN_RATE)
+        self._ev_last = now
+        if tok < 1.0:
+            self._ev_tokens = tok
+            self.eng.count("ipsec_events_suppressed")
+            return
+        self._ev_tokens = tok - 1.0
         if len(self._quiet) > 4096:
             self._quiet.clear()
         self._quiet[k] = now
@@ -227,7 +241,7 @@ class IPsecHelper(Helper):
             del self._rem[rem_ip]
 
     def _room(self, r: Remote, ike: bool) -> str | None:
-        if self._n >= self.cfg.masquerade.max_entries:
+        if self._n >= self.cfg.ipsec.max_entries:
             return "ipsec_table_full"
         if len(r.ike if ike else r.esp) >= self.cfg.ipsec.max_spis_per_remote:
             return "isakmp_too_many_sessions" if ike else "esp_too_many_spis"
@@ -704,6 +718,9 @@ class IPsecHelper(Helper):
 
     def size(self) -> int:
         return self._n
+
+    def tables(self) -> dict[str, tuple[int, int]]:
+        return {"ipsec": (self._n, self.cfg.ipsec.max_entries)}
 
 
 HELPER = IPsecHelper

@@ -50,6 +50,9 @@ Design decisions:
   Call-Clear-Request, Call-Disconnect-Notify, failed reply, Stop-Control-
   Connection or the end of its control connection; its masqueraded ID is
   free once the entry is gone. GRE of a call refreshes its control session.
+- Bounds: calls and plain GRE entries together are at most ``pptp.max_entries``
+  (refusals counted as ``drop_pptp_table_full``), calls per server at most
+  ``max_calls_per_server``; inbound GRE that matches nothing creates nothing.
 - Established GRE takes a fast path (``fast_out`` / ``fast_in``): like the
   core's sessions, a call caches the firewall chains' decision (``fw``, filled
   by the engine through ``fw_entry``) and anything unusual takes the full path.
@@ -204,6 +207,7 @@ class PPTPHelper(Helper):
         self._wheel = TimerWheel()
         self._rng = random.Random(0x7070)
         self.fw_entry: Call | None = None  # the call of the packet just handled: the engine caches chains on it
+        self._full_logged = -1e18
         self.reload(cfg)
 
     def reload(self, cfg: Config) -> None:
@@ -214,6 +218,7 @@ class PPTPHelper(Helper):
         self.t_call = p.call_timeout
         self.t_clear = p.call_clear_timeout
         self.max_calls = p.max_calls_per_server
+        self.max_entries = p.max_entries
         self.t_plain = cfg.masquerade.effective_timeouts.other
 
     def enabled(self) -> bool:
@@ -433,7 +438,8 @@ class PPTPHelper(Helper):
                     self._remove(call, "replaced")
                 call = self._new_call(conn, v, now)
                 if call is None:
-                    raise Malformed("pptp_call_ids_exhausted")
+                    full = self.ncalls + len(self.plain_out) >= self.max_entries
+                    raise Malformed("pptp_table_full" if full else "pptp_call_ids_exhausted")
             if call is None:
                 self.eng.count("pptp_unknown_call_id")
                 return v
@@ -451,11 +457,25 @@ class PPTPHelper(Helper):
             return v
         return call.lan_cid
 
+    def _full(self, now: float) -> bool:
+        """The table (calls and plain GRE entries) is full: counted, logged at most every 10 s."""
+        if self.ncalls + len(self.plain_out) < self.max_entries:
+            return False
+        self.eng.drop("pptp_table_full")
+        if now - self._full_logged >= 10.0:
+            self._full_logged = now
+            self.eng.event("warning", "pptp_table_full", limit=self.max_entries)
+        return True
+
     def _new_call(self, conn: Conn, lan_cid: int, now: float) -> Call | None:
         rem = conn.rem_ip
         rb = rem.to_bytes(4, "big")
+        if self._full(now):
+            return None
         if self.server_calls.get(rem, 0) >= self.max_calls:
-            self.eng.event("warning", "pptp_call_ids_exhausted", server=ip_str(rem), limit=self.max_calls)
+            if now - self._full_logged >= 10.0:
+                self._full_logged = now
+                self.eng.event("warning", "pptp_call_ids_exhausted", server=ip_str(rem), limit=self.max_calls)
             return None
         masq = lan_cid
         if not conn.forwarded:
@@ -684,6 +704,8 @@ class PPTPHelper(Helper):
             if other is not None and other.lan_ip != src:
                 self.eng.drop("gre_plain_remote_busy")
                 return False
+            if self._full(now):
+                return False
             e = _Plain(src, rem)
             self._deltas(e)
             self.plain_out[key] = e
@@ -826,6 +848,9 @@ class PPTPHelper(Helper):
 
     def size(self) -> int:
         return self.ncalls + len(self.plain_out)
+
+    def tables(self) -> dict[str, tuple[int, int]]:
+        return {"pptp": (self.ncalls + len(self.plain_out), self.max_entries)}
 
 
 HELPER = PPTPHelper
