@@ -323,5 +323,5 @@ def test_a_full_table_refuses_new_flows_without_keeping_their_mappings() -> None
     assert eng.counters["mappings"] == 0
     eng.expire(400.0 + 121)  # their ports leave their quarantine
     assert eng.counters["pool_used_udp"] == 0
-    for i in range(16):
-        one(eng.process("lan", udp(H3, SRV, 7000 + i, 53), 401.0), "wan")
+    for i in range(16):  # the table and the pool have room again
+        one(eng.process("lan", udp(f"10.0.0.{40 + i}", SRV, 7000, 53), 521.0), "wan")
