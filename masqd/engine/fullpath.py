@@ -10,6 +10,12 @@ clamps the MSS, caches the chains' decision on a session for the fast path
 (``s.fw = [rules generation, outbound hits, inbound hits]``), hands packets
 to the protocol helpers that own them (ESP, GRE, ISAKMP, PPTP control) and to
 the inbound forwarders, and asks ``IcmpErrors`` for the errors it must send.
+
+Under ``masquerade.accounting`` it also counts each entry's packets (its
+``a_out`` / ``a_in`` :class:`~masqd.engine.nat.Acct`) and puts the counter of the
+direction at the end of the decision it caches: a fast path counts it with the
+rules (``FastPath.account``), and so does ``FastPath.count_fast`` for what the
+data plane's flow cache forwarded. Without accounting nothing of this runs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from masqd.engine.nat import (
     T_SYN_SENT,
     Mapping,
     Session,
+    acct_counter,
     translate_in,
     translate_out,
 )
@@ -98,6 +105,7 @@ class FullPath:
         self.vsent: list[int] = []
         self.gen = 0
         self.fw_trivial: list[Any] = [0, (), ()]
+        self.acct = False  # masquerade.accounting
 
     def configure(self, cfg: Config, rules: Any, gen: int, proto_helpers: dict[int, Helper],
                   udp_helpers: dict[int, Helper], tcp_helpers: dict[int, Helper]) -> None:
@@ -111,6 +119,7 @@ class FullPath:
             m.inbound_filtering]
         self.hairpinning = m.hairpinning
         self.mss_clamp = m.mss_clamp
+        self.acct = m.accounting
         self.tcp_transitory = m.effective_timeouts.tcp_transitory
         self.proto_helpers = proto_helpers
         self.udp_helpers = udp_helpers
@@ -262,16 +271,21 @@ class FullPath:
                                int.from_bytes(pkt[16:20], "big"), sport, dport, flags)
             if not self.fw_pass(d, "output", oif, pkt, ihl, out, hits):
                 return False
+        a = acct_counter(s, outbound) if self.acct and s is not None else None
         if s is not None and None not in hits and not self.helper_port_session(s):
             fw = s.fw
             if fw is None or fw[0] != self.gen:
-                fw = self.fw_trivial if rules.trivial else [self.gen, None, None]
+                fw = self.fw_trivial if rules.trivial and a is None else [self.gen, None, None]
                 s.fw = fw
             if fw is not self.fw_trivial:
+                h = tuple(hits) if a is None else (*hits, a)  # the fast paths count ``a`` as a rule
                 if outbound:
-                    fw[1] = tuple(hits)
+                    fw[1] = h
                 else:
-                    fw[2] = tuple(hits)
+                    fw[2] = h
+        if a is not None:
+            a.pkts += 1
+            a.bytes += len(pkt)
         self.send(oif, pkt, ihl, out)
         return True
 
@@ -282,7 +296,7 @@ class FullPath:
     def helper_port_session(self, s: Any) -> bool:
         """A UDP session on a helper's port pair (ISAKMP 500<->500, 4500<->4500), e.g. a port
         forward's: the helper tells exchanges apart by cookies, so it never takes the fast path."""
-        if type(s) is not Session:  # a helper's own entry (ESP pair, GRE call)
+        if not isinstance(s, Session):  # a helper's own entry (ESP pair, GRE call)
             return False
         m = s.m
         return m.proto == UDP and m.wan_port in self.udp_helpers and s.in_key[8:10] == s.in_key[10:12]

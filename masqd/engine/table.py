@@ -10,6 +10,12 @@ active/backup sync, ``masqd events``, per-host accounting and the metrics all
 read that one stream. The protocol helpers' own entries (ESP SPI pairs, ISAKMP
 cookies, PPTP calls) are announced on the same stream through ``emit``.
 
+Why an entry goes is part of the change: ``timeout``, ``flush``, ``reset`` (a
+TCP session whose last segment was a RST: its state says so, and its expiry
+says ``reset`` rather than ``timeout``), ``table-full``, ``address-change``,
+``replaced`` (a new session took its key). Helpers' updates may say what
+changed: ``state``, ``address-change``, ``paired`` (an ESP SPI pair learned).
+
 Subscribers are plain callables, run synchronously: they must only record (append
 to a queue); nothing here does I/O. ``epoch`` moves whenever a decision cached
 outside the engine could have become void (a session removed or rebound, a new
@@ -31,6 +37,7 @@ from masqd.engine.nat import (
     TCP,
     TCP_STATE_NAMES,
     UDP,
+    AcctSession,
     Mapping,
     PortPool,
     Session,
@@ -46,6 +53,8 @@ NEW, UPDATE, DESTROY = "new", "update", "destroy"
 # why an entry was destroyed
 TIMEOUT, FLUSH, RESET, TABLE_FULL, ADDRESS_CHANGE, REPLACED = (
     "timeout", "flush", "reset", "table-full", "address-change", "replaced")
+# what an update changed (besides ADDRESS_CHANGE)
+STATE, PAIRED = "state", "paired"
 
 
 class Change(NamedTuple):
@@ -88,6 +97,8 @@ class NatTable:
         self.wan_ip = 0
         self.wan_ip_b = b"\0\0\0\0"
         self._subs: list[Subscriber] = []
+        # masquerade.accounting: new sessions carry packet/byte counters (AcctSession)
+        self.acct = False
         self.set_wan(wan_ip)
 
     # ------------------------------------------------------------ the stream
@@ -167,7 +178,7 @@ class NatTable:
         if self.nsessions >= self.max_entries:
             self.ctr.drop("table_full")
             return None
-        s = Session(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
+        s = (AcctSession if self.acct else Session)(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
         s.state = state
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
         old = out_t.get(s.out_key) or in_t.get(s.in_key)
@@ -185,11 +196,21 @@ class NatTable:
         return s
 
     def set_state(self, s: Session, state: int) -> None:
-        """A session's state changed (TCP tracking, a first reply): its timeout follows."""
+        """A session's state changed (TCP tracking, a first reply): its timeout follows, counted
+        from its last packet. A shorter one (a RST, a FIN) is filed again in the timer wheel,
+        which otherwise would only see the session when its older, later deadline came due."""
         if state != s.state:
             s.state = state
-            s.tmo = self.timeout_for(s.m.proto, state)
-            self.emit(UPDATE, s, "state")
+            old = s.tmo
+            s.tmo = tmo = self.timeout_for(s.m.proto, state)
+            if tmo < old:
+                s.expires += tmo - old
+                self.wheel.add(s, s.expires)
+            self.emit(UPDATE, s, STATE)
+
+    def expire_reason(self, s: Session) -> str:
+        """Why ``s`` goes when its time runs out: ``reset`` after a RST, else ``timeout``."""
+        return RESET if s.state == T_RST and s.m.proto == TCP else TIMEOUT
 
     def remove(self, s: Session, reason: str) -> None:
         if s.dead:
