@@ -378,14 +378,14 @@ class FullPath:
                 m = t.new_mapping(proto, src, sport)
                 if m is None:
                     return None
-                s = t.new_session(m, dst, dport, now, st)
+                th = self.tcp_helpers.get(dport) if proto == TCP else None
+                s = t.new_session(m, dst, dport, now, st, helper=th)
                 if s is None:
                     return None
-                if proto == TCP and dport in self.tcp_helpers:
-                    s.helper = self.tcp_helpers[dport]
-                    s.helper.session_created(s, now)
+                if th is not None:
+                    th.session_created(s, now)
             elif proto == TCP:
-                self.tcp_track(s, pkt[ihl + 13], True)
+                self.tcp_track(s, pkt[ihl + 13], True, now)
             if proto == TCP and pkt[ihl + 13] & TH_SYN:
                 self.clamp_mss(pkt, ihl)
             translate_out(s, pkt, ihl)
@@ -447,7 +447,7 @@ class FullPath:
         _pack_H(pkt, 10, apply_delta((pkt[10] << 8) | pkt[11], word_delta(old, old + 0x100)))
         self.send(LAN, pkt, ihl, out)
 
-    def tcp_track(self, s: Session, tfl: int, outbound: bool) -> None:
+    def tcp_track(self, s: Session, tfl: int, outbound: bool, now: float) -> None:
         st = s.state
         if tfl & TH_RST:
             st = T_RST
@@ -461,7 +461,7 @@ class FullPath:
             st = T_FIN
         elif st == T_NEW and not outbound:
             st = T_ESTABLISHED
-        self.t.set_state(s, st)
+        self.t.set_state(s, st, now)
 
     def clamp_mss(self, pkt: bytearray, ihl: int) -> None:
         if not self.mss_clamp:
@@ -541,10 +541,10 @@ class FullPath:
                     if proto == TCP and pkt[ihl + 13] & TH_RST:
                         ctr.drop("tcp_no_session")
                         return True
-                    s = t.new_session(owner, src, sport, now, S_REPLIED if proto == UDP else T_SYN_SENT)
+                    s = t.new_session(owner, src, sport, now, S_REPLIED if proto == UDP else T_SYN_SENT,
+                                      inbound=True)
                     if s is None:
                         return True
-                    s.inbound = True
                 else:
                     s = self.forwarded_session(proto, pkt, ihl, src, sport, dport, now)
                     if s is None:
@@ -557,11 +557,11 @@ class FullPath:
                 self.icmp_error(WAN, pkt, ihl, ICMP_UNREACH, UNREACH_NEEDFRAG, self.lan_mtu, now, out)
                 return True
             if proto == TCP:
-                self.tcp_track(s, pkt[ihl + 13], False)
+                self.tcp_track(s, pkt[ihl + 13], False, now)
                 if pkt[ihl + 13] & TH_SYN:
                     self.clamp_mss(pkt, ihl)
             elif s.state == S_UNREPLIED:
-                t.set_state(s, S_REPLIED)
+                t.set_state(s, S_REPLIED, now)
             translate_in(s, pkt, ihl)
             s.expires = now + s.tmo
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, ihl, False, now):
@@ -577,7 +577,7 @@ class FullPath:
                     return False
                 if pkt[8] <= 1:
                     return True
-                t.set_state(s, S_REPLIED)
+                t.set_state(s, S_REPLIED, now)
                 translate_in(s, pkt, ihl)
                 s.expires = now + s.tmo
                 self.output(LAN, pkt, ihl, out, hits, s, False)
@@ -609,13 +609,11 @@ class FullPath:
         m = self.forwarders.inbound_mapping(proto, pkt, ihl, dport)
         if m is None:
             return None
-        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_REPLIED)
+        h = self.tcp_helpers.get(m.lan_port) if proto == TCP else None
+        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_REPLIED, inbound=True, helper=h)
         if s is None:
             return None
-        s.inbound = True
-        h = self.tcp_helpers.get(m.lan_port) if proto == TCP else None
         if h is not None:
-            s.helper = h
             h.session_created(s, now)
         self.forwarders.connected(m)
         return s

@@ -173,13 +173,18 @@ class NatTable:
         self.pool.release(m.proto, m.wan_port, m)
 
     # -------------------------------------------------------------- sessions
-    def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0) -> Session | None:
-        """A session through ``m`` with a remote endpoint (None: the table is full, counted)."""
+    def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0,
+                    inbound: bool = False, helper: Any = None) -> Session | None:
+        """A session through ``m`` with a remote endpoint (None: the table is full, counted);
+        ``inbound``: opened from the WAN (a port forward's); ``helper``: the TCP helper that follows
+        it (the caller tells it ``session_created``). Both are set before the session is announced."""
         if self.nsessions >= self.max_entries:
             self.ctr.drop("table_full")
             return None
         s = (AcctSession if self.acct else Session)(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
         s.state = state
+        s.inbound = inbound
+        s.helper = helper
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
         old = out_t.get(s.out_key) or in_t.get(s.in_key)
         if old is not None:
@@ -195,16 +200,16 @@ class NatTable:
         self.emit(NEW, s)
         return s
 
-    def set_state(self, s: Session, state: int) -> None:
-        """A session's state changed (TCP tracking, a first reply): its timeout follows, counted
-        from its last packet. A shorter one (a RST, a FIN) is filed again in the timer wheel,
+    def set_state(self, s: Session, state: int, now: float) -> None:
+        """A packet at ``now`` changed a session's state (TCP tracking, a first reply): its timeout
+        follows, from ``now``. A shorter one (a RST, a FIN) is filed again in the timer wheel,
         which otherwise would only see the session when its older, later deadline came due."""
         if state != s.state:
             s.state = state
             old = s.tmo
             s.tmo = tmo = self.timeout_for(s.m.proto, state)
+            s.expires = now + tmo
             if tmo < old:
-                s.expires += tmo - old
                 self.wheel.add(s, s.expires)
             self.emit(UPDATE, s, STATE)
 

@@ -7,15 +7,25 @@ Protocol (one JSON object per line, both ways, UTF-8)::
     -> {"cmd": "nonsense"}
     <- {"ok": false, "error": "unknown command 'nonsense' (known: ...)"}
 
-Commands: ``ping``, ``table``, ``stats``, ``rules``, ``flush`` (``filter``),
-``wan-address`` (``action``="set", ``address``), ``reload``, ``capture``
-(``action``="start"|"stop"|"status", ``iface``, ``path``). The server only
-routes: the handlers are supplied by the ops runtime. A handler signals a bad
-argument with :class:`RequestError`; every refusal (bad JSON, unknown command,
-bad argument, oversized line) gets an error reply and is counted by reason in
-``masqd_control_errors_total``. The socket is created mode 0600.
+Commands: ``ping``, ``table`` (``filter``, ``count``), ``stats``, ``rules``,
+``flush`` (``filter``), ``wan-address`` (``action``="set", ``address``),
+``reload``, ``capture`` (``action``="start"|"stop"|"status", ``iface``,
+``path``). The server only routes: the handlers are supplied by the ops
+runtime. A handler signals a bad argument with :class:`RequestError`; every
+refusal (bad JSON, unknown command, bad argument, oversized line) gets an error
+reply and is counted by reason in ``masqd_control_errors_total``. The socket is
+created mode 0600.
 
-The client side (:func:`request`) is synchronous: the CLI subcommands use it.
+A *streaming* command (``events``) answers its request with the same
+``{"ok": true, ...}`` line (or an error) and then keeps writing lines of its
+own until the client closes the connection::
+
+    -> {"cmd": "events", "filter": "proto=tcp", "format": "text"}
+    <- {"ok": true, "result": {"stream": "events"}}
+    <- [NEW] tcp 6 240 SYN_SENT src=10.0.0.2 ...
+
+The client side is synchronous: :func:`request` (one reply) and :func:`stream`
+(the lines of a streaming command); the CLI subcommands use them.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +47,10 @@ MAX_LINE = 64 * 1024
 IDLE_TIMEOUT = 60.0
 
 Handler = Callable[[dict[str, Any]], Any]
+# a streaming command: (request) -> a coroutine function writing to the connection until it ends;
+# it raises RequestError (before anything is written) to refuse the request
+StreamRun = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+StreamHandler = Callable[[dict[str, Any]], StreamRun]
 
 
 class RequestError(Exception):
@@ -54,9 +69,10 @@ class ControlServer:
     """Routes requests to ``handlers[cmd]`` (sync or async callables)."""
 
     def __init__(self, path: str, handlers: Mapping[str, Handler], counters: OpsCounters,
-                 logger: Any = None) -> None:
+                 logger: Any = None, streams: Mapping[str, StreamHandler] | None = None) -> None:
         self.path = path
         self.handlers = dict(handlers)
+        self.streams = dict(streams or {})
         self.counters = counters
         self.log = logger
         self._server: asyncio.AbstractServer | None = None
@@ -106,7 +122,7 @@ class ControlServer:
             return self._refuse("bad_request", "request needs a string field 'cmd'")
         handler = self.handlers.get(cmd)
         if handler is None:
-            known = ", ".join(sorted(self.handlers))
+            known = ", ".join(sorted({*self.handlers, *self.streams}))
             return self._refuse("unknown_command", f"unknown command {cmd!r} (known: {known})")
         self.counters.bump(self.counters.control_requests, cmd)
         try:
@@ -137,6 +153,10 @@ class ControlServer:
                     break
                 if not line.strip():
                     continue
+                run = self._streaming(line)
+                if run is not None:
+                    await self._stream(run, reader, writer)
+                    break
                 reply = await self.handle_line(line)
                 writer.write(_dump(reply))
                 await writer.drain()
@@ -146,6 +166,38 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+
+    def _streaming(self, line: bytes) -> tuple[str, dict[str, Any]] | None:
+        """(command, request) when ``line`` asks for a streaming command, else None."""
+        if not self.streams:
+            return None
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if isinstance(req, dict) and isinstance(req.get("cmd"), str) and req["cmd"] in self.streams:
+            return req["cmd"], req
+        return None
+
+    async def _stream(self, what: tuple[str, dict[str, Any]], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        cmd, req = what
+        self.counters.bump(self.counters.control_requests, cmd)
+        try:
+            run = self.streams[cmd](req)
+        except RequestError as exc:
+            reply = self._refuse(exc.reason, str(exc))
+        except Exception as exc:  # a handler bug is a refused request, not a dead daemon
+            reply = self._refuse("internal_error", f"{cmd}: internal error: {type(exc).__name__}: {exc}")
+        else:
+            # no drain here: the stream's own writer drains, and its end (a client gone early
+            # included) is what releases whatever the handler took for it
+            writer.write(_dump({"ok": True, "result": {"stream": cmd}}))
+            await run(reader, writer)
+            return
+        writer.write(_dump(reply))
+        await writer.drain()
 
 
 def _dump(obj: Any) -> bytes:
@@ -198,6 +250,46 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
     return reply.get("result")
 
 
+def stream(path: str, req: dict[str, Any], timeout: float = 10.0, duration: float | None = None) -> Iterator[str]:
+    """Start a streaming command; yield its lines (without the newline) until the daemon closes
+    the connection, or for ``duration`` seconds. Raises ControlError when it is unreachable or
+    refuses the request. The connection closes when the caller stops iterating."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
+        s.sendall(_dump(req))
+        f = s.makefile("rb")
+        try:
+            first = f.readline()
+        except TimeoutError:
+            raise ControlError(f"masqd at {path} did not answer within {timeout:g}s") from None
+        try:
+            reply = json.loads(first)
+        except ValueError:
+            raise ControlError(f"masqd sent a reply that is not JSON: {first[:200]!r}") from None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise ControlError(f"malformed reply: {reply!r}")
+        if not reply["ok"]:
+            raise ControlError(str(reply.get("error", "request refused")))
+        end = None if duration is None else time.monotonic() + duration
+        while True:
+            # events come when they come: no timeout but the duration's
+            s.settimeout(None if end is None else max(0.001, end - time.monotonic()))
+            try:
+                raw = f.readline()
+            except TimeoutError:
+                return
+            if not raw:
+                return
+            yield raw.decode("utf-8", "replace").rstrip("\n")
+    finally:
+        s.close()
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -211,16 +303,22 @@ def _fmt_expire(v: Any) -> str:
 
 
 def format_table(entries: list[dict[str, Any]]) -> str:
-    """Render like ``ipchains -M -L -n``: one line per masquerade entry."""
+    """Render like ``ipchains -M -L -n``: one line per masquerade entry; with accounting, the
+    packets and bytes of each direction (out: LAN -> WAN, in: WAN -> LAN) after the state."""
     lines = [f"IP masquerading entries: {len(entries)}"]
-    head = f"{'prot':<6}{'expire':>9}  {'lan (source)':<22}{'wan (masq)':<22}{'remote':<22}state"
-    lines.append(head)
+    acct = any("packets_out" in e for e in entries)
+    head = f"{'prot':<6}{'expire':>9}  {'lan (source)':<22}{'wan (masq)':<22}{'remote':<22}{'state':<12}"
+    if acct:
+        head += f"{'pkts out/in':>15}{'bytes out/in':>21}"
+    lines.append(head.rstrip())
     for e in entries:
         proto = str(e.get("proto", "?")).upper()
-        lines.append(
-            f"{proto:<6}{_fmt_expire(e.get('expires_in')):>9}  {str(e.get('lan', '-')):<22}"
-            f"{str(e.get('wan', '-')):<22}{str(e.get('remote', '-')):<22}{e.get('state', '') or ''}"
-        )
+        line = (f"{proto:<6}{_fmt_expire(e.get('expires_in')):>9}  {str(e.get('lan', '-')):<22}"
+                f"{str(e.get('wan', '-')):<22}{str(e.get('remote', '-')):<22}{str(e.get('state', '') or ''):<12}")
+        if "packets_out" in e:
+            line += (f"{str(e['packets_out']) + '/' + str(e.get('packets_in', 0)):>15}"
+                     f"{str(e.get('bytes_out', 0)) + '/' + str(e.get('bytes_in', 0)):>21}")
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
