@@ -62,6 +62,7 @@ class Side:
     wires: dict[str, socket.socket]
     clock: list[float]
     socks: list[socket.socket] = field(default_factory=list)
+    extra: str = ""  # more configuration (kept by reloads)
 
     def readable(self, iface: str) -> None:
         """What the event loop does when the device fd is readable: its registered reader."""
@@ -91,8 +92,8 @@ class Side:
             s.close()
 
 
-def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False) -> Side:
-    cfg = loads(config(mode, offload, fastpath))
+def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False, extra: str = "") -> Side:
+    cfg = loads(config(mode, offload, fastpath, extra))
     clock = [1000.0]
     dp = Dataplane(cfg, Engine(cfg), clock=time.monotonic if real_clock else lambda: clock[0])
     wires: dict[str, socket.socket] = {}
@@ -114,7 +115,7 @@ def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False)
     dp.loop = asyncio.new_event_loop()  # timers are scheduled on it, never run: the test calls them
     dp._started = True
     dp._set_native()
-    return Side(dp, wires, clock, socks)
+    return Side(dp, wires, clock, socks, extra)
 
 
 class Traffic:
@@ -232,7 +233,7 @@ def event(sides: list[Side], r: random.Random, mode: str, offload: bool, step: i
             s.dp._l2_tick()
         elif what == "reload":
             mtu = "1400" if step % 2 else "1300"
-            cfg = loads(config(mode, offload, "native" if s.dp.native is not None else "python")
+            cfg = loads(config(mode, offload, "native" if s.dp.native is not None else "python", s.extra)
                         .replace("mtu = 1400", f"mtu = {mtu}"))
             s.dp.sync_native()
             eng.reload(cfg)
@@ -252,6 +253,10 @@ def counters(s: Side) -> dict[str, int]:
     return {k: v for k, v in s.dp.all_counters().items() if not k.startswith("fastpath_")}
 
 
+ACCOUNTING = "[masquerade]\naccounting = true\n"
+ACCT_KEYS = ("packets_out", "bytes_out", "packets_in", "bytes_in")
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
@@ -259,8 +264,23 @@ def counters(s: Side) -> dict[str, int]:
 def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool, seed: int) -> None:
     """driver "drain": a test clock, Port.drain's loop calls the cache; "reader": the monotonic
     clock, and the loop's reader is the cache itself (on_readable), calling Python for misses."""
+    same_on_both_paths(driver, mode, offload, seed)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("mode", ["tun", "tap"])
+def test_accounting_counts_the_same_on_both_paths(mode: str, offload: bool) -> None:
+    """masquerade.accounting: each session's packet and byte counters (in the table rows compared
+    at the end) are the same whether the flow cache or Python forwarded its packets."""
+    rows = same_on_both_paths("drain", mode, offload, 4, ACCOUNTING)
+    assert rows and all("bytes_in" in r for r in rows if r["proto"] in ("tcp", "udp", "icmp"))
+
+
+def same_on_both_paths(driver: str, mode: str, offload: bool, seed: int, extra: str = "") -> list[dict[str, Any]]:
+    """Random traffic through a Python and a native data plane; returns the (equal) table rows."""
     real = driver == "reader"
-    py, nat = make_side(mode, offload, "python", real), make_side(mode, offload, "native", real)
+    py = make_side(mode, offload, "python", real, extra)
+    nat = make_side(mode, offload, "native", real, extra)
     sides = [py, nat]
     try:
         assert py.dp.native is None and nat.dp.native is not None
@@ -272,6 +292,12 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
                                         ("wan", GW, WAN_IP)):
                 for s in sides:
                     s.feed(iface, (vnet.ZERO if offload else b"") + arp_in(mode, iface, host, target))
+        changes: list[list[tuple[str, str, dict[str, Any]]]] = [[], []]
+        for s, seen in zip(sides, changes, strict=True):  # what masqd events would show, on each side
+            # (counters only on destroy: before that, the flow cache's counts are folded in lazily)
+            s.dp.engine.nat.subscribe(lambda ch, e=s.dp.engine, seen=seen: seen.append(
+                (ch.kind, ch.reason, {k: v for k, v in (e.entry_row(ch.entry, 0.0) or {}).items()
+                                      if k != "expires_in" and (ch.kind == "destroy" or k not in ACCT_KEYS)})))
         t = Traffic(seed, mode, offload)
         r = random.Random(seed * 7919)
         for step in range(700):
@@ -295,8 +321,13 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
             return [{k: v for k, v in row.items() if not real or k != "expires_in"} for row in s.dp.engine.table(now)]
 
         assert rows(py) == rows(nat)
+        assert changes[0] == changes[1] and changes[0]  # the same changes, destroys' counters included
+        if extra:
+            destroyed = [row for kind, _, row in changes[1] if kind == "destroy"]
+            assert sum(row.get("packets_out", 0) + row.get("packets_in", 0) for row in destroyed) > 20
         assert rule_rows(py.dp.engine) == rule_rows(nat.dp.engine)
         assert any(row["pkts"] for row in rule_rows(nat.dp.engine) or [])
+        return rows(nat)
     finally:
         for s in sides:
             s.close()
