@@ -4,10 +4,10 @@ masqd runs in a private TAP lab with accounting on and short UDP and TCP-RST
 timeouts. Three real ``masqd events`` processes listen on its control socket
 (all events as text; UDP only as JSON; a filter nothing matches) while a LAN
 host talks to the remote server: a UDP exchange that times out, a TCP
-transfer removed by ``masqd flush``, and a TCP connection the server refuses
-(RST), which goes with reason "reset". The listeners must show each flow's NEW
-and DESTROY with the right reason and counters; ``masqd table`` filters and
-``--count`` are checked on the way.
+connection (20000 bytes sent, then held open) removed by ``masqd flush``, and a
+TCP connection the server refuses (RST), which goes with reason "reset". The
+listeners must show each flow's NEW and DESTROY with the right reason and
+counters; ``masqd table`` filters and ``--count`` are checked on the way.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from masqd.ops.control import request
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+# connect, send 20000 bytes, say so, stay connected (bounded)
+HOLD = ("import socket, sys, time\ns = socket.create_connection((sys.argv[1], 8080), timeout=10)\n"
+        "s.sendall(b'x' * 20000)\nprint('sent', flush=True)\ntime.sleep(60)\n")
 EXTRA = "\n[masquerade]\naccounting = true\n[masquerade.timeouts]\nudp = 6\ntcp_rst = 4\n"
 
 
@@ -63,8 +66,9 @@ def test_events_show_new_and_destroy_with_reasons_and_counters(own_lab: Callable
 
         rc, rep = lab.tool("lan2", ["udp-client", SRV1, "5300", "3", "--sport", "45300"])
         assert rc == 0, rep
-        rc, rep = lab.tool("lan2", ["tcp-client", SRV1, "8080", "20000"])
-        assert rc == 0 and rep["ok"], rep
+        # a TCP connection that stays open (sent 20000 bytes, then idle) until masqd flush removes it
+        servers.append(lab.popen("lan2", [sys.executable, "-c", HOLD, SRV1], stdout=subprocess.PIPE, text=True))
+        assert servers[-1].stdout is not None and servers[-1].stdout.readline().strip() == "sent"
         lab.tool("lan2", ["tcp-client", SRV1, "9", "10"], timeout=5)  # refused: srv1 answers with a RST
 
         # masqd table with conntrack-style filters, while the entries are there
@@ -72,8 +76,9 @@ def test_events_show_new_and_destroy_with_reasons_and_counters(own_lab: Callable
         assert t.returncode == 0, t.stderr
         (row,) = json.loads(t.stdout)
         assert row["lan"].startswith(f"{LAN2}:") and row["packets_out"] >= 3 and row["bytes_out"] > 20000  # (super-packets count once)
-        c = cli("table", "--socket", sock, "-s", "10.0.0.0/8", "-d", SRV1, "-p", "6", "--state", "fin_wait", "--count")
-        assert c.returncode == 0 and int(c.stdout) == 1, c.stdout + c.stderr
+        c = cli("table", "--socket", sock, "-s", "10.0.0.0/8", "-d", SRV1, "-p", "6", "--state", row["state"],
+                "--dport", "8080", "--count")
+        assert c.returncode == 0 and int(c.stdout) == 1, (row, c.stdout + c.stderr)
         assert int(cli("table", "--socket", sock, "-s", SRV1, "--count").stdout) == 0
         assert cli("table", "--socket", sock, "--sport", "45300").stdout.count("UDP ") == 1
         bad = cli("table", "--socket", sock, "--dport", "http")
@@ -92,8 +97,8 @@ def test_events_show_new_and_destroy_with_reasons_and_counters(own_lab: Callable
             stop_process(p, sig=signal.SIGINT)
             out, err = p.communicate(timeout=10)
             outs.append((out, err))
-        for s in servers:
-            stop_process(s)
+        for srv in servers:
+            stop_process(srv)
         m.stop()
     (text, err0), (js, err1), (none, err2) = outs
     assert "Traceback" not in err0 + err1 + err2
