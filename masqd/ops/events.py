@@ -236,20 +236,20 @@ class EventHub:
     def _on_change(self, ch: Any) -> None:
         try:
             row = self.engine.entry_row(ch.entry, self.now())
-        except Exception:  # an entry that cannot be shown must not hurt the packet path
+            if row is None:
+                return
+            item: Item = (ch.kind, ch.reason, self.wall(), row)
+            for lst in self.listeners:
+                if lst.dropped or (lst.kinds and ch.kind not in lst.kinds) \
+                        or (lst.flt and not entry_matches(row, lst.flt)):
+                    continue
+                if len(lst.queue) >= lst.maxlen:
+                    self._drop(lst)
+                    continue
+                lst.queue.append(item)
+                lst.wake.set()
+        except Exception:  # whatever goes wrong here must not cost the packet that made the change
             self._bump("events_errors")
-            return
-        if row is None:
-            return
-        item: Item = (ch.kind, ch.reason, self.wall(), row)
-        for lst in self.listeners:
-            if lst.dropped or (lst.kinds and ch.kind not in lst.kinds) or (lst.flt and not entry_matches(row, lst.flt)):
-                continue
-            if len(lst.queue) >= lst.maxlen:
-                self._drop(lst)
-                continue
-            lst.queue.append(item)
-            lst.wake.set()
 
     def _drop(self, lst: Listener) -> None:
         """The listener fell ``maxlen`` events behind: stop feeding it; its writer says so and closes."""

@@ -327,3 +327,18 @@ def test_table_count_and_conntrack_filters_over_the_socket(tmp_path: Path) -> No
         assert rows[0]["packets_out"] == 1 and rows[0]["packets_in"] == 1
 
     run_ops(tmp_path, "[masquerade]\naccounting = true\n", body)
+
+
+def test_a_change_that_cannot_be_rendered_costs_no_packet() -> None:
+    eng = Engine(config.loads(f'[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "{WAN}/24"\n'))
+    c: dict[str, int] = {}
+    hub = EventHub(eng, c, lambda: 1.0)
+    lst = hub.open({})
+
+    def broken(e: Any, now: float | None = None) -> Any:
+        raise RuntimeError("cannot render")
+
+    eng.entry_row = broken  # type: ignore[method-assign]
+    out = eng.process("lan", udp(H2, SRV, 5353, 53), 1.0)
+    assert len(out) == 1 and out[0][0] == "wan"  # forwarded all the same
+    assert c["events_errors"] == 1 and not lst.queue and eng.counters.get("drop_internal_error", 0) == 0
