@@ -4,7 +4,8 @@
 Prints, for established UDP and TCP flows, ns per packet and packets per
 second with 10 k and 1 M entries in the table, and the RSS cost per entry.
 Other workloads (ESP, GRE, rule sets) register themselves in WORKLOADS.
-Usage: python bench/engine.py [--quick] [--json] [--record FILE [--label TEXT]] (``--json``
+Usage: python bench/engine.py [--quick] [--accounting] [--json] [--record FILE [--label TEXT]]
+(``--accounting``: every engine with ``masquerade.accounting = true``; ``--json``
 adds the date, the command line and the machine; ``--record`` adds the run to a results file
 for docs/benchmark.md, see ``bench/record.py``)
 """
@@ -143,19 +144,21 @@ def main() -> int:
     ap.add_argument("--record", metavar="FILE",
                     help="also add this run to a results file (bench/results/NAME.json; docs/benchmark.md)")
     ap.add_argument("--label", help="the column's name in docs/benchmark.md (default: full or quick)")
+    ap.add_argument("--accounting", action="store_true", help="per-entry packet/byte counters on")
     args = ap.parse_args()
+    base = BASE + ("accounting = true\n" if args.accounting else "")
     _register_extra()
     iters = 50_000 if args.quick else 300_000
     big = 100_000 if args.quick else 1_000_000
     res: dict[str, float] = {}
     for name, (extra, build) in WORKLOADS.items():
-        eng = Engine(loads(BASE + extra))
+        eng = Engine(loads(base + extra))
         fill(eng, 10_000)
         out_fn, in_fn = build(eng)
         res[f"{name}_out_ns_10k"] = time_loop(out_fn, iters)
         res[f"{name}_in_ns_10k"] = time_loop(in_fn, iters)
     # 1 M entries: lookup cost and memory
-    eng = Engine(loads(BASE))
+    eng = Engine(loads(base))
     gc.collect()
     r0 = rss_bytes()
     fill(eng, big)

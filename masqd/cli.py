@@ -161,7 +161,7 @@ def _add_version(sub: argparse._SubParsersAction) -> None:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_run, _add_check, _add_lab, _add_demo, _add_version]
 
-# Operator commands over the control socket: table, stats, rules, flush, wan-address, reload, capture.
+# Operator commands over the control socket: table, events, stats, rules, flush, wan-address, reload, capture.
 from masqd.ops.cli import OPS_SUBCOMMANDS  # noqa: E402
 
 _SUBCOMMANDS += OPS_SUBCOMMANDS

@@ -126,6 +126,9 @@ class Masquerade(_Frozen):
     defrag_max_datagrams: int = Field(1024, ge=1)
     defrag_max_bytes: int = Field(4 * 1024 * 1024, ge=65536)
     mss_clamp: bool = True
+    # Per-entry packet and byte counters, both directions (like nf_conntrack_acct): shown by
+    # masqd table and in destroy events. Off: no counters, no cost.
+    accounting: bool = False
 
     @field_validator("ports")
     @classmethod

@@ -39,9 +39,9 @@ from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
 from masqd.engine.limits import HostLimits
-from masqd.engine.nat import PortPool, Session
+from masqd.engine.nat import PortPool, Session, acct_row
 from masqd.engine.routing import LAN, WAN, Routes
-from masqd.engine.table import FLUSH, TIMEOUT, NatTable, state_name
+from masqd.engine.table import FLUSH, NatTable, state_name
 from masqd.wire import vnet
 from masqd.wire.ipv4 import PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
 
@@ -95,6 +95,7 @@ class Engine:
         e = lim.effective(m.max_entries, hi - lo + 1)
         t.set_limits(HostLimits(int(e["max_entries"]), int(e["max_ports"]), e["rate"], int(e["burst"]),
                                 e["quarantine"], int(e["half_open"])), lim.top_offenders, lim.log_interval)
+        t.acct = m.accounting
         self.routes.configure(cfg)
         self.lan_mtu = cfg.lan.mtu
         self.wan_mtu = cfg.wan.mtu
@@ -364,9 +365,12 @@ class Engine:
         """Remove what timed out."""
         t = self.nat
         for s in t.due(now):
+            if s.dead:  # filed twice (its timeout was shortened): already gone
+                continue
+            reason = t.expire_reason(s)
             self.event("debug", "entry_expired", proto=PROTO_NAMES.get(s.m.proto, s.m.proto),
-                       lan=f"{ip_str(s.m.lan_ip)}:{s.m.lan_port}", wan_port=s.m.wan_port)
-            t.remove(s, TIMEOUT)
+                       lan=f"{ip_str(s.m.lan_ip)}:{s.m.lan_port}", wan_port=s.m.wan_port, reason=reason)
+            t.remove(s, reason)
             self.count("expired")
         self.defrag.expire(now)
         for h in self.helpers:
@@ -375,22 +379,41 @@ class Engine:
         self.full.expire_resets(now)
 
     # ---------------------------------------------------------------- listing
+    @staticmethod
+    def session_row(s: Session, now: float | None = None) -> dict[str, Any]:
+        """One session as ``masqd table`` shows it (with its counters under accounting)."""
+        m = s.m
+        left = s.expires - now if now is not None else s.tmo
+        row = {
+            "proto": PROTO_NAMES.get(m.proto, str(m.proto)),
+            "lan": f"{ip_str(m.lan_ip)}:{m.lan_port}",
+            "wan": f"{ip_str(m.wan_ip)}:{m.wan_port}",
+            "remote": f"{ip_str(s.rem_ip)}:{s.rem_port}",
+            "state": state_name(s),
+            "expires_in": round(max(0.0, left), 1),
+            "inbound": s.inbound,
+            "helper": s.helper.name if s.helper is not None else "",
+        }
+        if type(s) is not Session:
+            row.update(acct_row(s))
+        return row
+
+    def entry_row(self, entry: Any, now: float | None = None) -> dict[str, Any] | None:
+        """Any entry of a :class:`~masqd.engine.table.Change` (a session or a helper's entry) as a
+        row of ``masqd table``; None for an entry nobody here knows."""
+        if isinstance(entry, Session):
+            return self.session_row(entry, now)
+        t = now if now is not None else self.icmp.last
+        for h in self.helpers:
+            row = h.row(entry, t)
+            if row is not None:
+                return row
+        return None
+
     def table(self, now: float | None = None) -> list[dict[str, Any]]:
         """Snapshot of the masquerade entries, one dict per entry (``masqd table``)."""
-        rows: list[dict[str, Any]] = []
-        for s in self.nat:
-            m = s.m
-            left = s.expires - now if now is not None else s.tmo
-            rows.append({
-                "proto": PROTO_NAMES.get(m.proto, str(m.proto)),
-                "lan": f"{ip_str(m.lan_ip)}:{m.lan_port}",
-                "wan": f"{ip_str(m.wan_ip)}:{m.wan_port}",
-                "remote": f"{ip_str(s.rem_ip)}:{s.rem_port}",
-                "state": state_name(s),
-                "expires_in": round(max(0.0, left), 1),
-                "inbound": s.inbound,
-                "helper": s.helper.name if s.helper is not None else "",
-            })
+        row = self.session_row
+        rows: list[dict[str, Any]] = [row(s, now) for s in self.nat]
         for h in self.helpers:
             rows.extend(h.entries(now if now is not None else 0.0))
         rows.extend(self.forwarders.entries(now if now is not None else 0.0))

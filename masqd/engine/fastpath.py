@@ -19,6 +19,10 @@ about 4 % of their cost.) The same two describe
 a flow to a cache outside the engine (the data plane's flow cache): ``entry``
 says what the fast path would do to a flow's packets, ``count_fast`` folds in
 what that cache forwarded.
+
+Per-entry accounting (``masquerade.accounting``) costs the paths here nothing
+of their own: the full path appends the entry's counter for the direction to
+the cached decision, so ``account`` and ``count_fast`` count it with the rules.
 """
 
 from __future__ import annotations

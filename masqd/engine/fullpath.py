@@ -10,6 +10,12 @@ clamps the MSS, caches the chains' decision on a session for the fast path
 (``s.fw = [rules generation, outbound hits, inbound hits]``), hands packets
 to the protocol helpers that own them (ESP, GRE, ISAKMP, PPTP control) and to
 the inbound forwarders, and asks ``IcmpErrors`` for the errors it must send.
+
+Under ``masquerade.accounting`` it also counts each entry's packets (its
+``a_out`` / ``a_in`` :class:`~masqd.engine.nat.Acct`) and puts the counter of the
+direction at the end of the decision it caches: a fast path counts it with the
+rules (``FastPath.account``), and so does ``FastPath.count_fast`` for what the
+data plane's flow cache forwarded. Without accounting nothing of this runs.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from masqd.engine.nat import (
     T_SYN_SENT,
     Mapping,
     Session,
+    acct_counter,
     translate_in,
     translate_out,
 )
@@ -99,6 +106,7 @@ class FullPath:
         self.vsent: list[int] = []
         self.gen = 0
         self.fw_trivial: list[Any] = [0, (), ()]
+        self.acct = False  # masquerade.accounting
 
     def configure(self, cfg: Config, rules: Any, gen: int, proto_helpers: dict[int, Helper],
                   udp_helpers: dict[int, Helper], tcp_helpers: dict[int, Helper]) -> None:
@@ -112,6 +120,7 @@ class FullPath:
             m.inbound_filtering]
         self.hairpinning = m.hairpinning
         self.mss_clamp = m.mss_clamp
+        self.acct = m.accounting
         self.tcp_transitory = m.effective_timeouts.tcp_transitory
         self.proto_helpers = proto_helpers
         self.udp_helpers = udp_helpers
@@ -264,19 +273,24 @@ class FullPath:
                                int.from_bytes(pkt[16:20], "big"), sport, dport, flags)
             if not self.fw_pass(d, "output", oif, pkt, ihl, out, hits):
                 return False
+        a = acct_counter(s, outbound) if self.acct and s is not None else None
         if s is not None and None not in hits and not self.helper_port_session(s):
             fw = s.fw
             if fw is None or fw[0] != self.gen:
                 # (a UDP session an inbound packet made keeps its own: its first outbound packet,
                 # the LAN side's answer, must take this path to record that it was answered)
-                trivial = rules.trivial and not (type(s) is Session and s.state == S_INBOUND)
+                trivial = rules.trivial and a is None and not (isinstance(s, Session) and s.state == S_INBOUND)
                 fw = self.fw_trivial if trivial else [self.gen, None, None]
                 s.fw = fw
             if fw is not self.fw_trivial:
+                h = tuple(hits) if a is None else (*hits, a)  # the fast paths count ``a`` as a rule
                 if outbound:
-                    fw[1] = tuple(hits)
+                    fw[1] = h
                 else:
-                    fw[2] = tuple(hits)
+                    fw[2] = h
+        if a is not None:
+            a.pkts += 1
+            a.bytes += len(pkt)
         self.send(oif, pkt, ihl, out)
         return True
 
@@ -287,7 +301,7 @@ class FullPath:
     def helper_port_session(self, s: Any) -> bool:
         """A UDP session on a helper's port pair (ISAKMP 500<->500, 4500<->4500), e.g. a port
         forward's: the helper tells exchanges apart by cookies, so it never takes the fast path."""
-        if type(s) is not Session:  # a helper's own entry (ESP pair, GRE call)
+        if not isinstance(s, Session):  # a helper's own entry (ESP pair, GRE call)
             return False
         m = s.m
         return m.proto == UDP and m.wan_port in self.udp_helpers and s.in_key[8:10] == s.in_key[10:12]
@@ -369,16 +383,16 @@ class FullPath:
                 m = t.new_mapping(proto, src, sport, now)
                 if m is None:
                     return None
-                s = t.new_session(m, dst, dport, now, st)
+                th = self.tcp_helpers.get(dport) if proto == TCP else None
+                s = t.new_session(m, dst, dport, now, st, helper=th)
                 if s is None:
                     return None
-                if proto == TCP and dport in self.tcp_helpers:
-                    s.helper = self.tcp_helpers[dport]
-                    s.helper.session_created(s, now)
+                if th is not None:
+                    th.session_created(s, now)
             elif proto == TCP:
-                self.tcp_track(s, pkt[ihl + 13], True)
+                self.tcp_track(s, pkt[ihl + 13], True, now)
             elif s.state == S_INBOUND:  # the LAN side answers a session an inbound packet made
-                t.set_state(s, S_REPLIED)
+                t.set_state(s, S_REPLIED, now)
             if proto == TCP and pkt[ihl + 13] & TH_SYN:
                 self.clamp_mss(pkt, ihl)
             translate_out(s, pkt, ihl)
@@ -442,7 +456,7 @@ class FullPath:
                 if proto == TCP and pkt[ihl + 13] & TH_RST:
                     self.ctr.drop("tcp_no_session")
                     return
-                s = t.new_session(m, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT, True)
+                s = t.new_session(m, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT, inbound=True)
             elif self.forwarders.port_forwarded(proto, dport):
                 s = self.forwarded_session(proto, pkt, ihl, src, sport, dport, now)
             else:
@@ -450,9 +464,9 @@ class FullPath:
             if s is None:
                 return
         if proto == TCP:
-            self.tcp_track(s, pkt[ihl + 13], False)
+            self.tcp_track(s, pkt[ihl + 13], False, now)
         elif s.state == S_UNREPLIED:
-            t.set_state(s, S_REPLIED)
+            t.set_state(s, S_REPLIED, now)
         translate_in(s, pkt, ihl)
         s.expires = now + s.tmo
         # translate_in decremented the TTL a second time; a hairpin is one hop
@@ -461,7 +475,7 @@ class FullPath:
         _pack_H(pkt, 10, apply_delta((pkt[10] << 8) | pkt[11], word_delta(old, old + 0x100)))
         self.send(LAN, pkt, ihl, out)
 
-    def tcp_track(self, s: Session, tfl: int, outbound: bool) -> None:
+    def tcp_track(self, s: Session, tfl: int, outbound: bool, now: float) -> None:
         st = s.state
         if tfl & TH_RST:
             st = T_RST
@@ -475,7 +489,7 @@ class FullPath:
             st = T_FIN
         elif st == T_NEW and not outbound:
             st = T_ESTABLISHED
-        self.t.set_state(s, st)
+        self.t.set_state(s, st, now)
 
     def clamp_mss(self, pkt: bytearray, ihl: int) -> None:
         if not self.mss_clamp:
@@ -555,7 +569,8 @@ class FullPath:
                     if proto == TCP and pkt[ihl + 13] & TH_RST:
                         ctr.drop("tcp_no_session")
                         return True
-                    s = t.new_session(owner, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT, True)
+                    s = t.new_session(owner, src, sport, now, S_INBOUND if proto == UDP else T_SYN_SENT,
+                                      inbound=True)
                     if s is None:
                         return True
                 else:
@@ -571,11 +586,11 @@ class FullPath:
                 self.icmp_error(WAN, pkt, ihl, ICMP_UNREACH, UNREACH_NEEDFRAG, self.lan_mtu, now, out)
                 return True
             if proto == TCP:
-                self.tcp_track(s, pkt[ihl + 13], False)
+                self.tcp_track(s, pkt[ihl + 13], False, now)
                 if pkt[ihl + 13] & TH_SYN:
                     self.clamp_mss(pkt, ihl)
             elif s.state == S_UNREPLIED:
-                t.set_state(s, S_REPLIED)
+                t.set_state(s, S_REPLIED, now)
             translate_in(s, pkt, ihl)
             s.expires = now + s.tmo
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, ihl, False, now):
@@ -591,7 +606,7 @@ class FullPath:
                     return False
                 if pkt[8] <= 1:
                     return True
-                t.set_state(s, S_REPLIED)
+                t.set_state(s, S_REPLIED, now)
                 translate_in(s, pkt, ihl)
                 s.expires = now + s.tmo
                 self.output(LAN, pkt, ihl, out, hits, s, False)
@@ -623,12 +638,12 @@ class FullPath:
         m = self.forwarders.inbound_mapping(proto, pkt, ihl, dport)
         if m is None:
             return None
-        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_INBOUND, True)
+        h = self.tcp_helpers.get(m.lan_port) if proto == TCP else None
+        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_INBOUND, inbound=True,
+                               helper=h)
         if s is None:
             return None
-        h = self.tcp_helpers.get(m.lan_port) if proto == TCP else None
         if h is not None:
-            s.helper = h
             h.session_created(s, now)
         self.forwarders.connected(m)
         return s

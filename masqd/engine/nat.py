@@ -8,6 +8,11 @@ carries the two lookup keys (the packet's own address/port bytes, so the fast
 path looks it up with one slice of the packet), the precomputed checksum
 deltas for each direction, its timer and its TCP state. The table that holds
 them is :class:`masqd.engine.table.NatTable`.
+
+Per-entry packet and byte counters (``masquerade.accounting``, off by default
+like nf_conntrack_acct) live in :class:`Acct` objects, one per direction, on an
+:class:`AcctSession` (a Session with one more slot pair): a table without
+accounting makes plain Sessions, which carry no counter slots at all.
 """
 
 from __future__ import annotations
@@ -151,6 +156,52 @@ class Quarantined:
         self.host = host
         self.until = until
         self.live = True  # False once its host took the port again (or it was purged)
+class Acct:
+    """The packets and bytes of one direction of an entry (``masquerade.accounting``).
+
+    It has the ``pkts`` / ``bytes`` pair of a firewall rule, so a fast path's cached
+    decision counts it with the rules it passes: the fast paths need no code of their
+    own for it (see ``FullPath.output``)."""
+
+    __slots__ = ("pkts", "bytes")
+
+    def __init__(self) -> None:
+        self.pkts = 0
+        self.bytes = 0
+
+
+class AcctSession(Session):
+    """A session with packet and byte counters: ``a_out`` (LAN -> WAN) and ``a_in`` (WAN -> LAN)."""
+
+    __slots__ = ("a_out", "a_in")
+
+    def __init__(self, m: Mapping, rem_ip: int, rem_port: int, now: float, tmo: float) -> None:
+        super().__init__(m, rem_ip, rem_port, now, tmo)
+        self.a_out = Acct()
+        self.a_in = Acct()
+
+
+def acct_counter(e: Any, outbound: bool) -> Acct | None:
+    """The counter of entry ``e`` for one direction (accounting on): an AcctSession's, or a
+    helper entry's (its ``a_out`` / ``a_in`` slots, made at its first counted packet); None for
+    an entry without counter slots (a Session made while accounting was off)."""
+    try:
+        a: Acct | None = e.a_out if outbound else e.a_in
+    except AttributeError:
+        return None
+    if a is None:
+        e.a_out, e.a_in = Acct(), Acct()
+        a = e.a_out if outbound else e.a_in
+    return a
+
+
+def acct_row(e: Any) -> dict[str, int]:
+    """The counters of an entry for a listing ({} when it has none)."""
+    a_out = getattr(e, "a_out", None)
+    a_in = getattr(e, "a_in", None)
+    if a_out is None or a_in is None:
+        return {}
+    return {"packets_out": a_out.pkts, "bytes_out": a_out.bytes, "packets_in": a_in.pkts, "bytes_in": a_in.bytes}
 
 
 class PortPool:

@@ -10,6 +10,12 @@ active/backup sync, ``masqd events``, per-host accounting and the metrics all
 read that one stream. The protocol helpers' own entries (ESP SPI pairs, ISAKMP
 cookies, PPTP calls) are announced on the same stream through ``emit``.
 
+Why an entry goes is part of the change: ``timeout``, ``flush``, ``reset`` (a
+TCP session whose last segment was a RST: its state says so, and its expiry
+says ``reset`` rather than ``timeout``), ``table-full``, ``address-change``,
+``replaced`` (a new session took its key). Helpers' updates may say what
+changed: ``state``, ``address-change``, ``paired`` (an ESP SPI pair learned).
+
 Subscribers are plain callables, run synchronously: they must only record (append
 to a queue); nothing here does I/O. ``epoch`` moves whenever a decision cached
 outside the engine could have become void (a session removed or rebound, a new
@@ -47,6 +53,7 @@ from masqd.engine.nat import (
     TCP,
     TCP_STATE_NAMES,
     UDP,
+    AcctSession,
     Mapping,
     PortPool,
     Session,
@@ -62,6 +69,8 @@ NEW, UPDATE, DESTROY = "new", "update", "destroy"
 # why an entry was destroyed
 TIMEOUT, FLUSH, RESET, TABLE_FULL, ADDRESS_CHANGE, REPLACED = (
     "timeout", "flush", "reset", "table-full", "address-change", "replaced")
+# what an update changed (besides ADDRESS_CHANGE)
+STATE, PAIRED = "state", "paired"
 
 
 class Change(NamedTuple):
@@ -123,6 +132,8 @@ class NatTable:
         self.half_open: dict[Mapping, int] = {}  # inbound TCP sessions not yet answered, per mapping
         self.offenders = Offenders()
         self.now = 0.0  # the latest time seen (for removals that are not given one)
+        # masquerade.accounting: new sessions carry packet/byte counters (AcctSession)
+        self.acct = False
         self.set_wan(wan_ip)
 
     def set_limits(self, limits: HostLimits, top: int = 10, log_interval: float = 10.0) -> None:
@@ -255,9 +266,11 @@ class NatTable:
 
     # -------------------------------------------------------------- sessions
     def new_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int = 0,
-                    inbound: bool = False) -> Session | None:
+                    inbound: bool = False, helper: Any = None) -> Session | None:
         """A session through ``m`` with a remote endpoint (None: refused by a limit, counted).
-        ``inbound``: made by an inbound packet (a port forward, inbound filtering, a hairpin)."""
+        ``inbound``: made by an inbound packet (a port forward, inbound filtering, a hairpin);
+        ``helper``: the TCP helper that follows it (the caller tells it ``session_created``). Both
+        are set before the session is announced."""
         self.now = now
         lim = self.limits
         lan = m.lan_ip
@@ -275,9 +288,10 @@ class NatTable:
             self.ctr.drop("table_full")
             self._unused(m)
             return None
-        s = Session(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
+        s = (AcctSession if self.acct else Session)(m, rem_ip, rem_port, now, self.timeout_for(m.proto, state))
         s.state = state
         s.inbound = inbound
+        s.helper = helper
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
         old = out_t.get(s.out_key) or in_t.get(s.in_key)
         if old is not None:
@@ -307,14 +321,24 @@ class NatTable:
         self.remove(victim, TABLE_FULL)
         return True
 
-    def set_state(self, s: Session, state: int) -> None:
-        """A session's state changed (TCP tracking, a first reply): its timeout follows."""
+    def set_state(self, s: Session, state: int, now: float) -> None:
+        """A packet at ``now`` changed a session's state (TCP tracking, a first reply): its timeout
+        follows, from ``now``. A shorter one (a RST, a FIN) is filed again in the timer wheel,
+        which otherwise would only see the session when its older, later deadline came due."""
         if state != s.state:
             if s.inbound and s.m.proto == TCP and s.state in _HALF_OPEN and state not in _HALF_OPEN:
                 self._half_closed(s.m)
             s.state = state
-            s.tmo = self.timeout_for(s.m.proto, state)
-            self.emit(UPDATE, s, "state")
+            old = s.tmo
+            s.tmo = tmo = self.timeout_for(s.m.proto, state)
+            s.expires = now + tmo
+            if tmo < old:
+                self.wheel.add(s, s.expires)
+            self.emit(UPDATE, s, STATE)
+
+    def expire_reason(self, s: Session) -> str:
+        """Why ``s`` goes when its time runs out: ``reset`` after a RST, else ``timeout``."""
+        return RESET if s.state == T_RST and s.m.proto == TCP else TIMEOUT
 
     def _half_closed(self, m: Mapping) -> None:
         n = self.half_open.get(m, 0) - 1

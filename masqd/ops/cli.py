@@ -1,8 +1,10 @@
 """The operator subcommands of ``masqd`` that talk to a running daemon over its control socket.
 
-``masqd table [--json] [FILTER]``, ``masqd stats [--json]``, ``masqd rules list``,
-``masqd flush [FILTER]``, ``masqd wan-address set ADDR``, ``masqd reload``,
-``masqd capture --iface lan|wan -w FILE [--duration S]``. Each finds the socket
+``masqd table [--json] [--count] [-s/-d/-p/--sport/--dport/--state] [FILTER]``,
+``masqd events [--json] [-e new,update,destroy] [--duration S] [same filters]``
+(a stream of table changes, like ``conntrack -E``), ``masqd stats [--json]``,
+``masqd rules list``, ``masqd flush [FILTER]``, ``masqd wan-address set ADDR``,
+``masqd reload``, ``masqd capture --iface lan|wan -w FILE [--duration S]``. Each finds the socket
 from ``--socket``, else ``$MASQD_SOCKET``, else ``control.socket`` of ``-c CONFIG``,
 else the default ``/run/masqd/masqd.sock``. Errors are one line on stderr and
 exit status 1 (daemon unreachable or request refused) or 2 (usage).
@@ -19,7 +21,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from masqd.ops.control import ControlError, format_rules, format_stats, format_table, request
+from masqd.ops.control import (
+    ControlError,
+    format_rules,
+    format_stats,
+    format_table,
+    request,
+    stream,
+)
 
 DEFAULT_SOCKET = "/run/masqd/masqd.sock"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -56,12 +65,65 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
 
 
+# conntrack-style options -> the filter's keys
+_MATCH_OPTIONS = (("src", "src"), ("dst", "dst"), ("proto", "proto"), ("sport", "sport"), ("dport", "dport"),
+                  ("state", "state"))
+
+
+def _filter_text(args: argparse.Namespace) -> str:
+    words = list(args.filter)
+    for attr, key in _MATCH_OPTIONS:
+        v = getattr(args, attr, None)
+        if v is not None:
+            words.append(f"{key}={v}")
+    return " ".join(words)
+
+
+def _match_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conntrack-style filters (the entry's original direction)")
+    g.add_argument("-s", "--src", help="source address or network (the LAN host, or the remote for a port forward)")
+    g.add_argument("-d", "--dst", help="destination address or network")
+    g.add_argument("-p", "--proto", help="protocol: tcp, udp, icmp, esp, isakmp, gre, or a number")
+    g.add_argument("--sport", help="source port (TCP, UDP)")
+    g.add_argument("--dport", help="destination port (TCP, UDP)")
+    g.add_argument("--state", help="state, e.g. ESTABLISHED, SYN_SENT, UNREPLIED, PENDING")
+    p.add_argument("filter", nargs="*", help="key=value filters: proto lan wan remote state src dst sport dport "
+                   "(e.g. proto=tcp lan=10.0.0.2 remote=198.51.100.1)")
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"cmd": "table"}
-    if args.filter:
-        req["filter"] = " ".join(args.filter)
+    flt = _filter_text(args)
+    if flt:
+        req["filter"] = flt
+    if args.count:
+        req["count"] = True
+        res = _call(args, req)
+        print(json.dumps(res) if args.json else res["count"])
+        return EXIT_OK
     rows = _call(args, req)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "events", "format": "json" if args.json else "text"}
+    flt = _filter_text(args)
+    if flt:
+        req["filter"] = flt
+    if args.event:
+        req["events"] = [k.strip().lower() for k in args.event.split(",") if k.strip()]
+    try:
+        for line in stream(socket_path(args), req, timeout=args.timeout, duration=args.duration):
+            if line.startswith("# masqd:") or line.startswith('{"dropped"'):
+                print(f"masqd: {line.removeprefix('# masqd: ')}", file=sys.stderr)
+                return EXIT_FAIL
+            print(line, flush=True)
+    except ControlError as exc:
+        print(f"masqd: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except BrokenPipeError:  # masqd events | head
+        return EXIT_OK
     return EXIT_OK
 
 
@@ -120,9 +182,19 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str,
 
 
 def add_table(sub: argparse._SubParsersAction) -> None:
-    p = _parser(sub, "table", "list the masquerade table (like ipchains -M -L)", cmd_table)
+    p = _parser(sub, "table", "list the masquerade table (like ipchains -M -L, conntrack -L)", cmd_table)
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
-    p.add_argument("filter", nargs="*", help="e.g. proto=tcp lan=10.0.0.2 remote=198.51.100.1 state=...")
+    p.add_argument("-C", "--count", action="store_true", help="only the number of (matching) entries")
+    _match_options(p)
+
+
+def add_events(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "events", "stream the table's changes: new, update, destroy (like conntrack -E)",
+                cmd_events)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of conntrack-style lines")
+    p.add_argument("-e", "--event", help="only these kinds, e.g. new,destroy (default: all)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    _match_options(p)
 
 
 def add_stats(sub: argparse._SubParsersAction) -> None:
@@ -163,5 +235,5 @@ def add_capture(sub: argparse._SubParsersAction) -> None:
 
 
 OPS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_table, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture,
+    add_table, add_events, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture,
 ]

@@ -7,13 +7,14 @@ Protocol (one JSON object per line, both ways, UTF-8)::
     -> {"cmd": "nonsense"}
     <- {"ok": false, "error": "unknown command 'nonsense' (known: ...)"}
 
-Commands: ``ping``, ``table``, ``stats``, ``rules``, ``flush`` (``filter``),
-``wan-address`` (``action``="set", ``address``), ``reload``, ``capture``
-(``action``="start"|"stop"|"status", ``iface``, ``path``). The server only
-routes: the handlers are supplied by the ops runtime. A handler signals a bad
-argument with :class:`RequestError`; every refusal (bad JSON, unknown command,
-bad argument, oversized line) gets an error reply and is counted by reason in
-``masqd_control_errors_total``. The socket is created mode 0600.
+Commands: ``ping``, ``table`` (``filter``, ``count``), ``stats``, ``rules``,
+``flush`` (``filter``), ``wan-address`` (``action``="set", ``address``),
+``reload``, ``capture`` (``action``="start"|"stop"|"status", ``iface``,
+``path``). The server only routes: the handlers are supplied by the ops
+runtime. A handler signals a bad argument with :class:`RequestError`; every
+refusal (bad JSON, unknown command, bad argument, oversized line) gets an error
+reply and is counted by reason in ``masqd_control_errors_total``. The socket is
+created mode 0600.
 
 Abuse costs bounded memory and never stalls the packet loop: a request line is
 read into a buffer of at most ``MAX_LINE`` bytes (longer: refused, connection
@@ -24,7 +25,16 @@ most ``WRITE_TIMEOUT`` seconds, and a client that does not read by then is
 dropped (``slow_client``), so one reply at most is buffered per client, and only
 that long. Refusals are logged at most once per second per reason.
 
-The client side (:func:`request`) is synchronous: the CLI subcommands use it.
+A *streaming* command (``events``) answers its request with the same
+``{"ok": true, ...}`` line (or an error) and then keeps writing lines of its
+own until the client closes the connection::
+
+    -> {"cmd": "events", "filter": "proto=tcp", "format": "text"}
+    <- {"ok": true, "result": {"stream": "events"}}
+    <- [NEW] tcp 6 240 SYN_SENT src=10.0.0.2 ...
+
+The client side is synchronous: :func:`request` (one reply) and :func:`stream`
+(the lines of a streaming command); the CLI subcommands use them.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,10 @@ MAX_CLIENTS = 16
 WRITE_TIMEOUT = 10.0
 
 Handler = Callable[[dict[str, Any]], Any]
+# a streaming command: (request) -> a coroutine function writing to the connection until it ends;
+# it raises RequestError (before anything is written) to refuse the request
+StreamRun = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+StreamHandler = Callable[[dict[str, Any]], StreamRun]
 
 
 class RequestError(Exception):
@@ -66,9 +80,10 @@ class ControlServer:
     """Routes requests to ``handlers[cmd]`` (sync or async callables)."""
 
     def __init__(self, path: str, handlers: Mapping[str, Handler], counters: OpsCounters,
-                 logger: Any = None) -> None:
+                 logger: Any = None, streams: Mapping[str, StreamHandler] | None = None) -> None:
         self.path = path
         self.handlers = dict(handlers)
+        self.streams = dict(streams or {})
         self.counters = counters
         self.log = logger
         self._server: asyncio.AbstractServer | None = None
@@ -144,7 +159,7 @@ class ControlServer:
             return self._refuse("bad_request", "request needs a string field 'cmd'")
         handler = self.handlers.get(cmd)
         if handler is None:
-            known = ", ".join(sorted(self.handlers))
+            known = ", ".join(sorted({*self.handlers, *self.streams}))
             return self._refuse("unknown_command", f"unknown command {cmd!r} (known: {known})")
         self.counters.bump(self.counters.control_requests, cmd)
         try:
@@ -189,6 +204,16 @@ class ControlServer:
                     break
                 if not line.strip():
                     continue
+                run = self._streaming(line)
+                if run is not None:
+                    # a stream is capped by its own hub (events: its listener limit), not by
+                    # MAX_CLIENTS: listeners must never lock the operator's commands out
+                    self.clients -= 1
+                    try:
+                        await self._stream(run, reader, writer)
+                    finally:
+                        self.clients += 1
+                    break
                 reply = await self.handle_line(line)
                 if not await self._send(writer, reply):
                     return
@@ -198,6 +223,37 @@ class ControlServer:
             pass
         finally:
             writer.close()
+
+    def _streaming(self, line: bytes) -> tuple[str, dict[str, Any]] | None:
+        """(command, request) when ``line`` asks for a streaming command, else None."""
+        if not self.streams:
+            return None
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None  # (handle_line refuses it with its reason)
+        if isinstance(req, dict) and isinstance(req.get("cmd"), str) and req["cmd"] in self.streams:
+            return req["cmd"], req
+        return None
+
+    async def _stream(self, what: tuple[str, dict[str, Any]], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        cmd, req = what
+        self.counters.bump(self.counters.control_requests, cmd)
+        try:
+            run = self.streams[cmd](req)
+        except RequestError as exc:
+            reply = self._refuse(exc.reason, str(exc))
+        except Exception as exc:  # a handler bug is a refused request, not a dead daemon
+            reply = self._refuse("internal_error", f"{cmd}: internal error: {type(exc).__name__}: {exc}")
+        else:
+            # no drain here: the stream's own writer drains, and its end (a client gone early
+            # included) is what releases whatever the handler took for it
+            writer.write(_dump({"ok": True, "result": {"stream": cmd}}))
+            await run(reader, writer)
+            return
+        writer.write(_dump(reply))
+        await writer.drain()
 
 
 def _dump(obj: Any) -> bytes:
@@ -250,6 +306,46 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
     return reply.get("result")
 
 
+def stream(path: str, req: dict[str, Any], timeout: float = 10.0, duration: float | None = None) -> Iterator[str]:
+    """Start a streaming command; yield its lines (without the newline) until the daemon closes
+    the connection, or for ``duration`` seconds. Raises ControlError when it is unreachable or
+    refuses the request. The connection closes when the caller stops iterating."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
+        s.sendall(_dump(req))
+        f = s.makefile("rb")
+        try:
+            first = f.readline()
+        except TimeoutError:
+            raise ControlError(f"masqd at {path} did not answer within {timeout:g}s") from None
+        try:
+            reply = json.loads(first)
+        except ValueError:
+            raise ControlError(f"masqd sent a reply that is not JSON: {first[:200]!r}") from None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise ControlError(f"malformed reply: {reply!r}")
+        if not reply["ok"]:
+            raise ControlError(str(reply.get("error", "request refused")))
+        end = None if duration is None else time.monotonic() + duration
+        while True:
+            # events come when they come: no timeout but the duration's
+            s.settimeout(None if end is None else max(0.001, end - time.monotonic()))
+            try:
+                raw = f.readline()
+            except TimeoutError:
+                return
+            if not raw:
+                return
+            yield raw.decode("utf-8", "replace").rstrip("\n")
+    finally:
+        s.close()
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -263,16 +359,22 @@ def _fmt_expire(v: Any) -> str:
 
 
 def format_table(entries: list[dict[str, Any]]) -> str:
-    """Render like ``ipchains -M -L -n``: one line per masquerade entry."""
+    """Render like ``ipchains -M -L -n``: one line per masquerade entry; with accounting, the
+    packets and bytes of each direction (out: LAN -> WAN, in: WAN -> LAN) after the state."""
     lines = [f"IP masquerading entries: {len(entries)}"]
-    head = f"{'prot':<6}{'expire':>9}  {'lan (source)':<22}{'wan (masq)':<22}{'remote':<22}state"
-    lines.append(head)
+    acct = any("packets_out" in e for e in entries)
+    head = f"{'prot':<6}{'expire':>9}  {'lan (source)':<22}{'wan (masq)':<22}{'remote':<22}{'state':<12}"
+    if acct:
+        head += f"{'pkts out/in':>15}{'bytes out/in':>21}"
+    lines.append(head.rstrip())
     for e in entries:
         proto = str(e.get("proto", "?")).upper()
-        lines.append(
-            f"{proto:<6}{_fmt_expire(e.get('expires_in')):>9}  {str(e.get('lan', '-')):<22}"
-            f"{str(e.get('wan', '-')):<22}{str(e.get('remote', '-')):<22}{e.get('state', '') or ''}"
-        )
+        line = (f"{proto:<6}{_fmt_expire(e.get('expires_in')):>9}  {str(e.get('lan', '-')):<22}"
+                f"{str(e.get('wan', '-')):<22}{str(e.get('remote', '-')):<22}{str(e.get('state', '') or ''):<12}")
+        if "packets_out" in e:
+            line += (f"{str(e['packets_out']) + '/' + str(e.get('packets_in', 0)):>15}"
+                     f"{str(e.get('bytes_out', 0)) + '/' + str(e.get('bytes_in', 0)):>21}")
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 

@@ -199,6 +199,8 @@ class OpsCounters:
     log_emitted: dict[str, int] = field(default_factory=dict)
     log_suppressed: dict[str, int] = field(default_factory=dict)
     capture_packets: dict[str, int] = field(default_factory=dict)
+    # masqd events: events_listeners (now), events_sent, events_listeners_dropped, events_lost, events_errors
+    events: dict[str, int] = field(default_factory=dict)
     loop_latency: LoopLatency = field(default_factory=LoopLatency)
     started: float = field(default_factory=time.time)
 
@@ -427,6 +429,18 @@ class MasqdCollector:
         for k, v in sorted(o.capture_packets.items()):
             c.add_metric([k], v)
         yield c
+        ev = o.events
+        g = GaugeMetricFamily("masqd_events_listeners", "Listeners of masqd events connected now.")
+        g.add_metric([], float(ev.get("events_listeners", 0)))
+        yield g
+        for name, doc in (("events_sent", "Table events written to masqd events listeners."),
+                          ("events_listeners_dropped", "masqd events listeners dropped because they "
+                                                       "fell too far behind."),
+                          ("events_lost", "Table events queued for listeners that were dropped."),
+                          ("events_errors", "Table changes that could not be rendered as events.")):
+            c = CounterMetricFamily(f"masqd_{name}", doc)
+            c.add_metric([], float(ev.get(name, 0)))
+            yield c
         lat = o.loop_latency
         acc = 0
         buckets: list[tuple[str, float]] = []

@@ -46,6 +46,7 @@ from typing import Any
 
 from masqd.ops import control as control_mod
 from masqd.ops.control import ControlServer, RequestError
+from masqd.ops.events import EventHub
 from masqd.ops.logging import EngineEventLogger, configure, get_logger
 from masqd.ops.metrics import (
     MasqdCollector,
@@ -57,47 +58,13 @@ from masqd.ops.metrics import (
 from masqd.ops.pcap import Capture
 from masqd.ops.reload import Reloader, ReloadResult
 from masqd.ops.sdnotify import Notifier, watchdog_interval
+from masqd.ops.tablefilter import PROTO_NUMBERS, entry_matches, parse_filter
 from masqd.ops.wanwatch import WanAddressFollower, WanWatcher
 
 DRAIN_INTERVAL = 0.1
 LAG_INTERVAL = 0.25
 STATUS_INTERVAL = 5.0
 _RX_PACKETS = re.compile(r"rx_(lan|wan)_[a-z0-9]+_packets")
-
-_FILTER_KEYS = ("proto", "lan", "wan", "remote", "state")
-_PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
-
-
-def parse_filter(text: str) -> dict[str, str]:
-    """``"proto=tcp lan=10.0.0.2"`` (or a bare protocol word) -> field -> value.
-
-    Address values match an entry's field exactly or its address part (before
-    the ':port'). Raises RequestError on an unknown key.
-    """
-    out: dict[str, str] = {}
-    for tok in text.split():
-        key, sep, val = tok.partition("=")
-        if not sep:
-            key, val = "proto", tok
-        key = key.strip().lower()
-        if key not in _FILTER_KEYS:
-            raise RequestError(f"flush filter: unknown field {key!r} (use {', '.join(_FILTER_KEYS)})")
-        if not val:
-            raise RequestError(f"flush filter: {key} needs a value")
-        out[key] = val.lower() if key in ("proto", "state") else val
-    return out
-
-
-def entry_matches(entry: Mapping[str, Any], flt: Mapping[str, str]) -> bool:
-    for key, want in flt.items():
-        have = str(entry.get(key, "")).lower() if key in ("proto", "state") else str(entry.get(key, ""))
-        if key in ("proto", "state"):
-            if have != want:
-                return False
-        elif have != want and have.rsplit(":", 1)[0] != want:
-            return False
-    return True
-
 
 _VERDICTS = {0: "ACCEPT", 1: "DENY", 2: "REJECT", 3: "MASQ"}
 
@@ -151,6 +118,7 @@ class Ops:
         self.log = get_logger("masqd")
         self.events = EngineEventLogger(cfg.logging.rate_per_event, self.counters)
         self.capture = Capture(self.counters)
+        self.event_hub = EventHub(engine, self.counters.events, now, log=self.log)
         self._extra_given = extra_counters or extra_gauges
         self._sync = sync
         self.wanwatch_counters: dict[str, int] = {}
@@ -189,7 +157,8 @@ class Ops:
             self.metrics_address = await self.metrics.start(host, port)
             self.log.info("metrics_listening", address=f"{self.metrics_address[0]}:{self.metrics_address[1]}",
                           path=cfg.metrics.path)
-        self.control = ControlServer(self._control_path, self.handlers(), self.counters, self.log)
+        self.control = ControlServer(self._control_path, self.handlers(), self.counters, self.log,
+                                     streams={"events": self._s_events})
         await self.control.start()
         self.log.info("control_listening", socket=self._control_path)
         for side in ("lan", "wan"):
@@ -243,6 +212,7 @@ class Ops:
         self.drain()
         self.events.flush_suppressed()
         self.capture.stop()
+        self.event_hub.close_all()
         if self.control is not None:
             await self.control.stop()
         if self.metrics is not None:
@@ -384,15 +354,30 @@ class Ops:
     def _h_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "uptime": time.time() - self.counters.started}
 
-    def _h_table(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        entries = list(self.synced_engine().table(self.now()))
+    def _h_table(self, req: dict[str, Any]) -> Any:
+        """The table's rows (filtered); with ``count``: {"count": how many}."""
         flt = req.get("filter")
-        if flt:
-            if not isinstance(flt, str):
-                raise RequestError("table: 'filter' must be a string")
-            f = parse_filter(flt)
+        if flt is not None and not isinstance(flt, str):
+            raise RequestError("table: 'filter' must be a string")
+        f = parse_filter(flt or "")
+        if req.get("count") and not f:
+            self.synced_engine()
+            return {"count": self._entry_count()}
+        entries = list(self.synced_engine().table(self.now()))
+        if f:
             entries = [e for e in entries if entry_matches(e, f)]
-        return entries
+        return {"count": len(entries)} if req.get("count") else entries
+
+    def _s_events(self, req: dict[str, Any]) -> control_mod.StreamRun:
+        """``events``: a listener of the table's changes (filter, events, format) until the client goes."""
+        lst = self.event_hub.open(req)
+        self.log.info("events_listener", filter=lst.flt or None, events=sorted(lst.kinds) or None,
+                      format="json" if lst.json else "text")
+
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.event_hub.run(lst, reader, writer)
+
+        return run
 
     def _h_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         c = self.counters
@@ -407,6 +392,7 @@ class Ops:
             "control_errors": dict(c.control_errors),
             "log_suppressed": dict(c.log_suppressed),
             "capture": self.capture.status(),
+            "events": dict(c.events),
         }
 
     def _entry_count(self) -> int:
@@ -445,7 +431,7 @@ class Ops:
             raise RequestError(f"flush: the engine removes entries by proto and lan only, not {', '.join(extra)}")
         kw: dict[str, int] = {}
         if "proto" in f:
-            num = _PROTO_NUMBERS.get(f["proto"], f["proto"])
+            num = PROTO_NUMBERS.get(f["proto"], f["proto"])
             if not str(num).isdigit() or not 0 <= int(num) <= 255:
                 raise RequestError(f"flush: unknown protocol {f['proto']!r}")
             kw["proto"] = int(num)

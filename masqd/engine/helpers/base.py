@@ -63,6 +63,11 @@ class Helper:
     def entries(self, now: float) -> list[dict[str, Any]]:
         return []
 
+    def row(self, entry: Any, now: float) -> dict[str, Any] | None:
+        """One of the helper's own entries (as announced on the change stream) as a row of
+        ``entries``; None: not one of the helper's."""
+        return None
+
     def wan_changed(self, old: int, new: int, mode: str, now: float) -> None:
         pass
 

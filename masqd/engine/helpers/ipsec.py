@@ -67,6 +67,13 @@ Established ESP takes a fast path (``fast_out`` / ``fast_in``, called by the
 engine's fast path): one dict lookup keyed by the packet's bytes 12..24
 (addresses + SPI), a precomputed checksum delta, and the firewall decision
 cached on the entry by the full path.
+
+Every entry is announced on the NAT table's change stream (``eng.changed``):
+``new`` when an ESP entry starts pending or an ISAKMP entry is made; ``update``
+``paired`` when an ESP pair is learned, ``state`` when an entry is replaced,
+squelched or an ISAKMP exchange gets its reply, ``address-change`` when it moves
+to a new WAN address; ``destroy`` with ``timeout``, ``flush``,
+``address-change`` or ``replaced``.
 """
 
 from __future__ import annotations
@@ -78,7 +85,9 @@ from masqd.engine.counters import LAN_ESP, WAN_ESP
 from masqd.engine.expiry import TimerWheel
 from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
-from masqd.engine.nat import TTL_DELTA
+from masqd.engine.nat import TTL_DELTA, acct_counter, acct_row
+from masqd.engine.table import ADDRESS_CHANGE, DESTROY, FLUSH, NEW, PAIRED, STATE, TIMEOUT, UPDATE
+from masqd.engine.table import REPLACED as WHY_REPLACED
 from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp
 from masqd.wire.esp import esp_header, spi_reason
 from masqd.wire.ipv4 import UDP, ip_str
@@ -104,7 +113,7 @@ class EspEntry:
 
     __slots__ = ("lan_ip", "lan_b", "rem_ip", "rem_b", "wan_b", "spi_out", "spi_in", "state", "expires", "tmo",
                  "created", "contended", "retries", "fw", "dip_out", "dip_in", "da_out", "da_in", "out_key",
-                 "in_key", "dead")
+                 "in_key", "dead", "a_out", "a_in")
 
     def __init__(self, lan_ip: int, rem_ip: int, wan_ip: int, spi_out: int, now: float, lifetime: float) -> None:
         self.lan_ip = lan_ip
@@ -122,6 +131,8 @@ class EspEntry:
         self.fw: Any = None  # firewall decision cache, as on engine sessions: [gen, out_hits, in_hits]
         self.dead = False
         self.in_key = b""
+        self.a_out: Any = None  # packet/byte counters under masquerade.accounting (Acct)
+        self.a_in: Any = None
         self.set_wan(wan_ip)
 
     def set_wan(self, wan_ip: int) -> None:
@@ -140,7 +151,7 @@ class IkeEntry:
     """One ISAKMP / IKE SA between a LAN host and a remote, by its cookie (SPI) pair."""
 
     __slots__ = ("lan_ip", "lan_b", "rem_ip", "rem_b", "icookie", "rcookie", "version", "created", "last",
-                 "expires", "dead")
+                 "expires", "dead", "a_out", "a_in")
 
     def __init__(self, lan_ip: int, rem_ip: int, icookie: bytes, rcookie: bytes, version: int, now: float) -> None:
         self.lan_ip = lan_ip
@@ -154,6 +165,8 @@ class IkeEntry:
         self.last = now
         self.expires = now
         self.dead = False
+        self.a_out: Any = None  # packet/byte counters under masquerade.accounting (Acct)
+        self.a_in: Any = None
 
     @property
     def key(self) -> bytes:
@@ -247,7 +260,8 @@ class IPsecHelper(Helper):
             return "isakmp_too_many_sessions" if ike else "esp_too_many_spis"
         return None
 
-    def _remove_esp(self, e: EspEntry, now: float, why: str = "") -> None:
+    def _remove_esp(self, e: EspEntry, now: float, reason: str, expired: bool = False) -> None:
+        """Remove an ESP entry (``expired``: its lifetime ran out, counted and logged)."""
         if e.dead:
             return
         e.dead = True
@@ -262,13 +276,14 @@ class IPsecHelper(Helper):
             if r.pending is e:
                 r.pending = None
             self._gc_remote(e.rem_ip)
-        if why == "expired":
+        self.eng.changed(DESTROY, e, reason)
+        if expired:
             self.eng.count("esp_expired")
             self.eng.event("debug" if e.state != PENDING else "info", "esp_expired", lan=ip_str(e.lan_ip),
                            remote=ip_str(e.rem_ip), spi_out=f"0x{e.spi_out:08x}", spi_in=f"0x{e.spi_in:08x}",
                            state=ESP_STATE_NAMES[e.state])
 
-    def _remove_ike(self, e: IkeEntry) -> None:
+    def _remove_ike(self, e: IkeEntry, reason: str) -> None:
         if e.dead:
             return
         e.dead = True
@@ -283,17 +298,18 @@ class IPsecHelper(Helper):
         if r is not None:
             r.ike.pop(e, None)
             self._gc_remote(e.rem_ip)
+        self.eng.changed(DESTROY, e, reason)
 
     def _live_esp(self, e: EspEntry | None, now: float) -> EspEntry | None:
         if e is not None and e.expires <= now:
-            self._remove_esp(e, now, "expired")
+            self._remove_esp(e, now, TIMEOUT, expired=True)
             return None
         return e
 
     def _live_ike(self, e: IkeEntry | None, now: float) -> IkeEntry | None:
         if e is not None and e.expires <= now:
             self.eng.count("isakmp_expired")
-            self._remove_ike(e)
+            self._remove_ike(e, TIMEOUT)
             return None
         return e
 
@@ -396,6 +412,7 @@ class IPsecHelper(Helper):
         self._wheel.add(e, e.expires)
         eng.count("esp_pending")
         eng.event("info", "esp_pending", lan=ip_str(lan), remote=ip_str(rem), spi_out=f"0x{spi:08x}")
+        eng.changed(NEW, e)
         return self._send_out(e, pkt)
 
     def _send_out(self, e: EspEntry, pkt: bytearray) -> bool:
@@ -410,6 +427,7 @@ class IPsecHelper(Helper):
         e.state = SQUELCHED
         e.expires = now + self.cfg.ipsec.squelch_time
         self._wheel.add(e, e.expires)
+        self.eng.changed(UPDATE, e, STATE)
         self.eng.count("esp_squelched")
         self.eng.event("warning", "esp_squelched", lan=ip_str(e.lan_ip), remote=ip_str(e.rem_ip),
                        spi_out=f"0x{e.spi_out:08x}", seconds=self.cfg.ipsec.squelch_time,
@@ -476,16 +494,19 @@ class IPsecHelper(Helper):
         p.in_key = p.rem_b + p.wan_b + spi.to_bytes(4, "big")
         old = self._in.get(p.in_key)
         if old is not None and old is not p:  # cannot happen: the SPI was in no entry
-            self._remove_esp(old, now)
+            self._remove_esp(old, now, WHY_REPLACED)
         self._in[p.in_key] = p
         r.pending = None
         replaced = 0
+        eng = self.eng
+        eng.changed(UPDATE, p, PAIRED)
         for x in r.esp:
             if x is not p and x.lan_ip == p.lan_ip and x.state == ESTABLISHED:
                 x.state = REPLACED
                 x.tmo = ic.pending_lifetime
                 x.expires = min(x.expires, now + x.tmo)
                 self._wheel.add(x, x.expires)
+                eng.changed(UPDATE, x, STATE)
                 replaced += 1
         self.eng.count("esp_learned")
         self.eng.event("info", "esp_paired", lan=ip_str(p.lan_ip), remote=ip_str(p.rem_ip),
@@ -570,6 +591,7 @@ class IPsecHelper(Helper):
             self._ike_i[rem_b + h.icookie] = e
             r.ike[e] = None
             self._n += 1
+            eng.changed(NEW, e)
             eng.count("isakmp_sessions")
             eng.event("info", "isakmp_session", lan=ip_str(lan), remote=ip_str(rem), version=h.major,
                       icookie=h.icookie.hex(), rcookie=h.rcookie.hex(),
@@ -578,10 +600,20 @@ class IPsecHelper(Helper):
             self._collision(e, lan_b, now)
             return False
         self._touch(e, now, ic.pending_lifetime if e.rcookie == ZERO_COOKIE else ic.table_lifetime)
+        if self.cfg.masquerade.accounting:
+            self._count(e, len(pkt), True)
         d = addr_delta(e.lan_ip, eng.wan_ip)
         _pack_H4s(pkt, 10, apply_delta((pkt[10] << 8) | pkt[11], d), eng.wan_ip_b)
         _pack_H(pkt, ihl + 6, apply_delta_udp((pkt[ihl + 6] << 8) | pkt[ihl + 7], d))
         return True
+
+    @staticmethod
+    def _count(e: IkeEntry, n: int, outbound: bool) -> None:
+        """Accounting of an ISAKMP entry (its packets take no fast path: counted here)."""
+        a = acct_counter(e, outbound)
+        if a is not None:
+            a.pkts += 1
+            a.bytes += n
 
     @staticmethod
     def _touch(e: IkeEntry, now: float, lifetime: float) -> None:
@@ -615,6 +647,8 @@ class IPsecHelper(Helper):
                     del self._ike[x.key]
                     x.rcookie = h.rcookie
                     self._ike[x.key] = x
+                    self._touch(x, now, ic.table_lifetime)
+                    eng.changed(UPDATE, x, STATE)
                     eng.count("isakmp_replies")
                     eng.event("info", "isakmp_reply", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                               icookie=x.icookie.hex(), rcookie=x.rcookie.hex(), version=x.version)
@@ -641,6 +675,8 @@ class IPsecHelper(Helper):
             lan = target
         else:
             self._touch(e, now, ic.pending_lifetime if e.rcookie == ZERO_COOKIE else ic.table_lifetime)
+            if self.cfg.masquerade.accounting:
+                self._count(e, len(pkt), False)
             lan = e.lan_ip
         d = addr_delta(eng.wan_ip, lan)
         _pack_H(pkt, 10, apply_delta((pkt[10] << 8) | pkt[11], d))
@@ -657,41 +693,50 @@ class IPsecHelper(Helper):
                 if x.state == SQUELCHED:
                     self.eng.event("debug", "esp_squelch_ended", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                                    spi_out=f"0x{x.spi_out:08x}")
-                    self._remove_esp(x, now)
+                    self._remove_esp(x, now, TIMEOUT)
                 else:
-                    self._remove_esp(x, now, "expired")
+                    self._remove_esp(x, now, TIMEOUT, expired=True)
             else:
                 self.eng.count("isakmp_expired")
                 self.eng.event("debug", "isakmp_expired", lan=ip_str(x.lan_ip), remote=ip_str(x.rem_ip),
                                icookie=x.icookie.hex(), rcookie=x.rcookie.hex())
-                self._remove_ike(x)
+                self._remove_ike(x, TIMEOUT)
 
     def entries(self, now: float) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        wan = ip_str(self.eng.wan_ip)
-        for e in self._out.values():
-            rows.append({
-                "proto": "esp", "lan": ip_str(e.lan_ip), "wan": ip_str(int.from_bytes(e.wan_b, "big")),
-                "remote": ip_str(e.rem_ip), "state": ESP_STATE_NAMES[e.state],
-                "spi_out": f"0x{e.spi_out:08x}", "spi_in": f"0x{e.spi_in:08x}",
-                "expires_in": round(max(0.0, e.expires - now), 1), "helper": self.name,
-            })
-        for k in self._ike.values():
-            rows.append({
-                "proto": "isakmp", "lan": f"{ip_str(k.lan_ip)}:500", "wan": f"{wan}:500",
-                "remote": f"{ip_str(k.rem_ip)}:500",
-                "state": "INIT" if k.rcookie == ZERO_COOKIE else "ESTABLISHED",
-                "icookie": k.icookie.hex(), "rcookie": k.rcookie.hex(), "version": k.version,
-                "expires_in": round(max(0.0, k.expires - now), 1), "helper": self.name,
-            })
+        rows: list[dict[str, Any]] = [self._esp_row(e, now) for e in self._out.values()]
+        rows.extend(self._ike_row(k, now) for k in self._ike.values())
         return rows
+
+    def row(self, entry: Any, now: float) -> dict[str, Any] | None:
+        if isinstance(entry, EspEntry):
+            return self._esp_row(entry, now)
+        if isinstance(entry, IkeEntry):
+            return self._ike_row(entry, now)
+        return None
+
+    def _esp_row(self, e: EspEntry, now: float) -> dict[str, Any]:
+        return {
+            "proto": "esp", "lan": ip_str(e.lan_ip), "wan": ip_str(int.from_bytes(e.wan_b, "big")),
+            "remote": ip_str(e.rem_ip), "state": ESP_STATE_NAMES[e.state],
+            "spi_out": f"0x{e.spi_out:08x}", "spi_in": f"0x{e.spi_in:08x}",
+            "expires_in": round(max(0.0, e.expires - now), 1), "helper": self.name, **acct_row(e),
+        }
+
+    def _ike_row(self, k: IkeEntry, now: float) -> dict[str, Any]:
+        return {
+            "proto": "isakmp", "lan": f"{ip_str(k.lan_ip)}:500", "wan": f"{ip_str(self.eng.wan_ip)}:500",
+            "remote": f"{ip_str(k.rem_ip)}:500",
+            "state": "INIT" if k.rcookie == ZERO_COOKIE else "ESTABLISHED",
+            "icookie": k.icookie.hex(), "rcookie": k.rcookie.hex(), "version": k.version,
+            "expires_in": round(max(0.0, k.expires - now), 1), "helper": self.name, **acct_row(k),
+        }
 
     def wan_changed(self, old: int, new: int, mode: str, now: float) -> None:
         """Move entries to the new address (ISAKMP rewrites use the current address per packet)."""
         n = 0
         for e in list(self._out.values()):
             if mode == "flush" or (mode == "rewrite" and e.state != PENDING):
-                self._remove_esp(e, now)
+                self._remove_esp(e, now, ADDRESS_CHANGE)
                 n += 1
                 continue
             if e.in_key and self._in.get(e.in_key) is e:
@@ -699,10 +744,11 @@ class IPsecHelper(Helper):
             e.set_wan(new)
             if e.in_key:
                 self._in[e.in_key] = e
+            self.eng.changed(UPDATE, e, ADDRESS_CHANGE)
         if mode != "rewrite-all":
             for k in list(self._ike.values()):
                 if mode == "flush" or k.rcookie != ZERO_COOKIE:
-                    self._remove_ike(k)
+                    self._remove_ike(k, ADDRESS_CHANGE)
                     n += 1
         if n:
             self.eng.count("ipsec_flushed_wan_change", n)
@@ -710,9 +756,9 @@ class IPsecHelper(Helper):
     def flush(self) -> int:
         n = self._n
         for e in list(self._out.values()):
-            self._remove_esp(e, 0.0)
+            self._remove_esp(e, 0.0, FLUSH)
         for k in list(self._ike.values()):
-            self._remove_ike(k)
+            self._remove_ike(k, FLUSH)
         self._rem.clear()
         return n
 

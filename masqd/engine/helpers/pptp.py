@@ -56,6 +56,12 @@ Design decisions:
 - Established GRE takes a fast path (``fast_out`` / ``fast_in``): like the
   core's sessions, a call caches the firewall chains' decision (``fw``, filled
   by the engine through ``fw_entry``) and anything unusual takes the full path.
+- Calls (and plain GRE entries) are announced on the NAT table's change stream
+  (``eng.changed``): ``new`` when set up begins, ``update`` ``state`` when the
+  call is up (ESTABLISHED) and when it is being cleared (CLEARING),
+  ``address-change`` when the WAN address moves under it, ``destroy`` with
+  ``timeout`` (its timer, or the end of its clearing), ``flush``,
+  ``address-change`` or ``replaced``.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ from masqd.engine.counters import LAN_GRE, WAN_GRE
 from masqd.engine.expiry import TimerWheel
 from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
-from masqd.engine.nat import TTL_DELTA
+from masqd.engine.nat import TTL_DELTA, acct_row
+from masqd.engine.table import ADDRESS_CHANGE, DESTROY, FLUSH, NEW, REPLACED, STATE, TIMEOUT, UPDATE
 from masqd.wire.checksum import addr_delta, apply_delta, ones_sum, word_delta
 from masqd.wire.gre import PLAIN, gre_kind
 from masqd.wire.ipv4 import TH_FIN, TH_RST, TH_SYN, Malformed, ip_str
@@ -113,7 +120,8 @@ class Call:
     """One PPTP call (one GRE flow pair) between a LAN host and a remote."""
 
     __slots__ = ("conn", "ctl", "lan_ip", "lan_ip_b", "lan_cid", "lan_cid_b", "masq_cid", "rem_ip", "rem_cid",
-                 "state", "expires", "dead", "forwarded", "in_key", "out_key", "dip_out", "dip_in", "up", "fw")
+                 "state", "expires", "dead", "forwarded", "in_key", "out_key", "dip_out", "dip_in", "up", "fw",
+                 "a_out", "a_in")
 
     def __init__(self, conn: Conn, lan_cid: int, masq_cid: int) -> None:
         self.conn = conn
@@ -135,6 +143,8 @@ class Call:
         self.dip_in = 0
         self.up = False  # counted in pptp_calls_setup
         self.fw: Any = None  # firewall decision cache filled by the engine: [gen, out_hits, in_hits]
+        self.a_out: Any = None  # packet/byte counters under masquerade.accounting (Acct)
+        self.a_in: Any = None
 
 
 class Stream:
@@ -435,7 +445,7 @@ class PPTPHelper(Helper):
             call = conn.calls.get(v)
             if ctype in _CREATES and (call is None or ctype in (OUT_CALL_REQ, IN_CALL_REQ)):
                 if call is not None:  # the client reuses an ID: the old call is over
-                    self._remove(call, "replaced")
+                    self._remove(call, REPLACED)
                 call = self._new_call(conn, v, now)
                 if call is None:
                     full = self.ncalls + len(self.plain_out) >= self.max_entries
@@ -502,6 +512,7 @@ class PPTPHelper(Helper):
         self._wheel.add(call, call.expires)
         self.eng.event("debug", "pptp_call_created", lan=ip_str(conn.lan_ip), call_id=lan_cid, masq_call_id=masq,
                        server=ip_str(rem), forwarded=conn.forwarded)
+        self.eng.changed(NEW, call)
         return call
 
     def _alloc(self, rb: bytes, wanted: int) -> int | None:
@@ -547,18 +558,23 @@ class PPTPHelper(Helper):
                 self.eng.event("info", "pptp_call_up", lan=ip_str(call.lan_ip), call_id=call.lan_cid,
                                masq_call_id=call.masq_cid, server=ip_str(call.rem_ip), server_call_id=call.rem_cid,
                                forwarded=call.forwarded)
+            changed = call.state != ACTIVE
             call.state = ACTIVE
             call.expires = now + self.t_call
+            if changed:
+                self.eng.changed(UPDATE, call, STATE)
             return
         if state == CLEARING:
             if call.state != CLEARING:
                 call.state = CLEARING
                 call.expires = now + self.t_clear
                 self._wheel.add(call, call.expires)  # earlier than its filed deadline
+                self.eng.changed(UPDATE, call, STATE)
             return
         call.state = state
 
     def _remove(self, call: Call, why: str) -> None:
+        """Remove a call; ``why`` is a destroy reason of :mod:`masqd.engine.table`."""
         if call.dead:
             return
         call.dead = True
@@ -580,7 +596,9 @@ class PPTPHelper(Helper):
         self.eng.count("pptp_calls_torn_down")
         self.eng.event("info", "pptp_call_down", lan=ip_str(call.lan_ip), call_id=call.lan_cid,
                        masq_call_id=call.masq_cid, server=ip_str(call.rem_ip), server_call_id=call.rem_cid,
-                       reason=why)
+                       reason=("cleared" if call.state == CLEARING else "expired") if why == TIMEOUT
+                       else "flushed" if why == FLUSH else why)
+        self.eng.changed(DESTROY, call, why)
 
     def _message(self, conn: Conn, outbound: bool, ctype: int, hdr: bytearray, now: float) -> None:
         """A whole message was read: update the call table (values as received)."""
@@ -713,6 +731,7 @@ class PPTPHelper(Helper):
             e.expires = now + self.t_plain
             self._wheel.add(e, e.expires)
             self.eng.event("debug", "entry_created", proto="gre", lan=ip_str(src), remote=ip_str(rem), kind="plain")
+            self.eng.changed(NEW, e)
         c = apply_delta((pkt[10] << 8) | pkt[11], e.dip_out)
         pkt[10] = c >> 8
         pkt[11] = c & 0xFF
@@ -782,16 +801,17 @@ class PPTPHelper(Helper):
                     c.state = CLEARING
                     c.expires = now + self.t_clear
                     self._wheel.add(c, c.expires)
+                    self.eng.changed(UPDATE, c, STATE)
             self._orphans.clear()
         for x in self._wheel.due(now, lambda e: e.dead, lambda e: e.expires):
             if isinstance(x, Call):
                 if x.state != CLEARING:
                     self.eng.count("pptp_calls_expired")
-                self._remove(x, "expired" if x.state != CLEARING else "cleared")
+                self._remove(x, TIMEOUT)
             else:
-                self._remove_plain(x)
+                self._remove_plain(x, TIMEOUT)
 
-    def _remove_plain(self, e: _Plain) -> None:
+    def _remove_plain(self, e: _Plain, why: str) -> None:
         if e.dead:
             return
         e.dead = True
@@ -801,49 +821,65 @@ class PPTPHelper(Helper):
         k_in = e.rem_ip.to_bytes(4, "big")
         if self.plain_in.get(k_in) is e:
             del self.plain_in[k_in]
+        self.eng.changed(DESTROY, e, why)
 
     def entries(self, now: float) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        wan = ip_str(self.eng.wan_ip)
-        for call in self.calls:
-            rc = call.rem_cid
-            rows.append({
-                "proto": "gre",
-                "lan": f"{ip_str(call.lan_ip)}:{call.lan_cid}",
-                "wan": f"{wan}:{call.masq_cid}",
-                "remote": f"{ip_str(call.rem_ip)}:{'?' if rc is None else rc}",
-                "state": STATE_NAMES[call.state],
-                "expires_in": round(max(0.0, call.expires - now), 1),
-                "inbound": call.forwarded,
-                "helper": "pptp",
-                "lan_call_id": call.lan_cid,
-                "masq_call_id": call.masq_cid,
-                "server_call_id": rc,
-                "server_calls": self.server_calls.get(call.rem_ip, 0),
-            })
-        for e in self.plain_out.values():
-            rows.append({"proto": "gre", "lan": ip_str(e.lan_ip), "wan": wan, "remote": ip_str(e.rem_ip),
-                         "state": "PLAIN", "expires_in": round(max(0.0, e.expires - now), 1), "inbound": False,
-                         "helper": "pptp"})
+        rows: list[dict[str, Any]] = [self._call_row(call, now) for call in self.calls]
+        rows.extend(self._plain_row(e, now) for e in self.plain_out.values())
         return rows
+
+    def row(self, entry: Any, now: float) -> dict[str, Any] | None:
+        if isinstance(entry, Call):
+            return self._call_row(entry, now)
+        if isinstance(entry, _Plain):
+            return self._plain_row(entry, now)
+        return None
+
+    def _call_row(self, call: Call, now: float) -> dict[str, Any]:
+        rc = call.rem_cid
+        return {
+            "proto": "gre",
+            "lan": f"{ip_str(call.lan_ip)}:{call.lan_cid}",
+            "wan": f"{ip_str(self.eng.wan_ip)}:{call.masq_cid}",
+            "remote": f"{ip_str(call.rem_ip)}:{'?' if rc is None else rc}",
+            "state": STATE_NAMES[call.state],
+            "expires_in": round(max(0.0, call.expires - now), 1),
+            "inbound": call.forwarded,
+            "helper": "pptp",
+            "lan_call_id": call.lan_cid,
+            "masq_call_id": call.masq_cid,
+            "server_call_id": rc,
+            "server_calls": self.server_calls.get(call.rem_ip, 0),
+            **acct_row(call),
+        }
+
+    def _plain_row(self, e: _Plain, now: float) -> dict[str, Any]:
+        return {"proto": "gre", "lan": ip_str(e.lan_ip), "wan": ip_str(self.eng.wan_ip), "remote": ip_str(e.rem_ip),
+                "state": "PLAIN", "expires_in": round(max(0.0, e.expires - now), 1), "inbound": False,
+                "helper": "pptp"}
 
     def wan_changed(self, old: int, new: int, mode: str, now: float) -> None:
         if mode == "flush":
-            self.flush()
+            self._flush(ADDRESS_CHANGE)
             return
         for call in self.calls:
             self._deltas(call)
             call.fw = None
+            self.eng.changed(UPDATE, call, ADDRESS_CHANGE)
         for e in self.plain_out.values():
             self._deltas(e)
+            self.eng.changed(UPDATE, e, ADDRESS_CHANGE)
 
     def flush(self) -> int:
+        return self._flush(FLUSH)
+
+    def _flush(self, why: str) -> int:
         calls = list(self.calls)
         for c in calls:
-            self._remove(c, "flushed")
+            self._remove(c, why)
         plain = list(self.plain_out.values())
         for e in plain:
-            self._remove_plain(e)
+            self._remove_plain(e, why)
         return len(calls) + len(plain)
 
     def size(self) -> int:
