@@ -235,6 +235,24 @@ class Control(_Frozen):
     socket: str = "/run/masqd/masqd.sock"
 
 
+class State(_Frozen):
+    """The state file: the masquerade table (every protocol and helper), the dynamic WAN address
+    and the counters, kept across a restart. Written at stop (SIGTERM/SIGINT), on ``masqd
+    save``, and every ``interval`` seconds when that is not 0; read back by ``masqd run``.
+    Not the JSON snapshot of ``--state-file`` (SIGUSR1), which is for scripts."""
+
+    enabled: bool = True
+    file: str = "/var/lib/masqd/state"
+    interval: float = Field(0.0, ge=0)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if v and v < 1.0:
+            raise ValueError("interval must be 0 (off) or at least 1 second")
+        return v
+
+
 class Capture(_Frozen):
     lan: str | None = None  # pcap file path
     wan: str | None = None
@@ -330,6 +348,7 @@ class Config(_Frozen):
     logging: Logging = Logging()
     control: Control = Control()
     capture: Capture = Capture()
+    state: State = State()
     dataplane: DataplaneSettings = DataplaneSettings()
     expire_interval: float = Field(1.0, gt=0)
     source: str = "<string>"

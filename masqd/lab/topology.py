@@ -375,6 +375,7 @@ class Lab:
         head = (f"# masqd in the lab {p!r} ({self.mode.upper()} mode): run it inside {p}-fw, e.g.\n"
                 f"#   ip netns exec {p}-fw masqd run -c THIS_FILE\n")
         return (f"{head}\n[lan]\n{lan}\n[wan]\n{wan}\n[control]\nsocket = \"/run/masqd/{p}.sock\"\n\n"
+                f"[state]\nfile = \"/run/masqd/{p}.state\"\n\n"
                 f"[metrics]\nlisten = \"127.0.0.1:9598\"\n{extra}")
 
     def start_masqd(self, config_text: str | None = None, *, timeout: float = 15.0,
@@ -413,9 +414,8 @@ class Lab:
             _run(["ip", "netns", "del", ns], check=False)
         if self.rundir.exists():
             shutil.rmtree(self.rundir, ignore_errors=True)
-        sock = Path(f"/run/masqd/{self.prefix}.sock")
-        if sock.exists():
-            sock.unlink(missing_ok=True)
+        for leftover in (f"{self.prefix}.sock", f"{self.prefix}.state", f"{self.prefix}.state.refused"):
+            Path("/run/masqd", leftover).unlink(missing_ok=True)
         return names
 
     def status(self) -> str:

@@ -1,7 +1,7 @@
 """The operator subcommands of ``masqd`` that talk to a running daemon over its control socket.
 
 ``masqd table [--json] [FILTER]``, ``masqd stats [--json]``, ``masqd rules list``,
-``masqd flush [FILTER]``, ``masqd wan-address set ADDR``, ``masqd reload``,
+``masqd flush [FILTER]``, ``masqd wan-address set ADDR``, ``masqd reload``, ``masqd save``,
 ``masqd capture --iface lan|wan -w FILE [--duration S]``. Each finds the socket
 from ``--socket``, else ``$MASQD_SOCKET``, else ``control.socket`` of ``-c CONFIG``,
 else the default ``/run/masqd/masqd.sock``. Errors are one line on stderr and
@@ -95,6 +95,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_save(args: argparse.Namespace) -> int:
+    res = _call(args, {"cmd": "save"})
+    print(f"state saved to {res['path']} ({res['bytes']} bytes, {res['seconds']} s)")
+    return EXIT_OK
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.write or f"masqd-{args.iface}.pcap")
     res = _call(args, {"cmd": "capture", "action": "start", "iface": args.iface, "path": path})
@@ -155,6 +161,11 @@ def add_reload(sub: argparse._SubParsersAction) -> None:
     _parser(sub, "reload", "re-read and validate the config, swap it in (like SIGHUP)", cmd_reload)
 
 
+def add_save(sub: argparse._SubParsersAction) -> None:
+    _parser(sub, "save", "write the state file now (the table kept across a restart; [state] in the config)",
+            cmd_save)
+
+
 def add_capture(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "capture", "write a pcap of what masqd reads and writes on one side", cmd_capture)
     p.add_argument("--iface", choices=["lan", "wan"], required=True)
@@ -163,5 +174,5 @@ def add_capture(sub: argparse._SubParsersAction) -> None:
 
 
 OPS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_table, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture,
+    add_table, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture, add_save,
 ]

@@ -124,6 +124,8 @@ COUNTER_RULES: tuple[Rule, ...] = (
     _r(r"fastpath_native_(?P<event>packets|full|unavailable)", "masqd_fastpath_native",
        "The native flow cache: packets it forwarded without Python, flows it could not take "
        "(full), start-ups without the native module (unavailable).", ("event",)),
+    _r(r"state_(?P<event>[a-z0-9_]+)", "masqd_state_events",
+       "State file events: saves, entries restored, files and entries refused (by reason).", ("event",)),
     _r(rf"dp_{_IF}_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
        "Data-plane events by interface (write errors, ARP, ...).", ("interface", "event")),
     _r(r"dp_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
