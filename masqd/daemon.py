@@ -17,6 +17,10 @@ at stop, on the control socket's ``save`` and every ``[state] interval``
 seconds (the document is made in the loop, compressed and written in a worker
 thread).
 
+An active/backup pair (``[ha]``, :mod:`masqd.ops.ha`): masqd starts as the
+standby (routes nothing, answers no ARP), syncs with its peer, and takes the
+role keepalived gives it over the control socket (``role``).
+
 Under systemd, readiness is told once the devices are up and the ops
 services listen (``ops.ready()``: READY=1), and the stop as soon as it
 begins (``ops.stopping()``: STOPPING=1); a start that fails leaves its
@@ -155,7 +159,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file: str | None,
-                 ready_file: str | None) -> None:
+                 ready_file: str | None, ha_key: bytes | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -174,6 +178,7 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
     saver = StateSaver(dp, cfg)
     dp.start(loop)
     ops = None
+    ha: Any = None
     periodic: asyncio.Task[None] | None = None
 
     def current_cfg() -> Any:
@@ -185,12 +190,32 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
             raise ValueError("the state file is off ([state] enabled = false)")
         return saver.save()
 
+    def counters() -> dict[str, int]:
+        out = dict(dp.counters)
+        if ha is not None:
+            out.update(ha.counters())
+        return out
+
+    def set_role(role: str, by: str) -> dict[str, Any]:
+        if ha is None:
+            raise ValueError("the pair's sync is not running yet")
+        return dict(ha.set_role(role, by))
+
     try:
         ops = await start_ops(
             dp.engine, cfg, config_path=config_path, now=dp.clock, on_reload=dp.on_reload,
-            set_wan_address=dp.set_wan_address, extra_gauges=lambda: dict(dp.counters),
+            set_wan_address=dp.set_wan_address, extra_gauges=counters,
             sync=dp.sync_native, save_state=save_now,
+            set_role=set_role if ha_key is not None else None,
+            role=(lambda: ha.role if ha is not None else "starting") if ha_key is not None else None,
         )
+        if ha_key is not None:
+            from masqd.dataplane.device import open_alive_device
+            from masqd.ops.ha import HA
+
+            ha = HA(dp.engine, cfg, ha_key, clock=dp.clock, set_active=dp.set_active, sync=dp.sync_native,
+                    log=ops.log, open_alive=open_alive_device)
+            await ha.start()
         periodic = asyncio.create_task(saver.periodic(current_cfg), name="masqd-state-save")
         dp.set_capture(ops.capture)
         if ready_file:
@@ -201,6 +226,11 @@ async def _serve(dp: Dataplane, cfg: Config, config_path: str | None, state_file
         log.info("masqd stopping")
         ops.stopping()
     finally:
+        if ha is not None:
+            try:
+                await ha.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("ha shutdown failed")
         if periodic is not None:
             periodic.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -246,8 +276,18 @@ def run(cfg: Config, *, config_path: str | None = None, state_file: str | None =
         Engine(cfg)  # a configuration the engine refuses is refused before any state is read
     except Exception as exc:  # noqa: BLE001 - a refusal, not a traceback
         return _refuse(f"cannot start the engine: {exc}")
+    ha_key = None
+    if cfg.ha.enabled:
+        from masqd.ops.ha import read_key
+
+        try:
+            ha_key = read_key(cfg.ha.key_file)
+        except ValueError as exc:
+            return _refuse(str(exc))
     engine = restore_state(cfg)
     dp = Dataplane(cfg, engine)
+    if ha_key is not None:
+        dp.set_active(False)  # a pair's member starts as the standby, silent
     try:
         dp.open()
     except DeviceError as exc:
@@ -256,7 +296,7 @@ def run(cfg: Config, *, config_path: str | None = None, state_file: str | None =
     t0 = time.monotonic()
     try:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(_serve(dp, cfg, config_path, state_file, ready_file))
+        loop.run_until_complete(_serve(dp, cfg, config_path, state_file, ready_file, ha_key))
     finally:
         dp.close()
         loop.close()

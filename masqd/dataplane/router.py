@@ -23,6 +23,11 @@ Ethernet layer (ARP, neighbour cache, ICMP host-unreachable when a next hop
 cannot be resolved). Timers call ``engine.expire(now)`` every
 ``cfg.expire_interval`` and drive ARP retransmissions.
 
+In an active/backup pair (``set_active``), the standby reads its devices but
+routes nothing, answers no ARP and announces nothing; its engine's timers do
+not run (the active's table changes reach it by sync). Taking over sends
+gratuitous ARP on both sides (three times, 0.1 s apart).
+
 Non-IPv4 input (IPv6 router solicitations, LLDP, ...) is dropped and counted
 in ``counters["drop_non_ipv4"]``; data-plane counters live in
 ``Dataplane.counters`` next to the engine's own.
@@ -317,6 +322,7 @@ class Dataplane:
         self._napi_quiet = 0
         self.napi_threaded = False
         self._napi_busy = False
+        self.active = True  # an active/backup pair's standby routes nothing (set_active)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -345,9 +351,50 @@ class Dataplane:
 
     def add_port(self, port: Port) -> None:
         """Attach an opened port (``open`` does this for the configured devices)."""
-        port.handle = self._handle_lan if port.iface == "lan" else self._handle_wan
-        port.handle_v = self._route_v
         self.ports[port.iface] = port
+        self._set_handlers(port)
+
+    def _set_handlers(self, port: Port) -> None:
+        if self.active:
+            port.handle = self._handle_lan if port.iface == "lan" else self._handle_wan
+            port.handle_v = self._route_v
+        else:
+            port.handle = self._standby_drop
+            port.handle_v = self._standby_drop_v
+        if port.l2 is not None:
+            port.l2.silent = not self.active
+
+    def _standby_drop(self, pkt: bytes | bytearray, now: float) -> None:
+        _bump(self.counters, "dp_standby_drops")
+
+    def _standby_drop_v(self, pkt: bytes | bytearray, vh: bytes, port: Port, now: float) -> None:
+        _bump(self.counters, "dp_standby_drops")
+
+    def set_active(self, active: bool) -> None:
+        """Become the active (route, answer ARP, announce the addresses) or the standby of a pair."""
+        if active == self.active:
+            return
+        self.active = active
+        for port in self.ports.values():
+            self._set_handlers(port)
+        if not self._started or self.loop is None:
+            return
+        if active:
+            self._set_native()
+            self._announce(3)
+        else:
+            self.close_native()
+
+    def _announce(self, times: int) -> None:
+        """Gratuitous ARP on every TAP port, ``times`` times 0.1 s apart (a lost one is repeated)."""
+        if not self._started or not self.active or self.loop is None:
+            return
+        for port in self.ports.values():
+            if port.l2 is not None:
+                port.l2.gratuitous()
+                port.flush_l2()
+        if times > 1:
+            self._timers["announce"] = self.loop.call_later(0.1, self._announce, times - 1)
 
     def _steer(self) -> None:
         """``dataplane.rps``: pin masqd to one CPU, the kernel work after its writes to the others."""
@@ -405,7 +452,7 @@ class Dataplane:
         now = self.clock()
         for port in self.ports.values():
             if port.l2 is not None:
-                port.l2.gratuitous()
+                port.l2.gratuitous()  # (nothing when silent: a standby)
                 port.flush_l2()
         self._started = True
         self._timers["expire"] = loop.call_later(self.cfg.expire_interval, self._expire)
@@ -486,7 +533,7 @@ class Dataplane:
 
     def _set_native(self) -> None:
         """Start or stop the native fast path for ``cfg.dataplane.fastpath``."""
-        want = self.cfg.dataplane.fastpath == "native"
+        want = self.cfg.dataplane.fastpath == "native" and self.active
         if not want or len(self.ports) != 2 or not hasattr(self.engine, "epoch"):
             if self.native is not None:
                 self.close_native()
@@ -719,7 +766,8 @@ class Dataplane:
             return
         try:
             self.sync_native()  # the flow cache's counts refresh the sessions' expiry
-            self.engine.expire(self.clock())
+            if self.active:  # a standby's entries go when the active says so
+                self.engine.expire(self.clock())
         except Exception:  # noqa: BLE001
             _bump(self.counters, "dp_expire_errors")
             log.exception("engine.expire failed")

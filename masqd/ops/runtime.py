@@ -147,6 +147,7 @@ class Ops:
         notifier: Notifier | None = None,
         role: Callable[[], str | None] | None = None,
         save_state: Callable[[], dict[str, Any]] | None = None,
+        set_role: Callable[[str, str], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
@@ -175,6 +176,7 @@ class Ops:
         self.notify = notifier if notifier is not None else Notifier.from_env()
         self._role = role
         self._save_state = save_state
+        self._set_role = set_role
         self._status_sent: str | None = None
         self._stopping = False
 
@@ -385,6 +387,7 @@ class Ops:
             "reload": self._h_reload,
             "capture": self._h_capture,
             "save": self._h_save,
+            "role": self._h_role,
         }
 
     def _h_ping(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -518,6 +521,20 @@ class Ops:
         self.log.info("state_saved", path=res.get("path"), bytes=res.get("bytes"), seconds=res.get("seconds"),
                       by="control")
         return res
+
+    def _h_role(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self._set_role is None:
+            raise RequestError("role: this masqd is not one of an active/backup pair ([ha] enabled = false)")
+        role = req.get("role")
+        if role is None:  # a question, not an order
+            return {"role": self._role() if self._role is not None else None}
+        by = req.get("by", "control")
+        if not isinstance(role, str) or not isinstance(by, str):
+            raise RequestError("role: 'role' and 'by' must be strings")
+        try:
+            return self._set_role(role, by[:32])
+        except ValueError as exc:
+            raise RequestError(f"role: {exc}") from None
 
     def _h_capture(self, req: dict[str, Any]) -> Any:
         action = req.get("action", "status")
