@@ -8,7 +8,8 @@ STOP -> backup), sent one after the other, so masqd sees the transitions in
 the order keepalived made them (separate notify scripts run concurrently and
 may arrive out of order). When keepalived dies the FIFO reports end of file:
 nobody decides any more, so masqd is told ``fault`` (it stops routing rather
-than risk two active routers). Standard library only: it starts fast.
+than risk two active routers); the same when keepalived stops or ends this
+script (SIGTERM, SIGHUP). Standard library only: it starts fast.
 
     python3 -m masqd.ops.keepalived SOCKET [FIFO]
 """
@@ -16,6 +17,8 @@ than risk two active routers). Standard library only: it starts fast.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sys
 import time
@@ -53,14 +56,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sock_path = args[0]
     fifo = args[-1] if len(args) > 1 else None
+    # keepalived may hand us its own end of the FIFO: with it open, its death would never show
+    os.closerange(3, 1 << 16)
+    # keepalived stopping (or dying: its VRRP process ends its scripts) terminates us
+    signal.signal(signal.SIGTERM, _gone)
+    signal.signal(signal.SIGHUP, _gone)
+    try:
+        _follow(sock_path, fifo)
+    except _Gone:
+        pass
+    tell(sock_path, "fault", "keepalived-gone", attempts=3)
+    return 0
+
+
+class _Gone(Exception):
+    pass
+
+
+def _gone(signum: int, frame: object) -> None:
+    raise _Gone
+
+
+def _follow(sock_path: str, fifo: str | None) -> None:
     stream = open(fifo, encoding="utf-8", errors="replace") if fifo else sys.stdin  # noqa: SIM115
     with stream:
         for line in stream:
             role = role_of(line)
             if role is not None and not tell(sock_path, role, "keepalived"):
                 print(f"masqd-keepalived: masqd at {sock_path} did not take role {role}", file=sys.stderr)
-    tell(sock_path, "fault", "keepalived-gone", attempts=3)
-    return 0
 
 
 if __name__ == "__main__":
