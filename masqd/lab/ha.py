@@ -128,12 +128,20 @@ class HAPair:
         return proc
 
     def up(self, timeout: float = 20.0) -> str:
-        """Both masqd and both keepalived; returns the node that became active."""
-        for node in ("a", "b"):
-            self.start_masqd(node)
-        for node in ("a", "b"):
-            self.start_keepalived(node)
-        return self.wait_active(timeout=timeout)
+        """Node a (masqd and keepalived) first, until it is active (no peer: it waits
+        ``ha.sync_wait``), then node b, until it holds a's table as the standby. Returns "a"."""
+        self.start_masqd("a")
+        self.start_keepalived("a")
+        self.wait_active("a", timeout=timeout)
+        self.start_masqd("b")
+        self.start_keepalived("b")
+        self.wait_synced("b", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.role("b") != "backup":
+            if time.monotonic() > deadline:
+                raise LabError(f"masqd b is {self.role('b')!r}, not the standby")
+            time.sleep(0.02)
+        return "a"
 
     def stop(self) -> None:
         for proc in self.keepalived.values():

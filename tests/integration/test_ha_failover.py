@@ -89,7 +89,7 @@ def gaps(ping_out: str, at: float) -> tuple[int, int, float]:
     times = [float(m.group(1)) for ln in ping_out.splitlines() if (m := _REPLY.match(ln))]
     m = re.search(r"(\d+) packets transmitted, (\d+) received", ping_out)
     assert m, ping_out[-500:]
-    near = [b - a for a, b in zip(times, times[1:], strict=False) if a - 3 < at < b + 3]
+    near = [b - a for a, b in zip(times, times[1:], strict=False) if a - 1 < at < b + 1]
     return int(m.group(1)), int(m.group(2)), max(near, default=float("inf"))
 
 
