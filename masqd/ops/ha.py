@@ -67,6 +67,7 @@ MAC_LEN = 32
 MAX_DATAGRAM = 1400
 MAX_BODY = MAX_DATAGRAM - HDR.size - MAC_LEN
 HELLO_INTERVAL = 0.5
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode  # one encoder, reused
 BULK_PER_TICK = 256  # datagrams of a bulk sent per batch interval
 
 
@@ -329,7 +330,7 @@ class HA:
             recs = enginestate.export(self.engine, now)
             self.bulk_id += 1
             self.bulk_out = [b'{"id":%d,"recs":%s}' % (self.bulk_id, c)
-                             for c in self._chunks([json.dumps(r, separators=(",", ":")) for r in recs])]
+                             for c in self._chunks([_encode(r) for r in recs])]
             self.bulk_out.append(b'{"id":%d,"end":%d}' % (self.bulk_id, len(recs)))
             self.bulk_sent_at = time.monotonic()
             self.count("ha_resyncs_sent")
@@ -349,9 +350,9 @@ class HA:
             if rec is None:
                 continue
             if op == "u":
-                ops.append(json.dumps(["u", rec], separators=(",", ":")))
+                ops.append(_encode(["u", rec]))
             else:
-                ops.append(json.dumps(["d", rec, op[2:]], separators=(",", ":")))
+                ops.append(_encode(["d", rec, op[2:]]))
         for body in self._chunks(ops):
             self._send(T_UPDATE, body)
 
