@@ -228,3 +228,49 @@ def test_a_standby_hearing_an_active_peer_is_not_ready_until_synced() -> None:
     assert b.ha.peer_role == "active" and not b.ha.ready()
     sync(a, b)
     assert b.ha.ready()
+
+
+def test_config_refuses_an_unusable_pair_or_state_section() -> None:
+    from masqd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tap"):
+        make_cfg('[ha]\nenabled = true\npeer = "10.254.0.2:7017"\n')
+    with pytest.raises(ConfigError, match="IPV4:PORT"):
+        make_cfg('[ha]\npeer = "somewhere"\n')
+    with pytest.raises(ConfigError, match="interval"):
+        make_cfg("[state]\ninterval = 0.5\n")
+
+
+def test_keepalived_fifo_lines_become_role_requests_in_order_and_the_end_is_a_fault(tmp_path: Any) -> None:
+    import socket
+    import threading
+
+    from masqd.ops import keepalived
+
+    assert keepalived.role_of('INSTANCE "masqd" MASTER 150') == "active"
+    assert keepalived.role_of('INSTANCE "masqd" FAULT 150') == "fault"
+    assert keepalived.role_of('GROUP "g" MASTER') is None
+    sock_path = str(tmp_path / "ctl.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    srv.listen(8)
+    got: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        for _ in range(4):
+            c, _ = srv.accept()
+            with c:
+                got.append(json.loads(c.makefile("rb").readline()))
+                c.sendall(b'{"ok": true, "result": {}}\n')
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    fifo = tmp_path / "lines"
+    fifo.write_text('INSTANCE "masqd" BACKUP 150\nINSTANCE "masqd" MASTER 150\nINSTANCE "masqd" BACKUP 150\n')
+    assert keepalived._follow(sock_path, str(fifo)) is None
+    assert keepalived.tell(sock_path, "fault", "keepalived-gone")
+    t.join(5)
+    srv.close()
+    assert [(r["cmd"], r["role"], r["by"]) for r in got] == [
+        ("role", "backup", "keepalived"), ("role", "active", "keepalived"), ("role", "backup", "keepalived"),
+        ("role", "fault", "keepalived-gone")]
