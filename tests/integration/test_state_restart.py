@@ -148,3 +148,30 @@ def test_a_corrupted_state_file_starts_empty_with_one_line_and_a_counter(own_lab
     assert len(lines) == 1 and "empty table" in lines[0], m.log()
     assert "Traceback" not in m.log()
     assert LAN3
+
+
+def test_masqd_save_and_the_interval_write_the_state_file_while_running(own_lab: LabFactory) -> None:
+    from pathlib import Path
+
+    from masqd.ops import statefile
+
+    lab = own_lab("tap", "v")
+    path = Path(f"/run/masqd/{lab.prefix}.state")
+    m = lab.start_masqd(lab.masqd_config().replace("[state]\n", "[state]\ninterval = 1\n"))
+    try:
+        assert not path.exists()
+        lab.tool("lan2", ["udp-client", SRV1, "9", "1", "--sport", "4444"], timeout=1)
+        deadline = time.monotonic() + 5
+        while not path.exists():  # the interval's save
+            assert time.monotonic() < deadline, m.log()
+            time.sleep(0.1)
+        path.unlink()
+        cp = subprocess.run([sys.executable, "-m", "masqd.cli", "save", "--socket", f"/run/masqd/{lab.prefix}.sock"],
+                            capture_output=True, text=True, timeout=20)
+        assert cp.returncode == 0 and f"state saved to {path}" in cp.stdout, cp.stdout + cp.stderr
+        doc = statefile.read(path, 1 << 24)
+        assert doc is not None
+        assert any(r["k"] == "session" and r["lp"] == 4444 for r in doc["records"]), doc["records"]
+    finally:
+        assert m.stop() == 0
+    assert "Traceback" not in m.log()
