@@ -11,6 +11,7 @@ active never learned a pair itself (``esp_learned`` absent: its pair came by syn
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -90,3 +91,4 @@ def test_ipsec_tunnel_survives_a_failover_without_a_new_ike_exchange(guest_image
     assert any(r.get("proto") == "esp" and r.get("state") == "ESTABLISHED" for r in table), table
     assert "esp_learned" not in counters and "isakmp_sessions" not in counters, counters
     assert "Traceback" not in logs
+    shutil.rmtree(run_dir, ignore_errors=True)  # passed: no evidence to keep

@@ -12,6 +12,7 @@ one ISAKMP session and the one learned SPI pair (restored, not made anew).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import re
 import subprocess
 import time
@@ -104,3 +105,4 @@ def test_ipsec_tunnel_survives_a_restart_without_a_new_ike_exchange(guest_images
     assert c.get("state_restored_entries", 0) >= 2 and "state_file_refused" not in c, c
     assert c.get("isakmp_sessions") == 1 and c.get("esp_learned") == 1, c  # restored, none made anew
     assert any(r.get("proto") == "esp" and r.get("state") == "ESTABLISHED" for r in after.get("table", []))
+    shutil.rmtree(run_dir, ignore_errors=True)  # passed: no evidence to keep
