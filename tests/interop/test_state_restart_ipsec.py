@@ -12,8 +12,8 @@ one ISAKMP session and the one learned SPI pair (restored, not made anew).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
