@@ -87,10 +87,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from masqd.lab import Lab, LabError
 
     try:
-        lab = Lab(args.prefix, mode=args.mode)
+        ha = getattr(args, "ha", False)
+        lab = Lab(args.prefix, mode="tap" if ha else args.mode, ha=ha)
         if args.action == "up":
             lab.up()
             print(lab.describe())
+            if ha:
+                from masqd.lab.ha import start_detached
+
+                try:
+                    print(start_detached(lab, preempt=not args.no_preempt).describe())
+                except LabError:
+                    lab.down()
+                    raise
             return EXIT_OK
         if args.action == "down":
             removed = lab.down()
@@ -114,7 +123,10 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--mode", choices=["tun", "tap"], default="tap", help="masqd's device mode (default tap)")
     p = sub.add_parser("lab", help="network-namespace lab: up | down | status | exec ROLE -- CMD")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("up", parents=[common], help="build the lab")
+    up = actions.add_parser("up", parents=[common], help="build the lab")
+    up.add_argument("--ha", action="store_true", help="an active/backup pair: two masqd and two keepalived "
+                    "(TAP mode), started and left running")
+    up.add_argument("--no-preempt", action="store_true", help="with --ha: the first active keeps the role")
     actions.add_parser("down", parents=[common], help="remove everything with this prefix")
     actions.add_parser("status", parents=[common], help="show the lab's namespaces and addresses")
     e = actions.add_parser("exec", parents=[common], help="run a command in a role's namespace: exec ROLE -- CMD")

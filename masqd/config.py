@@ -276,6 +276,56 @@ class Control(_Frozen):
     socket: str = "/run/masqd/masqd.sock"
 
 
+class State(_Frozen):
+    """The state file: the masquerade table (every protocol and helper), the dynamic WAN address
+    and the counters, kept across a restart. Written at stop (SIGTERM/SIGINT), on ``masqd
+    save``, and every ``interval`` seconds when that is not 0; read back by ``masqd run``.
+    Not the JSON snapshot of ``--state-file`` (SIGUSR1), which is for scripts."""
+
+    enabled: bool = True
+    file: str = "/var/lib/masqd/state"
+    interval: float = Field(0.0, ge=0)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if v and v < 1.0:
+            raise ValueError("interval must be 0 (off) or at least 1 second")
+        return v
+
+
+class HA(_Frozen):
+    """Active/backup pair (masqd.ops.ha): keepalived decides who is active and tells masqd through
+    the control socket (``masqd role``); the active sends every table change to the peer over a
+    dedicated link (UDP, HMAC-SHA256 with the key in ``key_file``). TAP mode only."""
+
+    enabled: bool = False
+    listen: str = "0.0.0.0:7017"  # the sync socket (in masqd's own network namespace)
+    peer: str = ""  # the peer's sync address, HOST:PORT; messages from anywhere else are dropped
+    key_file: str = "/etc/masqd/ha.key"
+    # a TUN device kept open (and up) while masqd runs and is ready to take over; keepalived
+    # tracks it (track_interface): it vanishes when masqd dies. "" for none.
+    alive_device: str = "masqd-alive"
+    batch_interval: float = Field(0.01, ge=0.001, le=1.0)  # seconds between sync batches
+    queue_max: int = Field(65536, ge=16)  # changes waiting to be sent; beyond: a full resync
+    sync_wait: float = Field(2.0, ge=0)  # at start, wait this long for an active peer's table
+
+    @field_validator("listen", "peer")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        if not v:
+            return v
+        host, sep, port = v.rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+            ok = bool(sep) and 1 <= int(port) <= 65535
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{v!r}: must be IPV4:PORT")
+        return v
+
+
 class Capture(_Frozen):
     lan: str | None = None  # pcap file path
     wan: str | None = None
@@ -372,6 +422,8 @@ class Config(_Frozen):
     logging: Logging = Logging()
     control: Control = Control()
     capture: Capture = Capture()
+    state: State = State()
+    ha: HA = HA()
     dataplane: DataplaneSettings = DataplaneSettings()
     expire_interval: float = Field(1.0, gt=0)
     source: str = "<string>"
@@ -382,6 +434,10 @@ class Config(_Frozen):
             raise ValueError("lan.address and wan.address networks overlap")
         if self.wan.gateway is not None and self.wan.gateway not in self.wan.address.network:
             raise ValueError("wan.gateway is not inside the wan.address network")
+        if self.ha.enabled and (self.lan.mode != "tap" or self.wan.mode != "tap"):
+            raise ValueError("ha.enabled needs lan.mode and wan.mode \"tap\" (the pair shares the segments)")
+        if self.ha.enabled and not self.ha.peer:
+            raise ValueError("ha.enabled needs ha.peer (the peer's sync address)")
         return self
 
 

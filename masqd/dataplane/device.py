@@ -295,3 +295,18 @@ def open_device(iface: Interface, napi: str = "off") -> Device:
         dev.close()
         raise
     return dev
+
+
+def open_alive_device(name: str) -> Device:
+    """A TUN device in masqd's own namespace, up, carrying nothing: it exists while masqd runs
+    (closed, or masqd killed, it disappears), for a process watcher such as keepalived's
+    ``track_interface`` (masqd.ops.ha). Call it outside the event loop (netlink, sync API)."""
+    handle = _open_pytun(name, "tun")
+    dev = Device(name, "tun", 1500, None, False, handle)
+    try:
+        dev.fd = handle.fileno()
+        _configure(handle.name, 1500, None, None)
+    except BaseException:
+        dev.close()
+        raise
+    return dev

@@ -12,6 +12,10 @@ data plane can answer their senders with ICMP host-unreachable
 Neighbour states follow Linux in a reduced form: INCOMPLETE (resolving),
 REACHABLE (confirmed within ``reachable`` seconds), STALE (still used, being
 re-confirmed by unicast probes; removed when they go unanswered).
+
+``silent``: the standby of an active/backup pair shares the segment and the
+addresses with the active; it answers no ARP request and announces nothing
+(it still learns its neighbours), until it takes over.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class EthernetHost:
         self.ip = 0
         self.net = 0
         self.mask = 0
+        self.silent = False
         self.set_address(ip, prefixlen, None)
 
     # ------------------------------------------------------------------ address
@@ -96,6 +101,8 @@ class EthernetHost:
             self.gratuitous()
 
     def gratuitous(self) -> None:
+        if self.silent:
+            return
         self.out.append(self._arp(1, BROADCAST, ZERO_MAC, self.ip, self.ip))
         _bump(self.counters, f"arp_{self.iface}_gratuitous")
 
@@ -158,7 +165,7 @@ class EthernetHost:
             n = self._new(spa)
             if n is not None:
                 self._confirm(n, sha, now)
-        if op == 1 and tpa == self.ip and self.ip:
+        if op == 1 and tpa == self.ip and self.ip and not self.silent:
             self.out.append(self._arp(2, sha, sha, self.ip, spa))
             _bump(c, f"arp_{self.iface}_replies")
 

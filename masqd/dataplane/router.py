@@ -27,6 +27,10 @@ Design decisions:
 - Data-plane counters live in ``Dataplane.counters`` next to the engine's own;
   the flow cache's counts are folded into the engine (``sync_native``) before
   anyone reads or changes it.
+- In an active/backup pair (``set_active``), the standby reads its devices but
+  routes nothing, answers no ARP and announces nothing; its engine's timers do
+  not run (the active's table changes reach it by sync). Taking over sends
+  gratuitous ARP on both sides (three times, 0.1 s apart).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Dataplane:
         # napi = "adaptive": packets passed on by Python (all ports), and the switch's state
         self.npkts = 0
         self.napi_switch = AdaptiveNapi(self.ports, self.counters)
+        self.active = True  # an active/backup pair's standby routes nothing (set_active)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -116,9 +121,50 @@ class Dataplane:
 
     def add_port(self, port: Port) -> None:
         """Attach an opened port (``open`` does this for the configured devices)."""
-        port.handle = self._handle_lan if port.iface == "lan" else self._handle_wan
-        port.handle_v = self._route_v
         self.ports[port.iface] = port
+        self._set_handlers(port)
+
+    def _set_handlers(self, port: Port) -> None:
+        if self.active:
+            port.handle = self._handle_lan if port.iface == "lan" else self._handle_wan
+            port.handle_v = self._route_v
+        else:
+            port.handle = self._standby_drop
+            port.handle_v = self._standby_drop_v
+        if port.l2 is not None:
+            port.l2.silent = not self.active
+
+    def _standby_drop(self, pkt: bytes | bytearray, now: float) -> None:
+        bump(self.counters, "dp_standby_drops")
+
+    def _standby_drop_v(self, pkt: bytes | bytearray, vh: bytes, port: Port, now: float) -> None:
+        bump(self.counters, "dp_standby_drops")
+
+    def set_active(self, active: bool) -> None:
+        """Become the active (route, answer ARP, announce the addresses) or the standby of a pair."""
+        if active == self.active:
+            return
+        self.active = active
+        for port in self.ports.values():
+            self._set_handlers(port)
+        if not self._started or self.loop is None:
+            return
+        if active:
+            self._set_native()
+            self._announce(3)
+        else:
+            self.close_native()
+
+    def _announce(self, times: int) -> None:
+        """Gratuitous ARP on every TAP port, ``times`` times 0.1 s apart (a lost one is repeated)."""
+        if not self._started or not self.active or self.loop is None:
+            return
+        for port in self.ports.values():
+            if port.l2 is not None:
+                port.l2.gratuitous()
+                port.flush_l2()
+        if times > 1:
+            self._timers["announce"] = self.loop.call_later(0.1, self._announce, times - 1)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Register the readers and timers on ``loop``; announce our addresses (TAP)."""
@@ -126,7 +172,7 @@ class Dataplane:
         now = self.clock()
         for port in self.ports.values():
             if port.l2 is not None:
-                port.l2.gratuitous()
+                port.l2.gratuitous()  # (nothing when silent: a standby)
                 port.flush_l2()
         self._started = True
         self._timers["expire"] = loop.call_later(self.cfg.expire_interval, self._expire)
@@ -177,7 +223,7 @@ class Dataplane:
 
     def _set_native(self) -> None:
         """Start or stop the native fast path for ``cfg.dataplane.fastpath``."""
-        want = self.cfg.dataplane.fastpath == "native"
+        want = self.cfg.dataplane.fastpath == "native" and self.active
         if not want or not self.cache.possible():
             if self.native is not None:
                 self.close_native()
@@ -339,7 +385,8 @@ class Dataplane:
             return
         try:
             self.sync_native()  # the flow cache's counts refresh the sessions' expiry
-            self.engine.expire(self.clock())
+            if self.active:  # a standby's entries go when the active says so
+                self.engine.expire(self.clock())
         except Exception:  # noqa: BLE001
             bump(self.counters, "dp_expire_errors")
             log.exception("engine.expire failed")

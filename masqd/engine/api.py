@@ -56,3 +56,8 @@ class EngineAPI(Protocol):
 
     def proto_forwarded(self, proto: int) -> bool:
         """A protocol forward (ipfwd) of the IP protocol ``proto`` exists."""
+
+    def find_session(self, proto: int, out_key: bytes) -> Any:
+        """The live session of ``proto`` whose outbound lookup key is ``out_key`` (LAN address,
+        remote address, LAN port, remote port), or None: how a helper's restored record finds
+        the session it belongs to."""

@@ -164,6 +164,10 @@ class Engine:
     def proto_forwarded(self, proto: int) -> bool:
         return proto in self.forwarders.proto_hosts
 
+    def find_session(self, proto: int, out_key: bytes) -> Session | None:
+        tbl = self.nat.out.get(proto)
+        return tbl.get(out_key) if tbl is not None else None
+
     # ---------------------------------------------------------------- counters
     @property
     def counters(self) -> dict[str, int]:

@@ -128,6 +128,22 @@ class Forwarders:
             m.fwd = g
         return m
 
+    def restore_mapping(self, proto: int, lan_ip: int, lan_port: int, wan_port: int) -> Mapping | None:
+        """The mapping of a restored session through a port forward (state file, sync): the
+        server's, when the configuration still forwards ``wan_port`` to that server; else None."""
+        g = self.groups.get((proto, wan_port))
+        if g is None or (g.listen is not None and g.listen != self.t.wan_ip):
+            return None
+        for sv in g.servers:
+            if sv.ip == lan_ip and sv.port == lan_port:
+                m = sv.m
+                if m is None or m.wan_ip != self.t.wan_ip:
+                    m = self.t.static_mapping(proto, sv.ip, sv.port, wan_port)
+                    sv.m = m
+                    m.fwd = g
+                return m
+        return None
+
     def connected(self, m: Mapping) -> None:
         """A session through a forward's mapping was made: count it."""
         g = m.fwd

@@ -388,6 +388,46 @@ class NatTable:
             x.fw = None
             self.emit(UPDATE, x, ADDRESS_CHANGE)
 
+    # ------------------------------------------------------------- restoring
+    def restore_mapping(self, proto: int, lan_ip: int, lan_port: int, wan_ip: int, wan_port: int) -> Mapping | None:
+        """The mapping of a LAN endpoint on a given WAN address and port (state file, sync):
+        the existing one when it agrees, a new one when the port is free; None when another
+        owner holds the port or the endpoint is mapped elsewhere (the caller counts why)."""
+        mk = (proto, lan_ip, lan_port)
+        m = self.maps.get(mk)
+        if m is not None:
+            return m if m.wan_port == wan_port and m.wan_ip == wan_ip else None
+        if self.pool.owner(proto, wan_port) is not None:
+            return None
+        # the host's port share holds for restored entries too (not its rate: nothing is new)
+        h = self._host(lan_ip, self.now)
+        i = PORT_INDEX.get(proto, 0)
+        if self.limits.max_ports and h.ports[i] >= self.limits.max_ports:
+            self._forget_idle(lan_ip, h)
+            return None
+        m = Mapping(proto, lan_ip, lan_port, wan_ip, wan_port, self.wan_ip_b if wan_ip == self.wan_ip else None)
+        self.pool.take(proto, wan_port, m)
+        h.ports[i] += 1
+        self.maps[mk] = m
+        return m
+
+    def restore_session(self, m: Mapping, rem_ip: int, rem_port: int, now: float, state: int,
+                        left: float) -> Session | None:
+        """``new_session`` for a restored entry: its state, and ``left`` seconds to live (at most
+        its timeout under the current configuration)."""
+        s = self.new_session(m, rem_ip, rem_port, now, state)
+        if s is None:
+            if m.empty() and not m.static:
+                self.drop_mapping(m, used=False)
+            return None
+        self.restore_expiry(s, now, left)
+        return s
+
+    def restore_expiry(self, s: Session, now: float, left: float) -> None:
+        """Set a session's deadline to ``now + left`` (capped at its timeout), earlier or later."""
+        s.expires = now + min(left, s.tmo)
+        self.wheel.add(s, s.expires)
+
     def due(self, now: float) -> list[Session]:
         """The sessions whose time ran out (not yet removed); ends the quarantines that are over."""
         self.now = now

@@ -23,6 +23,11 @@ on the WAN, gateway 203.0.113.1).
   on the way in so the edge stays invisible to traceroute (needs iptables'
   TTL target; without it the edge shows up as an extra hop).
 
+``ha=True`` adds a second router namespace ``{p}-fwb`` for the standby of an
+active/backup pair and a sync link between the two (veth ``ha0``:
+10.254.0.1/29 in ``{p}-fw``, 10.254.0.2/29 in ``{p}-fwb``); the pair itself
+(two masqd, two keepalived) is :mod:`masqd.lab.ha`.
+
 IPv6 is disabled in every namespace. ``down`` finds everything by prefix
 (also after a crash), stops the processes inside by PID and deletes the
 namespaces.
@@ -58,6 +63,7 @@ LANEDGE_ADDR = "10.255.255.254"
 WANEDGE_ADDR = "203.0.113.254"
 KFW_LAN = "10.0.0.254"
 KFW_WAN = "203.0.113.201"
+HA_A, HA_B, HA_VIP = "10.254.0.1", "10.254.0.2", "10.254.0.3"  # the sync link of an HA pair (/29)
 
 SEGMENTS = {"lan": "br-lan", "wan": "br-wan", "rem": "br-rem"}
 
@@ -104,13 +110,14 @@ def _pid_alive(pid: int) -> bool:
 class Lab:
     """One lab instance, identified by its prefix. ``mode`` is masqd's device mode."""
 
-    def __init__(self, prefix: str = "mq", mode: str = "tap") -> None:
+    def __init__(self, prefix: str = "mq", mode: str = "tap", ha: bool = False) -> None:
         if not _PREFIX_RE.match(prefix):
             raise LabError(f"prefix {prefix!r}: 1-10 lowercase letters/digits, starting with a letter")
         if mode not in ("tun", "tap"):
             raise LabError(f"mode {mode!r}: tun or tap")
         self.prefix = prefix
         self.mode = mode
+        self.ha = ha
         self.rundir = RUN_ROOT / prefix
         self.ttl_fix = True
 
@@ -121,7 +128,7 @@ class Lab:
         return f"{self.prefix}-{role}"
 
     def roles(self) -> list[str]:
-        base = ["sw", "fw", *HOSTS]
+        base = ["sw", "fw", *(["fwb"] if self.ha else []), *HOSTS]
         if self.mode == "tun":
             base += ["lanedge", "wanedge"]
         return base
@@ -189,6 +196,10 @@ class Lab:
         self._sysctl("isp", {"net.ipv4.ip_forward": 1})
         if self.mode == "tun":
             self._build_edges(hosts)
+        if self.ha:
+            self._batch("fw", [f"link add ha0 type veth peer name ha0 netns {self.ns('fwb')}",
+                               f"addr add {HA_A}/29 dev ha0", "link set ha0 up"])
+            self._batch("fwb", ["link set lo up", f"addr add {HA_B}/29 dev ha0", "link set ha0 up"])
 
     def _host_links(self) -> list[tuple[str, str, str, str, str | None]]:
         """(role, segment, host ifname, switch port name, address) for every veth."""
@@ -375,16 +386,18 @@ class Lab:
         head = (f"# masqd in the lab {p!r} ({self.mode.upper()} mode): run it inside {p}-fw, e.g.\n"
                 f"#   ip netns exec {p}-fw masqd run -c THIS_FILE\n")
         return (f"{head}\n[lan]\n{lan}\n[wan]\n{wan}\n[control]\nsocket = \"/run/masqd/{p}.sock\"\n\n"
+                f"[state]\nfile = \"/run/masqd/{p}.state\"\n\n"
                 f"[metrics]\nlisten = \"127.0.0.1:9598\"\n{extra}")
 
     def start_masqd(self, config_text: str | None = None, *, timeout: float = 15.0,
-                    args: Sequence[str] = ()) -> MasqdProcess:
-        """Write the config, start ``masqd run`` in ``{p}-fw``, wait until its devices are up."""
+                    args: Sequence[str] = (), role: str = "fw") -> MasqdProcess:
+        """Write the config, start ``masqd run`` in ``{p}-fw`` (or ``role``'s namespace), wait until
+        its devices are up."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         n = len(list(self.rundir.glob("masqd*.toml")))
         cfg_path = self.rundir / f"masqd{n}.toml"
         cfg_path.write_text(config_text if config_text is not None else self.masqd_config(), encoding="utf-8")
-        return MasqdProcess.start(self, cfg_path, timeout=timeout, args=args)
+        return MasqdProcess.start(self, cfg_path, timeout=timeout, args=args, role=role)
 
     # ------------------------------------------------------------------ teardown and status
 
@@ -413,9 +426,9 @@ class Lab:
             _run(["ip", "netns", "del", ns], check=False)
         if self.rundir.exists():
             shutil.rmtree(self.rundir, ignore_errors=True)
-        sock = Path(f"/run/masqd/{self.prefix}.sock")
-        if sock.exists():
-            sock.unlink(missing_ok=True)
+        for node in (self.prefix, f"{self.prefix}-b"):  # (-b: an HA pair's second masqd)
+            for leftover in (f"{node}.sock", f"{node}.state", f"{node}.state.refused"):
+                Path("/run/masqd", leftover).unlink(missing_ok=True)
         return names
 
     def status(self) -> str:
@@ -490,7 +503,8 @@ class MasqdProcess:
         return self.proc.pid
 
     @classmethod
-    def start(cls, lab: Lab, cfg_path: Path, *, timeout: float = 15.0, args: Sequence[str] = ()) -> MasqdProcess:
+    def start(cls, lab: Lab, cfg_path: Path, *, timeout: float = 15.0, args: Sequence[str] = (),
+              role: str = "fw") -> MasqdProcess:
         stem = cfg_path.stem
         state = lab.rundir / f"{stem}.state.json"
         ready = lab.rundir / f"{stem}.ready"
@@ -498,7 +512,7 @@ class MasqdProcess:
         for f in (state, ready):
             f.unlink(missing_ok=True)
         # Exec python directly in the namespace (no shell, no wrapper): the PID we hold is masqd's.
-        argv = ["ip", "netns", "exec", lab.ns("fw"), sys.executable, "-m", "masqd.cli", "run",
+        argv = ["ip", "netns", "exec", lab.ns(role), sys.executable, "-m", "masqd.cli", "run",
                 "-c", str(cfg_path), "--state-file", str(state), "--ready-file", str(ready), *args]
         with open(logp, "wb") as logf:
             proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

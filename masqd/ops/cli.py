@@ -4,7 +4,9 @@
 ``masqd events [--json] [-e new,update,destroy] [--duration S] [same filters]``
 (a stream of table changes, like ``conntrack -E``), ``masqd stats [--json]``,
 ``masqd rules list``, ``masqd flush [FILTER]``, ``masqd wan-address set ADDR``,
-``masqd reload``, ``masqd capture --iface lan|wan -w FILE [--duration S]``. Each finds the socket
+``masqd reload``, ``masqd save``, ``masqd role [active|backup|fault]`` (an active/backup
+pair; keepalived's FIFO script says it), ``masqd capture --iface lan|wan -w FILE
+[--duration S]``. Each finds the socket
 from ``--socket``, else ``$MASQD_SOCKET``, else ``control.socket`` of ``-c CONFIG``,
 else the default ``/run/masqd/masqd.sock``. Errors are one line on stderr and
 exit status 1 (daemon unreachable or request refused) or 2 (usage).
@@ -157,6 +159,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_save(args: argparse.Namespace) -> int:
+    res = _call(args, {"cmd": "save"})
+    print(f"state saved to {res['path']} ({res['bytes']} bytes, {res['seconds']} s)")
+    return EXIT_OK
+
+
+def cmd_role(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "role"}
+    if args.role:
+        req.update(role=args.role, by="cli")
+    res = _call(args, req)
+    if args.role and res.get("old") != res.get("role"):
+        print(f"role {res['role']} (was {res['old']})")
+    else:
+        print(f"role {res['role']}")
+    return EXIT_OK
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.write or f"masqd-{args.iface}.pcap")
     res = _call(args, {"cmd": "capture", "action": "start", "iface": args.iface, "path": path})
@@ -227,6 +247,16 @@ def add_reload(sub: argparse._SubParsersAction) -> None:
     _parser(sub, "reload", "re-read and validate the config, swap it in (like SIGHUP)", cmd_reload)
 
 
+def add_save(sub: argparse._SubParsersAction) -> None:
+    _parser(sub, "save", "write the state file now (the table kept across a restart; [state] in the config)",
+            cmd_save)
+
+
+def add_role(sub: argparse._SubParsersAction) -> None:
+    p = _parser(sub, "role", "an active/backup pair: show or set this masqd's role (keepalived sets it)", cmd_role)
+    p.add_argument("role", nargs="?", choices=["active", "backup", "fault"])
+
+
 def add_capture(sub: argparse._SubParsersAction) -> None:
     p = _parser(sub, "capture", "write a pcap of what masqd reads and writes on one side", cmd_capture)
     p.add_argument("--iface", choices=["lan", "wan"], required=True)
@@ -236,4 +266,5 @@ def add_capture(sub: argparse._SubParsersAction) -> None:
 
 OPS_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_table, add_events, add_stats, add_rules, add_flush, add_wan_address, add_reload, add_capture,
+    add_save, add_role,
 ]

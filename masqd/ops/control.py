@@ -10,7 +10,7 @@ Protocol (one JSON object per line, both ways, UTF-8)::
 Commands: ``ping``, ``table`` (``filter``, ``count``), ``stats``, ``rules``,
 ``flush`` (``filter``), ``wan-address`` (``action``="set", ``address``),
 ``reload``, ``capture`` (``action``="start"|"stop"|"status", ``iface``,
-``path``). The server only routes: the handlers are supplied by the ops
+``path``), ``save`` (write the state file now), ``role``. The server only routes: the handlers are supplied by the ops
 runtime. A handler signals a bad argument with :class:`RequestError`; every
 refusal (bad JSON, unknown command, bad argument, oversized line) gets an error
 reply and is counted by reason in ``masqd_control_errors_total``. The socket is

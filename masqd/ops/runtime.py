@@ -14,8 +14,11 @@ new config), ``set_wan_address(iface_addr)`` (replaces the default, which
 calls ``engine.set_wan_address``), ``extra_counters()`` (the data plane's own
 counters, named like the engine's and exported the same way; ``extra_gauges``
 is accepted as an alias), ``sync()`` (fold what the data plane counted outside
-the engine into it: called before ops reads or changes the engine) and ``now``
-(the engine's clock, default ``time.monotonic``).
+the engine into it: called before ops reads or changes the engine), ``now``
+(the engine's clock, default ``time.monotonic``) and ``save_state()`` (write
+the state file now, for the control socket's ``save``: returns what was
+written, raises ValueError when the state file is off, OSError when it
+cannot be written).
 
 Under systemd (``$NOTIFY_SOCKET`` set) ops speaks sd_notify
 (:mod:`masqd.ops.sdnotify`): the run loop calls :meth:`Ops.ready` once the
@@ -110,6 +113,8 @@ class Ops:
         metrics_listen: str | None = None,
         notifier: Notifier | None = None,
         role: Callable[[], str | None] | None = None,
+        save_state: Callable[[], dict[str, Any]] | None = None,
+        set_role: Callable[[str, str], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
         self.cfg = cfg
@@ -138,6 +143,8 @@ class Ops:
         self.reloader = Reloader(config_path, cfg, self._apply, self.counters, self.log)
         self.notify = notifier if notifier is not None else Notifier.from_env()
         self._role = role
+        self._save_state = save_state
+        self._set_role = set_role
         self._status_sent: str | None = None
         self._stopping = False
 
@@ -349,6 +356,8 @@ class Ops:
             "wan-address": self._h_wan_address,
             "reload": self._h_reload,
             "capture": self._h_capture,
+            "save": self._h_save,
+            "role": self._h_role,
         }
 
     def _h_ping(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -487,6 +496,33 @@ class Ops:
             raise RequestError("reload refused, running configuration kept:\n" + "\n".join(
                 f"{res.source}: {e}" for e in res.errors), "reload_failed")
         return res.as_dict()
+
+    def _h_save(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self._save_state is None:
+            raise RequestError("save: this masqd keeps no state file")
+        try:
+            res = self._save_state()
+        except ValueError as exc:
+            raise RequestError(f"save: {exc}") from None
+        except OSError as exc:
+            raise RequestError(f"save: cannot write the state file: {exc.strerror or exc}", "save_failed") from None
+        self.log.info("state_saved", path=res.get("path"), bytes=res.get("bytes"), seconds=res.get("seconds"),
+                      by="control")
+        return res
+
+    def _h_role(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self._set_role is None:
+            raise RequestError("role: this masqd is not one of an active/backup pair ([ha] enabled = false)")
+        role = req.get("role")
+        if role is None:  # a question, not an order
+            return {"role": self._role() if self._role is not None else None}
+        by = req.get("by", "control")
+        if not isinstance(role, str) or not isinstance(by, str):
+            raise RequestError("role: 'role' and 'by' must be strings")
+        try:
+            return self._set_role(role, by[:32])
+        except ValueError as exc:
+            raise RequestError(f"role: {exc}") from None
 
     def _h_capture(self, req: dict[str, Any]) -> Any:
         action = req.get("action", "status")

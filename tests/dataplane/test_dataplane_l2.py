@@ -151,3 +151,21 @@ def test_packets_with_offload_headers_wait_with_their_header() -> None:
     for t in (1.0, 2.0, 3.0, 4.0):
         h2.tick(t)
     assert h2.unreachable == [(ip(GW), offl)]
+
+
+def test_a_silent_host_answers_no_arp_and_announces_nothing() -> None:
+    """The standby of an active/backup pair: it learns its neighbours but says nothing."""
+    from masqd.dataplane.l2 import EthernetHost
+
+    c: dict[str, int] = {}
+    h = EthernetHost("lan", b"\x02\0\0\0\0\x01", 0x0A000001, 8, c)
+    h.silent = True
+    req = (b"\xff" * 6 + b"\x02\0\0\0\0\x02" + b"\x08\x06" + bytes.fromhex("0001080006040001") + b"\x02\0\0\0\0\x02"
+           + bytes([10, 0, 0, 2]) + b"\0" * 6 + bytes([10, 0, 0, 1]))
+    h.rx(req, 0.0)
+    h.gratuitous()
+    assert h.out == [] and 0x0A000002 in h.neigh
+    h.silent = False
+    h.rx(req, 0.0)
+    h.gratuitous()
+    assert len(h.out) == 2

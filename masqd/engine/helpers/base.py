@@ -1,5 +1,9 @@
 """The narrow interface between the engine core and its protocol helpers.
 
+Each helper also carries its own state as plain records (``masqd.engine.state``):
+``export`` / ``record`` make them, ``restore`` / ``forget`` apply them (through the
+helper's own bookkeeping, so its bounds hold), ``rearm`` restarts its timers.
+
 Modelled on libalias's module records: a helper declares what it works on
 (whole IP protocols such as ESP or GRE, UDP packets between two well-known
 ports such as ISAKMP 500<->500, or TCP sessions to a server port such as PPTP
@@ -55,6 +59,30 @@ class Helper:
 
     def session_closed(self, s: Session) -> None:
         """An attached session expired or was flushed."""
+
+    # --- state as records (state file, active/backup sync) ----------------------
+    # the record kinds this helper makes and applies (masqd.engine.state.SCHEMAS)
+    record_kinds: tuple[str, ...] = ()
+
+    def export(self, now: float) -> list[dict[str, Any]]:
+        """Every entry of the helper as a record."""
+        return []
+
+    def record(self, entry: Any, now: float) -> dict[str, Any] | None:
+        """The record of ``entry`` (announced on the change stream); None: not this helper's."""
+        return None
+
+    def restore(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        """Create or update the entry of a checked record with ``left`` seconds to live.
+        None when applied, else the reason it was refused (counted by the caller)."""
+        return "unknown_kind"
+
+    def forget(self, rec: dict[str, Any], reason: str) -> bool:
+        """Remove the entry a record names; True if there was one."""
+        return False
+
+    def rearm(self, now: float) -> None:
+        """Give every entry a full lifetime from ``now`` (a backup taking over)."""
 
     # --- housekeeping ----------------------------------------------------------
     def expire(self, now: float) -> None:

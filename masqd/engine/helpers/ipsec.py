@@ -265,6 +265,7 @@ class IPsecHelper(Helper):
         if e.dead:
             return
         e.dead = True
+        self.eng.changed(DESTROY, e, reason)
         self._n -= 1
         if self._out.get(e.out_key) is e:
             del self._out[e.out_key]
@@ -276,17 +277,17 @@ class IPsecHelper(Helper):
             if r.pending is e:
                 r.pending = None
             self._gc_remote(e.rem_ip)
-        self.eng.changed(DESTROY, e, reason)
         if expired:
             self.eng.count("esp_expired")
             self.eng.event("debug" if e.state != PENDING else "info", "esp_expired", lan=ip_str(e.lan_ip),
                            remote=ip_str(e.rem_ip), spi_out=f"0x{e.spi_out:08x}", spi_in=f"0x{e.spi_in:08x}",
                            state=ESP_STATE_NAMES[e.state])
 
-    def _remove_ike(self, e: IkeEntry, reason: str) -> None:
+    def _remove_ike(self, e: IkeEntry, reason: str = TIMEOUT) -> None:
         if e.dead:
             return
         e.dead = True
+        self.eng.changed(DESTROY, e, reason)
         self._n -= 1
         k = e.key
         if self._ike.get(k) is e:
@@ -298,7 +299,6 @@ class IPsecHelper(Helper):
         if r is not None:
             r.ike.pop(e, None)
             self._gc_remote(e.rem_ip)
-        self.eng.changed(DESTROY, e, reason)
 
     def _live_esp(self, e: EspEntry | None, now: float) -> EspEntry | None:
         if e is not None and e.expires <= now:
@@ -388,6 +388,7 @@ class IPsecHelper(Helper):
             if p is not None:  # rule 2: serialise new SAs per remote
                 if not p.contended:
                     p.contended = True
+                    eng.changed(UPDATE, p, STATE)
                 eng.count("esp_blocked")
                 eng.drop("esp_blocked")
                 self._warn("esp_blocked", lan, now, lan=ip_str(lan), remote=ip_str(rem), spi_out=f"0x{spi:08x}",
@@ -591,8 +592,8 @@ class IPsecHelper(Helper):
             self._ike_i[rem_b + h.icookie] = e
             r.ike[e] = None
             self._n += 1
-            eng.changed(NEW, e)
             eng.count("isakmp_sessions")
+            eng.changed(NEW, e)
             eng.event("info", "isakmp_session", lan=ip_str(lan), remote=ip_str(rem), version=h.major,
                       icookie=h.icookie.hex(), rcookie=h.rcookie.hex(),
                       state="INIT" if h.rcookie == ZERO_COOKIE else "ESTABLISHED")
@@ -767,6 +768,134 @@ class IPsecHelper(Helper):
 
     def tables(self) -> dict[str, tuple[int, int]]:
         return {"ipsec": (self._n, self.cfg.ipsec.max_entries)}
+
+    # ------------------------------------------------------- state as records
+    record_kinds = ("esp", "ike")
+
+    def export(self, now: float) -> list[dict[str, Any]]:
+        out = [self._esp_record(e, now) for e in self._out.values()]
+        out += [self._ike_record(k, now) for k in self._ike.values()]
+        return out
+
+    def record(self, entry: Any, now: float) -> dict[str, Any] | None:
+        if isinstance(entry, EspEntry):
+            return self._esp_record(entry, now)
+        if isinstance(entry, IkeEntry):
+            return self._ike_record(entry, now)
+        return None
+
+    def _esp_record(self, e: EspEntry, now: float) -> dict[str, Any]:
+        r = self._rem.get(e.rem_ip)
+        return {"k": "esp", "v": 1, "li": e.lan_ip, "ri": e.rem_ip, "wi": int.from_bytes(e.wan_b, "big"),
+                "so": e.spi_out, "si": e.spi_in, "st": e.state, "left": round(e.expires - now, 3),
+                "tmo": float(e.tmo), "age": round(now - e.created, 3), "cont": e.contended, "retr": e.retries,
+                "pend": r is not None and r.pending is e}
+
+    @staticmethod
+    def _ike_record(k: IkeEntry, now: float) -> dict[str, Any]:
+        return {"k": "ike", "v": 1, "li": k.lan_ip, "ri": k.rem_ip, "ic": k.icookie.hex(), "rc": k.rcookie.hex(),
+                "ver": k.version, "age": round(now - k.created, 3), "idle": round(now - k.last, 3),
+                "left": round(k.expires - now, 3)}
+
+    def restore(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        if rec["k"] == "esp":
+            return self._restore_esp(rec, now, left)
+        return self._restore_ike(rec, now, left)
+
+    def _restore_esp(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        lan, rem, spi = rec["li"], rec["ri"], rec["so"]
+        e = self._out.get(lan.to_bytes(4, "big") + rem.to_bytes(4, "big") + spi.to_bytes(4, "big"))
+        r = self._remote(rem)
+        if e is None:
+            why = self._room(r, False)
+            if why is not None:
+                self._gc_remote(rem)
+                return why
+            e = EspEntry(lan, rem, rec["wi"], spi, now, rec["tmo"])
+            self._out[e.out_key] = e
+            r.esp[e] = None
+            self._n += 1
+        elif e.in_key and self._in.get(e.in_key) is e:
+            del self._in[e.in_key]
+        e.spi_in = rec["si"]
+        e.in_key = b""
+        e.state = rec["st"]
+        e.tmo = rec["tmo"]
+        e.expires = now + left
+        e.created = now - rec["age"]
+        e.contended = rec["cont"]
+        e.retries = rec["retr"]
+        e.set_wan(rec["wi"])
+        if e.in_key:
+            other = self._in.get(e.in_key)
+            if other is not None and other is not e:  # the inbound SPI is the newest pair's
+                self._remove_esp(other, now, reason=WHY_REPLACED)
+            self._in[e.in_key] = e
+        if rec["pend"]:
+            r.pending = e
+        elif r.pending is e:
+            r.pending = None
+        self._wheel.add(e, e.expires)
+        return None
+
+    def _restore_ike(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        lan, rem = rec["li"], rec["ri"]
+        rem_b = rem.to_bytes(4, "big")
+        ic, rc = bytes.fromhex(rec["ic"]), bytes.fromhex(rec["rc"])
+        if ic == ZERO_COOKIE:
+            return "isakmp_zero_cookie"
+        e = self._ike_i.get(rem_b + ic)
+        if e is not None and e.lan_ip == lan and e.rcookie in (rc, ZERO_COOKIE):
+            if e.rcookie != rc:  # the reply came: the entry is known by its pair from now on
+                del self._ike[e.key]
+                e.rcookie = rc
+                self._ike[e.key] = e
+        else:
+            e = self._ike.get(rem_b + ic + rc)
+            if e is not None and e.lan_ip != lan:
+                return "isakmp_collision"
+            if e is None:
+                r = self._remote(rem)
+                why = self._room(r, True)
+                if why is not None:
+                    self._gc_remote(rem)
+                    return why
+                e = IkeEntry(lan, rem, ic, rc, rec["ver"], now)
+                self._ike[e.key] = e
+                self._ike_i[rem_b + ic] = e
+                r.ike[e] = None
+                self._n += 1
+        e.version = rec["ver"]
+        e.created = now - rec["age"]
+        e.last = now - rec["idle"]
+        e.expires = now + left
+        self._wheel.add(e, e.expires)
+        return None
+
+    def forget(self, rec: dict[str, Any], reason: str) -> bool:
+        lan, rem = rec["li"], rec["ri"]
+        if rec["k"] == "esp":
+            e = self._out.get(lan.to_bytes(4, "big") + rem.to_bytes(4, "big") + rec["so"].to_bytes(4, "big"))
+            if e is None:
+                return False
+            self._remove_esp(e, 0.0, reason=reason)
+            return True
+        r = self._rem.get(rem)
+        ic = bytes.fromhex(rec["ic"])
+        hit = [k for k in r.ike if k.lan_ip == lan and k.icookie == ic] if r is not None else []
+        for k in hit:
+            self._remove_ike(k, reason)
+        return bool(hit)
+
+    def rearm(self, now: float) -> None:
+        ic = self.cfg.ipsec
+        for e in self._out.values():
+            if e.state != SQUELCHED:
+                e.expires = now + e.tmo
+                self._wheel.add(e, e.expires)
+        for k in self._ike.values():
+            k.expires = now + (ic.pending_lifetime if k.rcookie == ZERO_COOKIE else ic.table_lifetime)
+            self._wheel.add(k, k.expires)
 
 
 HELPER = IPsecHelper

@@ -75,7 +75,7 @@ from masqd.engine.counters import LAN_GRE, WAN_GRE
 from masqd.engine.expiry import TimerWheel
 from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
-from masqd.engine.nat import TTL_DELTA, acct_row
+from masqd.engine.nat import TCP, TTL_DELTA, acct_row
 from masqd.engine.table import ADDRESS_CHANGE, DESTROY, FLUSH, NEW, REPLACED, STATE, TIMEOUT, UPDATE
 from masqd.wire.checksum import addr_delta, apply_delta, ones_sum, word_delta
 from masqd.wire.gre import PLAIN, gre_kind
@@ -112,6 +112,8 @@ _CREATES = (OUT_CALL_REQ, OUT_CALL_REPLY, IN_CALL_REQ, IN_CALL_REPLY)
 # Enhanced GRE headers the fast path takes (K and S set, A optional, version 1, PPP) -> IP + GRE
 # header length; anything else (acknowledgment-only packets included) takes the full path.
 _FAST_HDR = {b"\x30\x01\x88\x0b": 32, b"\x30\x81\x88\x0b": 36}
+# why a call was removed -> the reason of its change (masqd.engine.table)
+_REASONS = {"expired": TIMEOUT, "cleared": TIMEOUT, "flushed": FLUSH, "replaced": REPLACED}
 _pack_H = struct.Struct("!H").pack_into
 _pack_H4s = struct.Struct("!H4s").pack_into
 
@@ -163,15 +165,21 @@ class Stream:
 
 
 class Conn:
-    """A PPTP control connection (helper data of its TCP session)."""
+    """A PPTP control connection (helper data of its TCP session). ``key``: the session's
+    outbound lookup key, which names the connection in records. A restored call whose control
+    connection had already ended gets a detached one (``s`` None, the other fields given)."""
 
-    __slots__ = ("s", "lan_ip", "rem_ip", "forwarded", "calls", "dirs", "broken")
+    __slots__ = ("s", "key", "lan_ip", "rem_ip", "forwarded", "calls", "dirs", "broken")
 
-    def __init__(self, s: Session) -> None:
+    def __init__(self, s: Session | None, key: bytes = b"", lan_ip: int = 0, rem_ip: int = 0,
+                 forwarded: bool = False) -> None:
         self.s: Session | None = s
-        self.lan_ip = s.m.lan_ip
-        self.rem_ip = s.rem_ip
-        self.forwarded = bool(s.inbound)
+        if s is not None:
+            key, lan_ip, rem_ip, forwarded = s.out_key, s.m.lan_ip, s.rem_ip, bool(s.inbound)
+        self.key = key
+        self.lan_ip = lan_ip
+        self.rem_ip = rem_ip
+        self.forwarded = forwarded
         self.calls: dict[int, Call] = {}  # by the LAN side's own Call ID
         self.dirs = (Stream(), Stream())  # 0: LAN -> WAN, 1: WAN -> LAN
         self.broken = ""
@@ -218,6 +226,7 @@ class PPTPHelper(Helper):
         self._rng = random.Random(0x7070)
         self.fw_entry: Call | None = None  # the call of the packet just handled: the engine caches chains on it
         self._full_logged = -1e18
+        self._detached: dict[bytes, Conn] = {}  # restored calls' ended control connections, by key
         self.reload(cfg)
 
     def reload(self, cfg: Config) -> None:
@@ -248,6 +257,7 @@ class PPTPHelper(Helper):
                                note="RFC 2637 allows one control connection per pair of systems; "
                                     "Call IDs are masqueraded so both work")
         peers[conn] = None
+        self.eng.changed(NEW, conn)
 
     def session_closed(self, s: Session) -> None:
         conn = s.hdata
@@ -268,6 +278,14 @@ class PPTPHelper(Helper):
         conn = s.hdata
         if not isinstance(conn, Conn):
             return True
+        st = conn.dirs[0 if outbound else 1]
+        before = (st.exp, st.pos, conn.broken)
+        ok = self._segment(conn, pkt, ihl, outbound, now)
+        if (st.exp, st.pos, conn.broken) != before:  # where the stream is read: a change of state
+            self.eng.changed(UPDATE, conn, "stream")
+        return ok
+
+    def _segment(self, conn: Conn, pkt: bytearray, ihl: int, outbound: bool, now: float) -> bool:
         tcp = ihl
         doff = (pkt[tcp + 12] >> 4) << 2
         data = tcp + doff
@@ -509,10 +527,10 @@ class PPTPHelper(Helper):
         self._gauge()
         self._deltas(call)
         call.expires = now + self.t_setup
+        self.eng.changed(NEW, call)
         self._wheel.add(call, call.expires)
         self.eng.event("debug", "pptp_call_created", lan=ip_str(conn.lan_ip), call_id=lan_cid, masq_call_id=masq,
                        server=ip_str(rem), forwarded=conn.forwarded)
-        self.eng.changed(NEW, call)
         return call
 
     def _alloc(self, rb: bytes, wanted: int) -> int | None:
@@ -571,13 +589,16 @@ class PPTPHelper(Helper):
                 self._wheel.add(call, call.expires)  # earlier than its filed deadline
                 self.eng.changed(UPDATE, call, STATE)
             return
-        call.state = state
+        if call.state != state:
+            call.state = state
+            self.eng.changed(UPDATE, call, STATE)
 
     def _remove(self, call: Call, why: str) -> None:
         """Remove a call; ``why`` is a destroy reason of :mod:`masqd.engine.table`."""
         if call.dead:
             return
         call.dead = True
+        self.eng.changed(DESTROY, call, _REASONS.get(why, why))
         if call.in_key is not None and self.in_calls.get(call.in_key) is call:
             del self.in_calls[call.in_key]
         if call.out_key is not None and self.out_calls.get(call.out_key) is call:
@@ -586,6 +607,8 @@ class PPTPHelper(Helper):
         conn = call.conn
         if conn.calls.get(call.lan_cid) is call:
             del conn.calls[call.lan_cid]
+        if conn.s is None and not conn.calls and self._detached.get(conn.key) is conn:
+            del self._detached[conn.key]
         n = self.server_calls.get(call.rem_ip, 0) - 1
         if n > 0:
             self.server_calls[call.rem_ip] = n
@@ -598,7 +621,6 @@ class PPTPHelper(Helper):
                        masq_call_id=call.masq_cid, server=ip_str(call.rem_ip), server_call_id=call.rem_cid,
                        reason=("cleared" if call.state == CLEARING else "expired") if why == TIMEOUT
                        else "flushed" if why == FLUSH else why)
-        self.eng.changed(DESTROY, call, why)
 
     def _message(self, conn: Conn, outbound: bool, ctype: int, hdr: bytearray, now: float) -> None:
         """A whole message was read: update the call table (values as received)."""
@@ -628,6 +650,8 @@ class PPTPHelper(Helper):
                         self._set_state(call, CLEARING, now)
                     elif ctype == OUT_CALL_REPLY:
                         self._set_state(call, ACTIVE, now)
+                    else:  # (an incoming call's reply: the call learnt the peer's ID, still being set up)
+                        self.eng.changed(UPDATE, call, STATE)
             elif ctype == IN_CALL_CONNECTED:
                 for c in conn.calls.values():
                     if c.rem_cid == own:  # ICCN's only field is the peer's ID, at offset 12
@@ -646,6 +670,8 @@ class PPTPHelper(Helper):
                     self._set_state(call, CLEARING, now)
                 elif ctype == OUT_CALL_REPLY:
                     self._set_state(call, ACTIVE, now)
+                else:  # (an incoming call's reply: the call learnt the peer's ID, still being set up)
+                    self.eng.changed(UPDATE, call, STATE)
         elif ctype == IN_CALL_CONNECTED:
             call = self._by_masq(conn, own)
             if call is not None:
@@ -730,8 +756,8 @@ class PPTPHelper(Helper):
             self.plain_in[bytes(pkt[16:20])] = e
             e.expires = now + self.t_plain
             self._wheel.add(e, e.expires)
-            self.eng.event("debug", "entry_created", proto="gre", lan=ip_str(src), remote=ip_str(rem), kind="plain")
             self.eng.changed(NEW, e)
+            self.eng.event("debug", "entry_created", proto="gre", lan=ip_str(src), remote=ip_str(rem), kind="plain")
         c = apply_delta((pkt[10] << 8) | pkt[11], e.dip_out)
         pkt[10] = c >> 8
         pkt[11] = c & 0xFF
@@ -811,7 +837,7 @@ class PPTPHelper(Helper):
             else:
                 self._remove_plain(x, TIMEOUT)
 
-    def _remove_plain(self, e: _Plain, why: str) -> None:
+    def _remove_plain(self, e: _Plain, why: str = TIMEOUT) -> None:
         if e.dead:
             return
         e.dead = True
@@ -887,6 +913,154 @@ class PPTPHelper(Helper):
 
     def tables(self) -> dict[str, tuple[int, int]]:
         return {"pptp": (self.ncalls + len(self.plain_out), self.max_entries)}
+
+    # ------------------------------------------------------- state as records
+    record_kinds = ("pptp_conn", "pptp_call", "gre_plain")
+
+    def export(self, now: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for peers in self.conns.values():
+            out.extend(self._conn_record(c) for c in peers)
+        out.extend(self._call_record(c, now) for c in self.calls)
+        out.extend(self._plain_record(e, now) for e in self.plain_out.values())
+        return out
+
+    def record(self, entry: Any, now: float) -> dict[str, Any] | None:
+        if isinstance(entry, Call):
+            return self._call_record(entry, now)
+        if isinstance(entry, Conn):
+            return self._conn_record(entry)
+        if isinstance(entry, _Plain):
+            return self._plain_record(entry, now)
+        return None
+
+    @staticmethod
+    def _conn_record(c: Conn) -> dict[str, Any]:
+        return {"k": "pptp_conn", "v": 1, "key": c.key.hex(), "li": c.lan_ip, "ri": c.rem_ip, "fwd": c.forwarded,
+                "broken": c.broken,
+                "dirs": [[st.exp, bytes(st.hdr).hex(), st.pos, st.mlen, st.ctype,
+                          [[q, o.hex(), n.hex()] for q, o, n in st.rw]] for st in c.dirs]}
+
+    @staticmethod
+    def _call_record(c: Call, now: float) -> dict[str, Any]:
+        return {"k": "pptp_call", "v": 1, "conn": c.conn.key.hex(), "li": c.lan_ip, "ri": c.rem_ip,
+                "fwd": c.forwarded, "lc": c.lan_cid, "mc": c.masq_cid, "rc": -1 if c.rem_cid is None else c.rem_cid,
+                "st": c.state, "left": round(c.expires - now, 3), "up": c.up}
+
+    @staticmethod
+    def _plain_record(e: _Plain, now: float) -> dict[str, Any]:
+        return {"k": "gre_plain", "v": 1, "li": e.lan_ip, "ri": e.rem_ip, "left": round(e.expires - now, 3)}
+
+    def _conn_of(self, key: bytes) -> Conn | None:
+        s = self.eng.find_session(TCP, key)
+        if s is not None and isinstance(s.hdata, Conn):
+            return s.hdata
+        return self._detached.get(key)
+
+    def restore(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        k = rec["k"]
+        if k == "pptp_conn":
+            return self._restore_conn(rec)
+        if k == "pptp_call":
+            return self._restore_call(rec, now, left)
+        return self._restore_plain(rec, now, left)
+
+    def _restore_conn(self, rec: dict[str, Any]) -> str | None:
+        s = self.eng.find_session(TCP, bytes.fromhex(rec["key"]))
+        if s is None or s.helper is not self:
+            return "no_session"
+        conn = s.hdata
+        if not isinstance(conn, Conn):
+            conn = Conn(s)
+            s.hdata = conn
+            self.conns.setdefault(conn.rem_ip, {})[conn] = None
+        conn.broken = rec["broken"]
+        for st, d in zip(conn.dirs, rec["dirs"], strict=True):
+            st.exp = d[0]
+            st.hdr = bytearray.fromhex(d[1])
+            st.pos, st.mlen, st.ctype = d[2], d[3], d[4]
+            st.rw = deque(((q, bytes.fromhex(o), bytes.fromhex(n)) for q, o, n in d[5]), maxlen=16)
+        return None
+
+    def _restore_call(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        ckey = bytes.fromhex(rec["conn"])
+        conn = self._conn_of(ckey)
+        if conn is None:  # its control connection had ended: the call is clearing
+            conn = Conn(None, ckey, rec["li"], rec["ri"], rec["fwd"])
+            self._detached[ckey] = conn
+        lc, mc, rem = rec["lc"], rec["mc"], conn.rem_ip
+        call = conn.calls.get(lc)
+        if call is not None and call.masq_cid != mc:
+            self._remove(call, "replaced")
+            call = None
+        if call is None:
+            if self.server_calls.get(rem, 0) >= self.max_calls:
+                return "pptp_call_ids_exhausted"
+            key = rem.to_bytes(4, "big") + mc.to_bytes(2, "big")
+            holder = self.in_calls.get(key)
+            if holder is not None and not conn.forwarded:
+                return "pptp_call_id_taken"
+            call = Call(conn, lc, mc)
+            if conn.s is None:
+                call.ctl = None
+            conn.calls[lc] = call
+            self.calls[call] = None
+            if holder is None:
+                self.in_calls[key] = call
+                call.in_key = key
+            self.server_calls[rem] = self.server_calls.get(rem, 0) + 1
+            self.ncalls += 1
+            self._gauge()
+            self._deltas(call)
+        if rec["rc"] >= 0 and call.rem_cid != rec["rc"]:
+            self._set_rem(call, rec["rc"])
+        call.state = rec["st"]
+        call.up = rec["up"]
+        call.expires = now + left
+        self._wheel.add(call, call.expires)
+        return None
+
+    def _restore_plain(self, rec: dict[str, Any], now: float, left: float) -> str | None:
+        lan, rem = rec["li"], rec["ri"]
+        rb = rem.to_bytes(4, "big")
+        e = self.plain_out.get(lan.to_bytes(4, "big") + rb)
+        if e is None:
+            other = self.plain_in.get(rb)
+            if other is not None and other.lan_ip != lan:
+                return "gre_plain_remote_busy"
+            e = _Plain(lan, rem)
+            self._deltas(e)
+            self.plain_out[e.lan_ip_b + rb] = e
+            self.plain_in[rb] = e
+        e.expires = now + left
+        self._wheel.add(e, e.expires)
+        return None
+
+    def forget(self, rec: dict[str, Any], reason: str) -> bool:
+        k = rec["k"]
+        if k == "pptp_conn":  # goes with its session
+            return False
+        if k == "pptp_call":
+            conn = self._conn_of(bytes.fromhex(rec["conn"]))
+            call = conn.calls.get(rec["lc"]) if conn is not None else None
+            if call is None:
+                return False
+            self._remove(call, reason)
+            return True
+        e = self.plain_out.get(rec["li"].to_bytes(4, "big") + rec["ri"].to_bytes(4, "big"))
+        if e is None:
+            return False
+        self._remove_plain(e, reason)
+        return True
+
+    def rearm(self, now: float) -> None:
+        for c in self.calls:
+            if c.state != CLEARING:
+                c.expires = now + (self.t_call if c.state == ACTIVE else self.t_setup)
+                self._wheel.add(c, c.expires)
+        for e in self.plain_out.values():
+            e.expires = now + self.t_plain
+            self._wheel.add(e, e.expires)
 
 
 HELPER = PPTPHelper

@@ -176,6 +176,7 @@ class MasqdRouter:
             "metrics": {"enabled": False},
             "logging": {"level": "debug", "format": "json"},
             "control": {"socket": str(self.socket_path)},
+            "state": {"file": str(self.run_dir / "masqd.state")},
         }
         return merge(base, self.extra_config)
 
