@@ -151,3 +151,15 @@ def test_packets_with_offload_headers_wait_with_their_header() -> None:
     for t in (1.0, 2.0, 3.0, 4.0):
         h2.tick(t)
     assert h2.unreachable == [(ip(GW), offl)]
+
+
+def test_multicast_next_hops_map_to_their_ethernet_group_without_arp() -> None:
+    """The PCP/NAT-PMP announcements go to 224.0.0.1: 01:00:5e:00:00:01, no ARP request, nothing
+    learnt (RFC 1112 section 6.4: the group's low 23 bits)."""
+    h = host()
+    for group, mac in (("224.0.0.1", "01:00:5e:00:00:01"), ("239.255.130.7", "01:00:5e:7f:82:07")):
+        hdr = h.header(ip(group), packet(group), 0.0)
+        assert hdr is not None
+        e = Ether(hdr + packet(group))
+        assert (e.dst, e.src, e.type) == (mac, ME, 0x0800)
+    assert h.out == [] and h.neigh == {} and h.probing == {}
