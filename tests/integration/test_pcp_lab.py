@@ -190,8 +190,8 @@ FAKE_IP = """\
 #!/bin/sh
 # the SAs a real IPsec stack would list (this lab's kernel has no ESP)
 case "$*" in
-  *"xfrm state list src {me} dst {peer}"*) printf 'src {me} dst {peer}\\n\\tproto esp spi 0x{out:08x} reqid 1 mode tunnel\\n' ;;
-  *"xfrm state list src {peer} dst {me}"*) printf 'src {peer} dst {me}\\n\\tproto esp spi 0x{inb:08x} reqid 1 mode tunnel\\n' ;;
+  *"xfrm state"*) printf 'src {me} dst {peer}\\n\\tproto esp spi 0x{out:08x} reqid 1 mode tunnel\\n'
+                 printf 'src {peer} dst {me}\\n\\tproto esp spi 0x{inb:08x} reqid 1 mode tunnel\\n' ;;
   *) exec ip "$@" ;;
 esac
 """
