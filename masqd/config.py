@@ -253,6 +253,50 @@ class PPTP(_Frozen):
     max_entries: int = Field(16384, ge=1)  # PPTP calls and plain GRE entries together
 
 
+class PCP(_Frozen):
+    """The PCP (RFC 6887) and NAT-PMP (RFC 6886) server on the LAN address, UDP port 5351.
+
+    Off by default (RFC 6887 section 18: a NAT that lets hosts open inbound ports
+    is a policy decision). Requests are taken from the LAN side only, for the
+    sender's own address; ``third_party`` lists the LAN hosts allowed to ask for
+    another LAN host (PCP THIRD_PARTY). Lifetimes are clamped to
+    [``min_lifetime``, ``max_lifetime``] seconds; external ports come from
+    ``ports`` (a suggested port inside the range is given when free);
+    ``max_mappings_per_host`` and ``requests_per_second`` (with a burst of
+    ``request_burst``) bound each host. ``spi_announce``: IPsec hosts may announce
+    their ESP SPI pairs (masqd's opcode, docs/pcp.md); inbound ESP with an SPI
+    nobody has paired yet waits up to ``spi_hold`` seconds (``spi_hold_packets``
+    packets at most) for the announcement, while an announcing host uses the
+    remote gateway.
+    """
+
+    enabled: bool = False
+    min_lifetime: int = Field(120, ge=1)
+    max_lifetime: int = Field(86400, ge=1)
+    ports: tuple[int, int] = (1024, 65535)
+    max_mappings_per_host: int = Field(64, ge=0)
+    requests_per_second: float = Field(10.0, gt=0)
+    request_burst: int = Field(20, ge=1)
+    third_party: tuple[ipaddress.IPv4Address, ...] = ()
+    spi_announce: bool = True
+    spi_hold: float = Field(2.0, ge=0, le=30)
+    spi_hold_packets: int = Field(256, ge=0, le=65536)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not (1 <= lo <= hi <= 65535):
+            raise ValueError("ports must be [low, high] with 1 <= low <= high <= 65535")
+        return v
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> PCP:
+        if self.min_lifetime > self.max_lifetime:
+            raise ValueError("pcp.min_lifetime is above pcp.max_lifetime")
+        return self
+
+
 class Forwarding(_Frozen):
     """Forwards written as TOML; the types are the firewall's (``masqd.firewall.model``)."""
 
@@ -417,6 +461,7 @@ class Config(_Frozen):
     firewall: Firewall = Firewall()
     ipsec: IPsec = IPsec()
     pptp: PPTP = PPTP()
+    pcp: PCP = PCP()
     forwarding: Forwarding = Forwarding()
     metrics: Metrics = Metrics()
     logging: Logging = Logging()

@@ -4,7 +4,9 @@ Sans-IO like the engine: ``rx(frame, now)`` returns the IPv4 packet to route
 (or None) and queues any frames to send in ``out``; ``header(nexthop, pkt,
 now)`` returns the Ethernet header to put in front of an outgoing packet, or
 None when the next hop is still being resolved (the packet then waits in a
-bounded per-neighbour queue). ``tick(now)`` retransmits ARP requests and,
+bounded per-neighbour queue). A multicast next hop (224.0.0.0/4: the PCP/NAT-PMP
+announcements to 224.0.0.1) needs no resolution: its MAC is 01:00:5e and the
+address's low 23 bits (RFC 1112 section 6.4). ``tick(now)`` retransmits ARP requests and,
 when resolution fails, moves the waiting packets to ``unreachable`` so the
 data plane can answer their senders with ICMP host-unreachable
 (:func:`icmp_host_unreachable`).
@@ -44,6 +46,11 @@ class Neighbour:
         self.next_probe = 0.0
         # packets waiting for the MAC, each with its virtio-net header (b"" when it has no offload work)
         self.queue: list[tuple[bytes | bytearray, bytes]] = []
+
+
+def multicast_mac(group: int) -> bytes:
+    """The Ethernet address of an IPv4 multicast group (RFC 1112 section 6.4)."""
+    return b"\x01\x00\x5e" + (group & 0x7FFFFF).to_bytes(3, "big")
 
 
 def _bump(counters: dict[str, int], key: str, n: int = 1) -> None:
@@ -207,6 +214,8 @@ class EthernetHost:
     def lookup(self, nexthop: int, now: float) -> bytes | None:
         """Ethernet header towards ``nexthop`` if its MAC is known (nothing is queued), else None."""
         n = self.neigh.get(nexthop)
+        if n is None and nexthop >> 28 == 14:  # IPv4 multicast: mapped, never resolved
+            return multicast_mac(nexthop) + self.mac + ETH_IP
         if n is not None and n.state != INCOMPLETE:
             if n.state == REACHABLE and now - n.confirmed > self.reachable:
                 n.state = STALE

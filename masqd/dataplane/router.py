@@ -23,7 +23,9 @@ Design decisions:
 - In TAP mode the port's :class:`~masqd.dataplane.l2.EthernetHost` adds the
   Ethernet layer (ARP, neighbour cache, ICMP host-unreachable when a next hop
   cannot be resolved). Timers call ``engine.expire(now)`` every
-  ``cfg.expire_interval`` and drive ARP retransmissions.
+  ``cfg.expire_interval`` and drive ARP retransmissions; the packets the engine
+  sends of its own accord (``engine.start``, ``engine.tick`` at
+  ``engine.next_tick``: the PCP/NAT-PMP announcements) are written like any other.
 - Data-plane counters live in ``Dataplane.counters`` next to the engine's own;
   the flow cache's counts are folded into the engine (``sync_native``) before
   anyone reads or changes it.
@@ -175,6 +177,9 @@ class Dataplane:
                 port.l2.gratuitous()  # (nothing when silent: a standby)
                 port.flush_l2()
         self._started = True
+        start = getattr(self.engine, "start", None)
+        if callable(start):
+            self._send_own(start(now), now)
         self._timers["expire"] = loop.call_later(self.cfg.expire_interval, self._expire)
         if any(p.l2 is not None for p in self.ports.values()):
             self._timers["l2"] = loop.call_later(L2_TICK, self._l2_tick)
@@ -392,6 +397,38 @@ class Dataplane:
             log.exception("engine.expire failed")
         self._timers["expire"] = self.loop.call_later(self.cfg.expire_interval, self._expire)
 
+    def _send_own(self, outs: list[tuple[str, bytes]], now: float) -> None:
+        """Write packets the engine made of its own accord, then wait for its next ones."""
+        for oif, pkt in outs:
+            port = self.ports.get(oif)
+            if port is not None:
+                port.send(pkt, self.engine.next_hop, now)
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        """A timer for ``engine.next_tick`` (the next announcement), replacing any earlier one."""
+        if not self._started or self.loop is None:
+            return
+        old = self._timers.pop("tick", None)
+        if old is not None:
+            old.cancel()
+        when = getattr(self.engine, "next_tick", None)
+        if isinstance(when, float | int):
+            self._timers["tick"] = self.loop.call_later(max(0.0, when - self.clock()), self._tick)
+
+    def _tick(self) -> None:
+        self._timers.pop("tick", None)
+        if not self._started or self.loop is None:
+            return
+        now = self.clock()
+        try:
+            outs = self.engine.tick(now)
+        except Exception:  # noqa: BLE001 - a bug must not stop the loop
+            bump(self.counters, "dp_tick_errors")
+            log.exception("engine.tick failed")
+            return
+        self._send_own(outs, now)
+
     def _l2_tick(self) -> None:
         if not self._started or self.loop is None:
             return
@@ -427,9 +464,7 @@ class Dataplane:
         if port is not None and port.l2 is not None:
             port.l2.set_address(int(addr.ip), addr.network.prefixlen, now)
             port.flush_l2()
-        for oif, pkt in outs:  # e.g. TCP resets towards the LAN for closed sessions
-            if oif in self.ports:
-                self.ports[oif].send(pkt, self.engine.next_hop, now)
+        self._send_own(outs, now)  # the announcements of the new address
 
     def on_reload(self, cfg: Config) -> None:
         """After the engine took a new config: follow address changes on the L2 hosts."""
@@ -441,6 +476,7 @@ class Dataplane:
         if self._started:
             self._set_keep_warm()
             self._set_native()
+            self._schedule_tick()  # a reload may have turned PCP on or off, or moved the WAN address
         for side in ("lan", "wan"):
             port = self.ports.get(side)
             addr: ipaddress.IPv4Interface = getattr(cfg, side).address

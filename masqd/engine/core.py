@@ -13,11 +13,14 @@ together and configures, one concern each:
 - :mod:`~masqd.engine.icmp`: ICMP errors sent and translated;
 - :mod:`~masqd.engine.routing`, :mod:`~masqd.engine.defrag`,
   :mod:`~masqd.engine.forward` (port and protocol forwards),
+  :mod:`~masqd.engine.pcp` (the PCP / NAT-PMP server on the LAN address),
   :mod:`~masqd.engine.helpers` (IPsec, PPTP), :mod:`~masqd.engine.counters`.
 
 The engine is also the helpers' one way in (:class:`masqd.engine.api.EngineAPI`).
 Admin operations (the table listing, flush, a new WAN address, reload) are
-methods here. Counts kept outside the engine (the data plane's flow cache) are
+methods here. Packets the engine sends of its own accord (PCP/NAT-PMP
+announcements) come from ``start(now)``, ``set_wan_address`` and ``tick(now)``,
+which the data plane calls when ``next_tick`` says. Counts kept outside the engine (the data plane's flow cache) are
 folded in by their owner, through ``count_fast``, before it reads the engine:
 the engine never calls out.
 """
@@ -40,8 +43,10 @@ from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
 from masqd.engine.limits import HostLimits
 from masqd.engine.nat import PortPool, Session, acct_row
+from masqd.engine.pcp import PcpServer
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, NatTable, state_name
+from masqd.wire import pcp as pcpwire
 from masqd.wire import vnet
 from masqd.wire.ipv4 import PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
 
@@ -78,6 +83,8 @@ class Engine:
         self.forwarders = Forwarders(self.nat, self.ctr, self.rules)
         self.full = FullPath(self.nat, self.ctr, self.routes, self.icmp, self.defrag, self.forwarders)
         self._slow = self.full.run
+        self.pcp = PcpServer(self.nat, self.ctr, self.routes, self.announce_sa)
+        self.pcp.session_made = self.full.attach_tcp_helper
         self.gen = 0  # the rules generation: bumped by every (re)load, voids cached decisions
         self.helpers: list[Helper] = [cls(self, cfg) for cls in HELPERS]
         self._apply(cfg, first=True)
@@ -134,7 +141,12 @@ class Engine:
             for p in h.tcp_ports:
                 tcp_helpers.setdefault(p, h)
         self.fast.configure(self.gen, self.lan_mtu, self.wan_mtu, fast_po, fast_pi)
-        self.full.configure(cfg, self.rules, self.gen, proto_helpers, udp_helpers, tcp_helpers)
+        was_on = self.pcp.enabled
+        self.pcp.configure(cfg)
+        if was_on and not self.pcp.enabled:
+            self.pcp.disable()
+        self.full.configure(cfg, self.rules, self.gen, proto_helpers, udp_helpers, tcp_helpers,
+                            self.pcp if self.pcp.enabled else None)
 
     def reload(self, cfg: Config) -> None:
         """Swap the configuration atomically, keeping the masquerade table."""
@@ -161,6 +173,19 @@ class Engine:
     def port_forwarded(self, proto: int, port: int) -> bool:
         return self.forwarders.port_forwarded(proto, port)
 
+    def announce_sa(self, lan_ip: int, rem_ip: int, spi_out: int, spi_in: int, withdraw: bool,
+                    now: float) -> tuple[str, list[bytearray]]:
+        """A LAN host announced (or, ``withdraw``, took back) the SPI pair of an SA it set up with
+        ``rem_ip``; the helper that owns the protocol pairs it. Returns its status ("ok",
+        "taken", "full"; "disabled" when no helper takes announcements) and the inbound packets
+        it held for that SPI, now rewritten for the LAN host."""
+        for h in self.helpers:
+            if h.enabled():
+                res = h.sa_announced(lan_ip, rem_ip, spi_out, spi_in, withdraw, now)
+                if res is not None:
+                    return res
+        return "disabled", []
+
     def proto_forwarded(self, proto: int) -> bool:
         return proto in self.forwarders.proto_hosts
 
@@ -183,6 +208,7 @@ class Engine:
         for name, (size, limit) in self.tables().items():
             out[f"table_size_{name}"] = size
             out[f"table_limit_{name}"] = limit
+        out["pcp_mappings"] = len(t.leases)
         return out
 
     def tables(self) -> dict[str, tuple[int, int]]:
@@ -380,7 +406,34 @@ class Engine:
         for h in self.helpers:
             h.expire(now)
         self.forwarders.expire(now)
+        self.pcp.expire(now)
         self.full.expire_resets(now)
+
+    # ------------------------------------------------------ packets of our own
+    def start(self, now: float) -> list[tuple[str, bytes]]:
+        """The data plane started: the mapping epoch begins (unless a restored state set it) and
+        the PCP/NAT-PMP announcements are scheduled; returns the packets due now."""
+        self.nat.mapping_epoch(now)
+        self.pcp.start_announcing(now, "start")
+        return self.tick(now)
+
+    @property
+    def next_tick(self) -> float | None:
+        """When ``tick`` next has packets to send (None: nothing scheduled)."""
+        return self.pcp.next_announcement if self.pcp.enabled else None
+
+    def tick(self, now: float) -> list[tuple[str, bytes]]:
+        """Packets the engine sends of its own accord that are due now: the announcements to
+        224.0.0.1:5350 on the LAN, through the output chain like any packet."""
+        out: list[tuple[str, bytes]] = []
+        if not self.pcp.enabled:
+            return out
+        lan_ip = self.routes.lan_ip
+        for payload in self.pcp.announcements(now):
+            pkt = pcpwire.build_udp(lan_ip, pcpwire.ALL_HOSTS, pcpwire.SERVER_PORT, pcpwire.CLIENT_PORT, payload,
+                                    ttl=1)
+            self.full.output(LAN, pkt, 20, out, [], None, False)
+        return out
 
     # ---------------------------------------------------------------- listing
     @staticmethod
@@ -421,6 +474,7 @@ class Engine:
         for h in self.helpers:
             rows.extend(h.entries(now if now is not None else 0.0))
         rows.extend(self.forwarders.entries(now if now is not None else 0.0))
+        rows.extend(self.pcp.entries(now if now is not None else self.icmp.last))
         return rows
 
     def table_summary(self) -> dict[tuple[str, str], int]:
@@ -432,7 +486,8 @@ class Engine:
                 key = (pname, s.lower())
                 out[key] = out.get(key, 0) + n
         now = self.icmp.last
-        for e in [e for h in self.helpers for e in h.entries(now)] + self.forwarders.entries(now):
+        for e in ([e for h in self.helpers for e in h.entries(now)] + self.forwarders.entries(now)
+                  + self.pcp.entries(now)):
             key = (str(e.get("proto", "unknown")).lower(), str(e.get("state", "") or "none").lower())
             out[key] = out.get(key, 0) + 1
         return out
@@ -458,8 +513,9 @@ class Engine:
 
     # ------------------------------------------------------- dynamic address
     def set_wan_address(self, addr: ipaddress.IPv4Interface, now: float) -> list[tuple[str, bytes]]:
-        """The WAN address changed (ip_dynaddr). Returns packets to send (none today: TCP resets
-        towards the LAN go out when the LAN host next sends on a closed session)."""
+        """The WAN address changed (ip_dynaddr). Returns packets to send: the first PCP/NAT-PMP
+        announcement of the new address (TCP resets towards the LAN go out when the LAN host
+        next sends on a closed session)."""
         old = self.nat.wan_ip
         self.wan_if = addr
         self.routes.set_wan(addr)
@@ -474,4 +530,5 @@ class Engine:
         for h in self.helpers:
             h.wan_changed(old, new, mode, now)
         self.forwarders.wan_changed(old, new, mode, now)
-        return []
+        self.pcp.wan_changed(old, new, mode, now)
+        return self.tick(now)

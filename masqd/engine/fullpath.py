@@ -1,7 +1,8 @@
 """The full packet path, in Linux 2.2 ipchains order, where every decision is made.
 
 sanity checks -> reassembly -> input chain of the incoming interface ->
-demasquerade (replies skip the forward chain) -> local delivery (echo) ->
+demasquerade (replies skip the forward chain) -> local delivery (echo, the
+PCP / NAT-PMP server on the LAN address) ->
 routing -> TTL and MTU -> forward chain (MASQ) -> masquerade -> output chain of
 the outgoing interface -> fragment. Every drop is counted here by its reason.
 
@@ -35,6 +36,7 @@ from masqd.engine.nat import (
     T_NEW,
     T_RST,
     T_SYN_SENT,
+    Lease,
     Mapping,
     Session,
     acct_counter,
@@ -42,6 +44,7 @@ from masqd.engine.nat import (
     translate_out,
 )
 from masqd.engine.table import ADDRESS_CHANGE
+from masqd.wire import pcp as pcpwire
 from masqd.wire.checksum import apply_delta, checksum, ones_sum, pseudo_header_sum, word_delta
 from masqd.wire.ipv4 import (
     ICMP,
@@ -77,6 +80,7 @@ if TYPE_CHECKING:
     from masqd.engine.forward import Forwarders
     from masqd.engine.helpers import Helper
     from masqd.engine.icmp import IcmpErrors
+    from masqd.engine.pcp import PcpServer
     from masqd.engine.routing import Routes
     from masqd.engine.table import NatTable
 
@@ -107,9 +111,12 @@ class FullPath:
         self.gen = 0
         self.fw_trivial: list[Any] = [0, (), ()]
         self.acct = False  # masquerade.accounting
+        self.pcp: PcpServer | None = None
 
     def configure(self, cfg: Config, rules: Any, gen: int, proto_helpers: dict[int, Helper],
-                  udp_helpers: dict[int, Helper], tcp_helpers: dict[int, Helper]) -> None:
+                  udp_helpers: dict[int, Helper], tcp_helpers: dict[int, Helper],
+                  pcp: PcpServer | None = None) -> None:
+        self.pcp = pcp
         m = cfg.masquerade
         self.rules = rules
         self.gen = gen
@@ -196,7 +203,7 @@ class FullPath:
         hairpin = (iface == LAN and dst == wan_ip and self.hairpinning
                    and (proto == TCP or proto == UDP or (proto == ICMP and pkt[ihl] in ICMP_ERRORS)))
         if (dst == self.routes.lan_ip or dst == wan_ip) and not hairpin:
-            self.local(iface, pkt, ihl, proto, src, dst, out)
+            self.local(iface, pkt, ihl, proto, src, dst, out, now)
             return
         oif = WAN if hairpin else self.routes.route(dst)
         if iface == WAN and oif == WAN:
@@ -341,8 +348,13 @@ class FullPath:
             self.send(iface, err, 20, out)
 
     # ------------------------------------------------------------------- local
-    def local(self, iface: str, pkt: bytearray, ihl: int, proto: int, src: int, dst: int, out: Out) -> None:
-        """A packet for masqd itself: it answers echo requests and drops the rest."""
+    def local(self, iface: str, pkt: bytearray, ihl: int, proto: int, src: int, dst: int, out: Out,
+              now: float = 0.0) -> None:
+        """A packet for masqd itself: it answers echo requests and PCP / NAT-PMP requests (UDP
+        5351 on the LAN address, from the LAN side) and drops the rest."""
+        if proto == UDP and dst == self.routes.lan_ip and (pkt[ihl + 2] << 8 | pkt[ihl + 3]) == pcpwire.SERVER_PORT:
+            self.pcp_request(iface, pkt, ihl, src, now, out)
+            return
         if proto == ICMP and pkt[ihl] == ICMP_ECHO and pkt[ihl + 1] == 0:
             body = bytes(pkt[ihl + 4:])
             rep = bytearray(build_icmp(dst, src, ICMP_ECHOREPLY, 0, int.from_bytes(body[:4], "big"), body[4:]))
@@ -350,6 +362,36 @@ class FullPath:
             self.send(iface, rep, 20, out)
             return
         self.ctr.drop("to_self")
+
+    def pcp_request(self, iface: str, pkt: bytearray, ihl: int, src: int, now: float, out: Out) -> None:
+        """A PCP / NAT-PMP request: answered from the LAN address, port 5351, through the output
+        chain; what an SPI announcement released goes to the LAN like a helper's inbound packet."""
+        pcp = self.pcp
+        if pcp is None:
+            self.ctr.drop("pcp_disabled")
+            return
+        if iface != LAN or self.routes.route(src) != LAN:
+            self.ctr.drop("pcp_not_from_lan")
+            return
+        ulen = (pkt[ihl + 4] << 8) | pkt[ihl + 5]
+        if not pcpwire.udp_checksum_ok(pkt, ihl, ulen):
+            self.ctr.drop("pcp_bad_checksum")
+            return
+        sport = (pkt[ihl] << 8) | pkt[ihl + 1]
+        answers, released = pcp.request(src, bytes(pkt[ihl + 8: ihl + ulen]), now)
+        lan_ip = self.routes.lan_ip
+        for a in answers:
+            rep = pcpwire.build_udp(lan_ip, src, pcpwire.SERVER_PORT, sport, a)
+            self.output(LAN, rep, 20, out, [], None, False)
+        if released:
+            self.deliver_helper(released, out)
+
+    def attach_tcp_helper(self, s: Session, now: float) -> None:
+        """A TCP session made outside the packet path (PCP PEER) gets its server port's helper."""
+        h = self.tcp_helpers.get(s.rem_port) if s.m.proto == TCP else None
+        if h is not None and s.helper is None:
+            s.helper = h
+            h.session_created(s, now)
 
     # -------------------------------------------------------------- masquerade
     def masq(self, pkt: bytearray, ihl: int, proto: int, src: int, dst: int, sport: int, dport: int,
@@ -565,7 +607,12 @@ class FullPath:
             s = t.inb[proto].get(bytes(pkt[12:24]) if ihl == 20 else bytes(pkt[12:20]) + bytes(pkt[ihl:ihl + 4]))
             if s is None:
                 owner = t.pool.owner(proto, dport)
-                if isinstance(owner, Mapping) and self.filter_ok(owner, src, sport):
+                lease = owner.fwd if isinstance(owner, Mapping) else None
+                if type(lease) is Lease:
+                    s = self.leased_session(lease, pkt, ihl, src, sport, now, out)
+                    if s is None:
+                        return True
+                elif isinstance(owner, Mapping) and self.filter_ok(owner, src, sport):
                     if proto == TCP and pkt[ihl + 13] & TH_RST:
                         ctr.drop("tcp_no_session")
                         return True
@@ -630,6 +677,41 @@ class FullPath:
             return False
         self.deliver_helper(res, out)
         return True
+
+    def leased_session(self, lease: Lease, pkt: bytearray, ihl: int, src: int, sport: int, now: float,
+                       out: Out) -> Session | None:
+        """A new inbound connection through a PCP/NAT-PMP lease: a TCP one must open with a SYN,
+        the remote must pass the lease's FILTER and the forward chain (towards the LAN host and
+        port) must let it through; then a session, the server port's helper attached."""
+        m = lease.m
+        proto = m.proto
+        flags = 0
+        if proto == TCP:
+            tfl = pkt[ihl + 13]
+            if not tfl & TH_SYN or tfl & (TH_ACK | TH_RST):
+                self.ctr.drop("pcp_not_syn")
+                return None
+            flags = fwmod.FLAG_SYN
+        if not lease.allows(src, sport):
+            self.ctr.drop("pcp_filtered")
+            return None
+        d = self.rules.evaluate("forward", LAN, proto, src, m.lan_ip, sport, m.lan_port, flags)
+        if not self.fw_pass(d, "forward", WAN, pkt, ihl, out, []):
+            return None
+        s = self.t.new_session(m, src, sport, now, T_SYN_SENT if proto == TCP else S_REPLIED)
+        if s is None:
+            return None
+        s.inbound = True
+        lease.hits += 1
+        self.ctr.count("pcp_connections")
+        self.attach_tcp_helper_port(s, m.lan_port, now)
+        return s
+
+    def attach_tcp_helper_port(self, s: Session, port: int, now: float) -> None:
+        h = self.tcp_helpers.get(port) if s.m.proto == TCP else None
+        if h is not None:
+            s.helper = h
+            h.session_created(s, now)
 
     def forwarded_session(self, proto: int, pkt: bytearray, ihl: int, src: int, sport: int, dport: int,
                           now: float) -> Session | None:

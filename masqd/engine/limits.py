@@ -56,11 +56,14 @@ class Host:
 
     def take_token(self, limits: HostLimits, now: float) -> bool:
         """One new mapping from the bucket; False when it is empty."""
-        t = self.tokens + (now - self.last) * limits.rate
+        if now > self.last:  # (a clock that steps back refills nothing and takes nothing away)
+            t = self.tokens + (now - self.last) * limits.rate
+            self.last = now
+        else:
+            t = self.tokens
         burst = limits.burst
         if t > burst:
             t = burst
-        self.last = now
         if t < 1.0:
             self.tokens = t
             return False

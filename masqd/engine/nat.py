@@ -111,7 +111,8 @@ class Session:
     The remote address and port are not stored twice: they are read back from
     ``in_key`` (remote address, WAN address, remote port, WAN port)."""
 
-    __slots__ = ("m", "out_key", "in_key", "expires", "tmo", "state", "helper", "hdata", "fw", "dead", "inbound")
+    __slots__ = ("m", "out_key", "in_key", "expires", "tmo", "state", "helper", "hdata", "fw", "dead", "inbound",
+                 "hold")
 
     def __init__(self, m: Mapping, rem_ip: int, rem_port: int, now: float, tmo: float) -> None:
         self.m = m
@@ -123,6 +124,7 @@ class Session:
         self.fw: Any = None
         self.dead = False
         self.inbound = False  # created by an inbound packet (port forward)
+        self.hold = 0.0  # kept at least until then whatever its traffic (a PCP PEER request)
         self._keys(rem_ip.to_bytes(4, "big"), rem_port.to_bytes(2, "big"))
 
     def _keys(self, rb: bytes, pr: bytes) -> None:
@@ -156,6 +158,8 @@ class Quarantined:
         self.host = host
         self.until = until
         self.live = True  # False once its host took the port again (or it was purged)
+
+
 class Acct:
     """The packets and bytes of one direction of an entry (``masquerade.accounting``).
 
@@ -202,6 +206,38 @@ def acct_row(e: Any) -> dict[str, int]:
     if a_out is None or a_in is None:
         return {}
     return {"packets_out": a_out.pkts, "bytes_out": a_out.bytes, "packets_in": a_in.pkts, "bytes_in": a_in.bytes}
+
+
+class Lease:
+    """An explicit mapping a LAN host asked for (PCP MAP, NAT-PMP): an inbound forwarder with a
+    lifetime, over a static :class:`Mapping` whose WAN port the pool holds (``m.fwd`` is the
+    lease). ``nonce`` is the PCP mapping nonce (None for NAT-PMP), ``client`` the host that
+    asked (another than ``m.lan_ip`` only with THIRD_PARTY), ``hits`` the inbound connections
+    made through it."""
+
+    __slots__ = ("m", "nonce", "version", "client", "created", "expires", "lifetime", "hits", "dead", "filters")
+
+    def __init__(self, m: Mapping, nonce: bytes | None, client: int, now: float, lifetime: float) -> None:
+        self.m = m
+        self.nonce = nonce
+        self.version = 0 if nonce is None else 2
+        self.client = client
+        self.created = now
+        self.lifetime = lifetime
+        self.expires = now + lifetime
+        self.hits = 0
+        self.dead = False
+        # PCP FILTER option: remote (address, mask, port or 0) allowed to connect; empty: anyone
+        self.filters: tuple[tuple[int, int, int], ...] = ()
+
+    def allows(self, rem_ip: int, rem_port: int) -> bool:
+        """May a connection from ``rem_ip:rem_port`` come in (PCP FILTER, RFC 6887 section 13.3)?"""
+        if not self.filters:
+            return True
+        for addr, mask, port in self.filters:
+            if rem_ip & mask == addr and (port == 0 or port == rem_port):
+                return True
+        return False
 
 
 class PortPool:
@@ -302,6 +338,24 @@ class PortPool:
             p = low + (start + i) % size
             if self._free_for(used, p, host):
                 return self._take_for(proto, p, owner)
+        return None
+
+    def allocate_in(self, proto: int, low: int, high: int, owner: Any) -> int | None:
+        """A free port between ``low`` and ``high`` (not only the pool's range: explicit mappings)."""
+        used = self.used.setdefault(proto, {})
+        size = high - low + 1
+        rng = self._rng
+        for _ in range(32):
+            p = low + rng.randrange(size)
+            if p not in used:
+                self.take(proto, p, owner)
+                return p
+        start = rng.randrange(size)
+        for i in range(size):
+            p = low + (start + i) % size
+            if p not in used:
+                self.take(proto, p, owner)
+                return p
         return None
 
     def use(self, proto: int) -> int:

@@ -16,6 +16,14 @@ says ``reset`` rather than ``timeout``), ``table-full``, ``address-change``,
 ``replaced`` (a new session took its key). Helpers' updates may say what
 changed: ``state``, ``address-change``, ``paired`` (an ESP SPI pair learned).
 
+It also holds the *leases*: explicit mappings the LAN hosts asked for over
+PCP or NAT-PMP (:class:`~masqd.engine.nat.Lease`, created, renewed and ended
+here, on the stream like sessions), and the start of the mapping epoch
+(``mapping_epoch_start``: when the mapping state began, at start or when it
+was last lost; PCP and NAT-PMP report the seconds since). A state file saves
+``mapping_epoch(now)`` and gives it back with ``restore_mapping_epoch`` so a
+restart that keeps the table keeps the epoch going.
+
 Subscribers are plain callables, run synchronously: they must only record (append
 to a queue); nothing here does I/O. ``epoch`` moves whenever a decision cached
 outside the engine could have become void (a session removed or rebound, a new
@@ -54,6 +62,7 @@ from masqd.engine.nat import (
     TCP_STATE_NAMES,
     UDP,
     AcctSession,
+    Lease,
     Mapping,
     PortPool,
     Session,
@@ -70,7 +79,9 @@ NEW, UPDATE, DESTROY = "new", "update", "destroy"
 TIMEOUT, FLUSH, RESET, TABLE_FULL, ADDRESS_CHANGE, REPLACED = (
     "timeout", "flush", "reset", "table-full", "address-change", "replaced")
 # what an update changed (besides ADDRESS_CHANGE)
-STATE, PAIRED = "state", "paired"
+STATE, PAIRED, ANNOUNCED = "state", "paired", "announced"
+WITHDRAWN = "withdrawn"  # (destroy) an ESP pair its LAN host announced as gone (PCP SPI announcement)
+DELETED = "deleted"  # a lease its client deleted (PCP/NAT-PMP lifetime 0)
 
 
 class Change(NamedTuple):
@@ -134,6 +145,10 @@ class NatTable:
         self.now = 0.0  # the latest time seen (for removals that are not given one)
         # masquerade.accounting: new sessions carry packet/byte counters (AcctSession)
         self.acct = False
+        # explicit mappings (PCP MAP, NAT-PMP) by (protocol, LAN address, LAN port)
+        self.leases: dict[tuple[int, int, int], Lease] = {}
+        self.lease_wheel = TimerWheel()
+        self.mapping_epoch_start: float | None = None
         self.set_wan(wan_ip)
 
     def set_limits(self, limits: HostLimits, top: int = 10, log_interval: float = 10.0) -> None:
@@ -437,7 +452,8 @@ class NatTable:
                 if h is not None:
                     h.ports[PORT_INDEX.get(q.proto, 0)] -= 1
                     self._forget_idle(q.host, h)
-        return self.wheel.due(now, _dead, lambda x: x.expires)  # type: ignore[no-any-return]
+        return self.wheel.due(now, _dead,  # type: ignore[no-any-return]
+                              lambda x: x.expires if x.expires > x.hold else x.hold)
 
     def host_rows(self, now: float) -> dict[str, Any]:
         """The per-host limits in force and the top offenders, for ``masqd stats``."""
@@ -450,6 +466,102 @@ class NatTable:
             "ports_in_quarantine": sum(1 for q in self.pool.quarantined if q.live),
             "top_offenders": self.offenders.top(now),
         }
+
+    def hold_session(self, s: Session, until: float) -> None:
+        """Keep ``s`` at least until ``until`` whatever its traffic (PCP PEER); 0 ends the hold."""
+        s.hold = until
+        if until > s.expires:
+            self.wheel.add(s, until)
+        self.emit(UPDATE, s, "hold")
+
+    # ---------------------------------------------------------------- leases
+    def lease(self, proto: int, lan_ip: int, lan_port: int, wanted: int, allowed: tuple[int, int],
+              exact: bool, nonce: bytes | None, client: int, now: float, lifetime: float) -> Lease | str:
+        """A new lease: an explicit mapping of (``proto``, ``lan_ip``, ``lan_port``) for
+        ``lifetime`` seconds. Its WAN port is the one the endpoint's existing mapping already has
+        (an implicit mapping becomes explicit, RFC 6887 section 11.3), else ``wanted`` when it is
+        inside ``allowed`` and free in the pool (no forwarder, no mapping holds it), else one the
+        pool picks. Returns the lease, or why not: "exists" (a lease holds the endpoint: renew
+        it), "forwarded" (a configured port forward's server endpoint), "port-busy" (``exact``
+        and ``wanted`` cannot be had), "pool-exhausted"."""
+        mk = (proto, lan_ip, lan_port)
+        if mk in self.leases:
+            return "exists"
+        m = self.maps.get(mk)
+        if m is not None:
+            if m.static:
+                return "forwarded"
+            if exact and wanted and wanted != m.wan_port:
+                return "port-busy"
+        else:
+            m = Mapping(proto, lan_ip, lan_port, self.wan_ip, 0, self.wan_ip_b)
+            used = self.pool.used.get(proto, {})
+            lo, hi = allowed
+            if wanted and lo <= wanted <= hi and wanted not in used:
+                self.pool.take(proto, wanted, m)
+                port: int | None = wanted
+            elif exact and wanted:
+                return "port-busy"
+            else:
+                port = self.pool.allocate_in(proto, lo, hi, m)
+                if port is None:
+                    self.ctr.event("warning", "pool_exhausted", proto=PROTO_NAMES.get(proto, proto))
+                    return "pool-exhausted"
+            m.set_wan(self.wan_ip, self.wan_ip_b, port)
+            self.maps[mk] = m
+            self._host(lan_ip, now).ports[PORT_INDEX.get(proto, 0)] += 1  # the host's, like any mapping
+        m.static = True
+        ls = Lease(m, nonce, client, now, lifetime)
+        m.fwd = ls
+        self.leases[mk] = ls
+        self.lease_wheel.add(ls, ls.expires)
+        self.epoch += 1
+        self.emit(NEW, ls)
+        return ls
+
+    def renew_lease(self, ls: Lease, now: float, lifetime: float) -> None:
+        """The client asked again: the lease runs ``lifetime`` seconds from now."""
+        ls.lifetime = lifetime
+        ls.expires = now + lifetime
+        self.lease_wheel.add(ls, ls.expires)
+        self.emit(UPDATE, ls, "renewed")
+
+    def end_lease(self, ls: Lease, reason: str) -> None:
+        """Remove a lease (its sessions go on through the mapping, which becomes an ordinary one
+        and ends with them)."""
+        if ls.dead:
+            return
+        ls.dead = True
+        m = ls.m
+        mk = (m.proto, m.lan_ip, m.lan_port)
+        if self.leases.get(mk) is ls:
+            del self.leases[mk]
+        if m.fwd is ls:
+            m.fwd = None
+        m.static = False
+        if m.empty():
+            self.drop_mapping(m)
+        self.epoch += 1
+        self.emit(DESTROY, ls, reason)
+
+    def leases_due(self, now: float) -> list[Lease]:
+        """The leases whose lifetime ran out (not yet removed)."""
+        return self.lease_wheel.due(now, lambda x: x.dead, lambda x: x.expires)  # type: ignore[no-any-return]
+
+    def mapping_epoch(self, now: float) -> int:
+        """Seconds since the mapping state began (PCP/NAT-PMP "epoch time"); starts it if needed."""
+        if self.mapping_epoch_start is None:
+            self.mapping_epoch_start = now
+        return max(0, int(now - self.mapping_epoch_start))
+
+    def restore_mapping_epoch(self, seconds: float, now: float) -> None:
+        """A restart that restored the state: the epoch goes on from ``seconds`` (the saved value
+        plus the time masqd was down)."""
+        self.mapping_epoch_start = now - max(0.0, seconds)
+
+    def lost_mappings(self, now: float) -> None:
+        """The mapping state was lost (RFC 6887 section 8.5): the epoch starts again."""
+        self.mapping_epoch_start = now
 
     def sessions(self) -> list[Session]:
         """Every live session (a copy: safe to remove from while iterating)."""

@@ -72,10 +72,12 @@ _RX_PACKETS = re.compile(r"rx_(lan|wan)_[a-z0-9]+_packets")
 _VERDICTS = {0: "ACCEPT", 1: "DENY", 2: "REJECT", 3: "MASQ"}
 
 
-def rule_rows(engine: Any) -> list[dict[str, Any]] | None:
+def rule_rows(engine: Any, now: float | None = None) -> list[dict[str, Any]] | None:
     """The engine's ruleset as rows (chain, num, rule text, packet/byte hits); None if it has none.
 
     ``num`` 0 is the chain's policy. A reload keeps the hit counters of the rules that stay.
+    The mappings LAN hosts asked for (PCP / NAT-PMP) follow as chain "pcp": inbound forwarders
+    like portfw lines, with their connections counted.
     """
     rs = getattr(engine, "rules", None)
     chains = getattr(rs, "chains", None)
@@ -90,6 +92,9 @@ def rule_rows(engine: Any) -> list[dict[str, Any]] | None:
             rows.append({"chain": name, "num": 0, "rule": f"policy {_VERDICTS.get(ch.policy, ch.policy)}",
                          "origin": getattr(ch, "policy_origin", ""),
                          "pkts": getattr(ch, "pkts", 0), "bytes": getattr(ch, "bytes", 0)})
+    pcp = getattr(engine, "pcp", None)
+    if pcp is not None and now is not None:
+        rows.extend(pcp.rule_rows(now))
     return rows
 
 
@@ -414,7 +419,8 @@ class Ops:
         for h in getattr(eng, "helpers", ()):
             n += len(h.entries(now))
         fw = getattr(eng, "forwarders", None)
-        return n + (len(fw.entries(now)) if fw is not None else 0)
+        pcp = getattr(eng, "pcp", None)
+        return n + (len(fw.entries(now)) if fw is not None else 0) + (len(pcp.entries(now)) if pcp is not None else 0)
 
     def _all_counters(self) -> dict[str, int]:
         out = dict(getattr(self.synced_engine(), "counters", {}) or {})
@@ -424,7 +430,7 @@ class Ops:
         return out
 
     def _h_rules(self, req: dict[str, Any]) -> Any:
-        rows = rule_rows(self.synced_engine())
+        rows = rule_rows(self.synced_engine(), self.now())
         if rows is None:
             return [{"chain": "", "num": i + 1, "rule": line, "pkts": None, "bytes": None}
                     for i, line in enumerate(x for x in self.cfg.firewall.rules.splitlines() if x.strip())]

@@ -169,3 +169,15 @@ def test_a_silent_host_answers_no_arp_and_announces_nothing() -> None:
     h.rx(req, 0.0)
     h.gratuitous()
     assert len(h.out) == 2
+
+
+def test_multicast_next_hops_map_to_their_ethernet_group_without_arp() -> None:
+    """The PCP/NAT-PMP announcements go to 224.0.0.1: 01:00:5e:00:00:01, no ARP request, nothing
+    learnt (RFC 1112 section 6.4: the group's low 23 bits)."""
+    h = host()
+    for group, mac in (("224.0.0.1", "01:00:5e:00:00:01"), ("239.255.130.7", "01:00:5e:7f:82:07")):
+        hdr = h.header(ip(group), packet(group), 0.0)
+        assert hdr is not None
+        e = Ether(hdr + packet(group))
+        assert (e.dst, e.src, e.type) == (mac, ME, 0x0800)
+    assert h.out == [] and h.neigh == {} and h.probing == {}

@@ -237,3 +237,36 @@ def test_host_limits_offenders_and_table_bounds_are_exported_without_a_series_pe
     stats = {"counters": {}, "host_limits": eng.host_limits(5.0)}
     shown = format_stats(stats)
     assert "10.0.0.25" in shown and "host_ports_limit=10" in shown
+
+
+def test_pcp_and_spi_announcement_counters_have_their_families() -> None:
+    """The PCP / NAT-PMP server's counters (issue 22) land in dedicated families, promtool-clean."""
+    from scapy.all import IP, UDP  # type: ignore[import-untyped]
+
+    from masqd import config
+    from masqd.engine import Engine
+    from tests.engine import pcpclient as pc
+
+    cfg = config.loads('[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "203.0.113.200/24"\n'
+                       'gateway = "203.0.113.1"\n[pcp]\nenabled = true\n[ipsec]\nparallel_sessions = true\n')
+    eng = Engine(cfg)
+    h2 = "10.0.0.2"
+    for payload in (pc.natpmp_map_request("tcp", 80, 8080, 3600), pc.map_request("10.0.0.3", b"n" * 12, 6, 81),
+                    pc.spi_request(h2, b"n" * 12, 0x1000, 0x2000, "198.51.100.1"), b"\x00\x07", b"\x05\x01"):
+        eng.process("lan", bytes(IP(src=h2, dst="10.0.0.1") / UDP(sport=4000, dport=5351) / payload), 1.0)
+    eng.start(1.0)
+    text = scrape(eng)
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+    s = samples(text)
+    assert s[("masqd_pcp_mappings", ())] == 1
+    assert s[("masqd_pcp_requests_total", (("protocol", "natpmp"),))] == 2
+    assert s[("masqd_pcp_requests_total", (("protocol", "pcp"),))] == 3
+    assert s[("masqd_pcp_refusals_total", (("protocol", "pcp"), ("result", "address_mismatch")))] == 1
+    assert s[("masqd_pcp_refusals_total", (("protocol", "pcp"), ("result", "unsupp_version")))] == 1
+    assert s[("masqd_pcp_refusals_total", (("protocol", "natpmp"), ("result", "unsupp_opcode")))] == 1
+    assert s[("masqd_pcp_events_total", (("event", "mappings_created"),))] == 1
+    assert s[("masqd_pcp_events_total", (("event", "announcements_sent"),))] == 1
+    assert s[("masqd_spi_announcements_total", (("event", "announced"),))] == 1
+    assert s[("masqd_esp_events_total", (("event", "announced"),))] == 1
+    assert not [k for k in s if k[0] == "masqd_engine_events_total"], "a counter without a family"

@@ -84,6 +84,15 @@ class Helper:
     def rearm(self, now: float) -> None:
         """Give every entry a full lifetime from ``now`` (a backup taking over)."""
 
+    # --- what LAN hosts tell masqd (PCP SPI_ANNOUNCE, masqd.engine.pcp) ---------
+    def sa_announced(self, lan_ip: int, rem_ip: int, spi_out: int, spi_in: int, withdraw: bool,
+                     now: float) -> tuple[str, list[bytearray]] | None:
+        """LAN host ``lan_ip`` set up an SA pair with ``rem_ip``: it sends with ``spi_out`` and
+        receives with ``spi_in`` (``withdraw``: the pair is gone). None: not this helper's
+        business; else a status ("ok"; "taken": the inbound SPI is another host's; "full") and
+        inbound packets the helper held for that SPI, rewritten for the LAN host."""
+        return None
+
     # --- housekeeping ----------------------------------------------------------
     def expire(self, now: float) -> None:
         pass

@@ -60,6 +60,25 @@ expired idle pair, arriving while another host is pending, is paired with the
 pending host. Recovery comes with the next re-key (fresh SPIs). Keep
 ``table_lifetime`` a little longer than the peers' re-key interval.
 
+Announced SPI pairs (the HOWTO's "best solution", issue 22): a LAN host that
+set up an SA with a remote tells masqd its outbound and inbound SPIs (PCP
+SPI_ANNOUNCE, :mod:`masqd.engine.pcp`; the client is deploy/masqd-spi-announce
+run by the IPsec daemon's updown hook). ``sa_announced`` pairs the ESP entry at
+once (creating it, or completing the host's PENDING one): no serialisation, no
+guessing. An announcement whose inbound SPI is already paired to another host
+is refused ("taken", counted). A host that announced with a remote is an
+*announcer* with it for ``table_lifetime``: its new outbound SPIs are never
+serialised (they do not block others, nor wait for them) and never paired
+from traffic; inbound ESP from that remote with an SPI nobody has paired (and
+no other host pending) is held, up to ``pcp.spi_hold`` seconds and
+``pcp.spi_hold_packets`` packets, for the announcement that names it, then
+delivered (``esp_held_released``) or dropped (``esp_held_expired``); hosts that
+do not announce keep the rules above (guessed copies go to them only). Guessed
+copies are remembered per (remote, SPI), so when an announcement later names
+the SPI's owner the copies that went to other hosts are counted
+(``esp_misdelivered``). A host's re-pairing of an entry keeps its previous
+inbound SPI routed to it until the entry ends (the old SA drains).
+
 AH (protocol 51) authenticates the IP addresses, so it cannot survive
 masquerade: it is refused both ways with a warning (``ah_refused``).
 
@@ -86,7 +105,18 @@ from masqd.engine.expiry import TimerWheel
 from masqd.engine.fastpath import rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
 from masqd.engine.nat import TTL_DELTA, acct_counter, acct_row
-from masqd.engine.table import ADDRESS_CHANGE, DESTROY, FLUSH, NEW, PAIRED, STATE, TIMEOUT, UPDATE
+from masqd.engine.table import (
+    ADDRESS_CHANGE,
+    ANNOUNCED,
+    DESTROY,
+    FLUSH,
+    NEW,
+    PAIRED,
+    STATE,
+    TIMEOUT,
+    UPDATE,
+    WITHDRAWN,
+)
 from masqd.engine.table import REPLACED as WHY_REPLACED
 from masqd.wire.checksum import addr_delta, apply_delta, apply_delta_udp
 from masqd.wire.esp import esp_header, spi_reason
@@ -113,7 +143,7 @@ class EspEntry:
 
     __slots__ = ("lan_ip", "lan_b", "rem_ip", "rem_b", "wan_b", "spi_out", "spi_in", "state", "expires", "tmo",
                  "created", "contended", "retries", "fw", "dip_out", "dip_in", "da_out", "da_in", "out_key",
-                 "in_key", "dead", "a_out", "a_in")
+                 "in_key", "dead", "a_out", "a_in", "announced", "prev_in_key")
 
     def __init__(self, lan_ip: int, rem_ip: int, wan_ip: int, spi_out: int, now: float, lifetime: float) -> None:
         self.lan_ip = lan_ip
@@ -133,10 +163,13 @@ class EspEntry:
         self.in_key = b""
         self.a_out: Any = None  # packet/byte counters under masquerade.accounting (Acct)
         self.a_in: Any = None
+        self.announced = False  # paired by the host's announcement, not learned from traffic
+        self.prev_in_key = b""  # the inbound key of the host's previous SA on this entry (still routed)
         self.set_wan(wan_ip)
 
     def set_wan(self, wan_ip: int) -> None:
         self.wan_b = wan_ip.to_bytes(4, "big")
+        self.prev_in_key = b""
         self.out_key = self.lan_b + self.rem_b + self.spi_out.to_bytes(4, "big")
         self.da_out = addr_delta(self.lan_ip, wan_ip)
         self.da_in = addr_delta(wan_ip, self.lan_ip)
@@ -203,6 +236,14 @@ class IPsecHelper(Helper):
         self._ev_last = 0.0
         # the entry the last masq_out / demasq_in used, so the engine caches its firewall decision on it
         self.fw_entry: EspEntry | None = None
+        # announcements: remote -> {LAN host: announcer until}; held inbound ESP (remote -> [(until,
+        # SPI, packet)]) and how many in all; guessed copies (remote + SPI -> {host: packets})
+        self._announcers: dict[int, dict[int, float]] = {}
+        self._held: dict[int, list[tuple[float, int, bytearray]]] = {}
+        self._nheld = 0
+        # inbound SPIs copied to guessed hosts: remote + SPI -> (when first, copies per host); kept for
+        # ``pending_lifetime`` so a late announcement counts what went to the wrong hosts
+        self._guessed: dict[bytes, tuple[float, dict[int, int]]] = {}
 
     def enabled(self) -> bool:
         return self.cfg.ipsec.enabled
@@ -271,6 +312,8 @@ class IPsecHelper(Helper):
             del self._out[e.out_key]
         if e.in_key and self._in.get(e.in_key) is e:
             del self._in[e.in_key]
+        if e.prev_in_key and self._in.get(e.prev_in_key) is e:
+            del self._in[e.prev_in_key]
         r = self._rem.get(e.rem_ip)
         if r is not None:
             r.esp.pop(e, None)
@@ -384,7 +427,7 @@ class IPsecHelper(Helper):
                                reason="parallel_sessions is off and another LAN host has an IPsec entry "
                                       "with this remote")
                     return False
-            p = self._live_esp(r.pending, now)
+            p = None if self._announcer(lan, rem, now) else self._live_esp(r.pending, now)
             if p is not None:  # rule 2: serialise new SAs per remote
                 if not p.contended:
                     p.contended = True
@@ -408,7 +451,8 @@ class IPsecHelper(Helper):
         e = EspEntry(lan, rem, eng.wan_ip, spi, now, ic.pending_lifetime)
         self._out[e.out_key] = e
         r.esp[e] = None
-        r.pending = e
+        if not self._announcer(lan, rem, now):  # an announcer's reply is paired by its announcement
+            r.pending = e
         self._n += 1
         self._wheel.add(e, e.expires)
         eng.count("esp_pending")
@@ -460,6 +504,14 @@ class IPsecHelper(Helper):
                 return None  # no LAN client has ESP with the remote: the forwarded ESP server's traffic
         # rule 6: a new SPI nobody waits for: the hosts that most recently re-keyed with the remote
         hosts = self._recent_hosts(r, now, self.cfg.ipsec.guess_min_left, self.cfg.ipsec.guess_max_hosts)
+        ann = self._announcers_of(rem, now)
+        if ann:  # an announcing host may name it any moment: hold it; guesses only for the others
+            held = self._hold(rem, spi, pkt, now)
+            hosts = [h for h in hosts if h not in ann]
+            if not hosts:
+                if not held:
+                    eng.drop("esp_unknown_spi")
+                return []
         if not hosts:
             if not r.esp and not r.ike:
                 self._gc_remote(rem)
@@ -473,7 +525,15 @@ class IPsecHelper(Helper):
         orig = bytes(pkt)
         csum = (pkt[10] << 8) | pkt[11]
         outs: list[bytearray] = []
+        gk = bytes(pkt[12:16]) + spi.to_bytes(4, "big")
+        got = self._guessed.get(gk)
+        if got is None:
+            if len(self._guessed) >= 4096:
+                del self._guessed[next(iter(self._guessed))]
+            got = self._guessed[gk] = (now, {})
+        g = got[1]
         for h in hosts:
+            g[h] = g.get(h, 0) + 1
             q = bytearray(orig)
             _pack_H(q, 10, apply_delta(csum, addr_delta(eng.wan_ip, h)))
             q[16:20] = h.to_bytes(4, "big")
@@ -513,6 +573,141 @@ class IPsecHelper(Helper):
         self.eng.event("info", "esp_paired", lan=ip_str(p.lan_ip), remote=ip_str(p.rem_ip),
                        spi_out=f"0x{p.spi_out:08x}", spi_in=f"0x{spi:08x}", waited=round(now - p.created, 3),
                        replaced=replaced)
+
+    # ------------------------------------------------------ announced pairs
+    def _announcer(self, lan: int, rem: int, now: float) -> bool:
+        a = self._announcers.get(rem)
+        return a is not None and a.get(lan, 0.0) > now
+
+    def _announcers_of(self, rem: int, now: float) -> set[int]:
+        a = self._announcers.get(rem)
+        return {h for h, until in a.items() if until > now} if a else set()
+
+    def _hold(self, rem: int, spi: int, pkt: bytearray, now: float) -> bool:
+        """Keep an inbound packet with an unpaired SPI for an announcement (bounded in time and
+        number); False when there is no room (counted)."""
+        pc = self.cfg.pcp
+        self._drop_held(now)
+        if self._nheld >= pc.spi_hold_packets or pc.spi_hold <= 0:
+            self.eng.count("esp_held_overflow")
+            return False
+        self._held.setdefault(rem, []).append((now + pc.spi_hold, spi, bytearray(pkt)))
+        self._nheld += 1
+        self.eng.count("esp_held")
+        return True
+
+    def _drop_held(self, now: float) -> None:
+        """Drop the held packets whose time ran out."""
+        if not self._nheld:
+            return
+        for rem in list(self._held):
+            q = self._held[rem]
+            keep = [x for x in q if x[0] > now]
+            if len(keep) != len(q):
+                self.eng.count("esp_held_expired", len(q) - len(keep))
+                self._nheld -= len(q) - len(keep)
+            if keep:
+                self._held[rem] = keep
+            else:
+                del self._held[rem]
+
+    def _release(self, e: EspEntry, spi_in: int, now: float) -> list[bytearray]:
+        """The held packets for ``e``'s inbound SPI, rewritten for its LAN host."""
+        self._drop_held(now)
+        q = self._held.get(e.rem_ip)
+        if not q:
+            return []
+        mine = [x for x in q if x[1] == spi_in]
+        if not mine:
+            return []
+        rest = [x for x in q if x[1] != spi_in]
+        if rest:
+            self._held[e.rem_ip] = rest
+        else:
+            del self._held[e.rem_ip]
+        self._nheld -= len(mine)
+        self.eng.count("esp_held_released", len(mine))
+        out = []
+        for _until, _spi, p in mine:
+            out.append(self._send_in(e, p))
+        self.fw_entry = None
+        return out
+
+    def sa_announced(self, lan_ip: int, rem_ip: int, spi_out: int, spi_in: int, withdraw: bool,
+                     now: float) -> tuple[str, list[bytearray]] | None:
+        """A LAN host's announcement of an SA pair (see the module docstring)."""
+        eng = self.eng
+        ic = self.cfg.ipsec
+        lan_b = lan_ip.to_bytes(4, "big")
+        rem_b = rem_ip.to_bytes(4, "big")
+        out_key = lan_b + rem_b + spi_out.to_bytes(4, "big")
+        in_key = rem_b + eng.wan_ip_b + spi_in.to_bytes(4, "big")
+        if withdraw:
+            e = self._out.get(out_key)
+            if e is not None and not e.dead:
+                self._remove_esp(e, now, WITHDRAWN)
+                eng.count("esp_withdrawn")
+                eng.event("info", "esp_withdrawn", lan=ip_str(lan_ip), remote=ip_str(rem_ip),
+                          spi_out=f"0x{spi_out:08x}", spi_in=f"0x{e.spi_in:08x}")
+            return "ok", []
+        holder = self._live_esp(self._in.get(in_key), now)
+        if holder is not None and holder.lan_ip != lan_ip:
+            eng.count("esp_announce_conflicts")
+            self._warn("esp_announce_refused", lan_ip, now, lan=ip_str(lan_ip), remote=ip_str(rem_ip),
+                       spi_in=f"0x{spi_in:08x}", holder=ip_str(holder.lan_ip),
+                       how="announced" if holder.announced else "learned",
+                       reason="the inbound SPI is paired to another host")
+            return "taken", []
+        e = self._live_esp(self._out.get(out_key), now)
+        r = self._remote(rem_ip)
+        new = e is None
+        if e is None:
+            why = self._room(r, False)
+            if why is not None:
+                eng.drop(why)
+                self._gc_remote(rem_ip)
+                return "full", []
+            e = EspEntry(lan_ip, rem_ip, eng.wan_ip, spi_out, now, ic.table_lifetime)
+            self._out[out_key] = e
+            r.esp[e] = None
+            self._n += 1
+        elif e.spi_in and e.spi_in != spi_in and e.in_key and self._in.get(e.in_key) is e:
+            if e.prev_in_key and self._in.get(e.prev_in_key) is e:
+                del self._in[e.prev_in_key]
+            e.prev_in_key = e.in_key  # the previous SA of the same host keeps reaching it while it drains
+        waited = round(now - e.created, 3)
+        e.spi_in = spi_in
+        e.in_key = in_key
+        e.state = ESTABLISHED
+        e.announced = True
+        e.tmo = ic.table_lifetime
+        e.expires = now + e.tmo
+        e.fw = None
+        self._wheel.add(e, e.expires)
+        self._in[in_key] = e
+        if r.pending is e:
+            r.pending = None
+        for x in r.esp:
+            if x is not e and x.lan_ip == lan_ip and x.state == ESTABLISHED and not x.dead:
+                x.state = REPLACED
+                x.tmo = ic.pending_lifetime
+                x.expires = min(x.expires, now + x.tmo)
+                self._wheel.add(x, x.expires)
+        a = self._announcers.setdefault(rem_ip, {})
+        a[lan_ip] = now + ic.table_lifetime
+        got = self._guessed.pop(rem_b + spi_in.to_bytes(4, "big"), None)
+        if got:
+            wrong = sum(n for h, n in got[1].items() if h != lan_ip)
+            if wrong:
+                eng.count("esp_misdelivered", wrong)
+                eng.event("warning", "esp_misdelivered", remote=ip_str(rem_ip), spi_in=f"0x{spi_in:08x}",
+                          owner=ip_str(lan_ip), packets=wrong,
+                          reason="guessed copies of this SPI went to other hosts before its owner announced it")
+        eng.count("esp_announced")
+        eng.event("info", "esp_announced", lan=ip_str(lan_ip), remote=ip_str(rem_ip), spi_out=f"0x{spi_out:08x}",
+                  spi_in=f"0x{spi_in:08x}", created=new, waited=None if new else waited)
+        eng.changed(NEW if new else UPDATE, e, "" if new else ANNOUNCED)
+        return "ok", self._release(e, spi_in, now)
 
     def _recent_hosts(self, r: Remote, now: float, min_left: float, limit: int) -> list[int]:
         """LAN hosts with live ISAKMP entries towards the remote, newest activity first."""
@@ -687,6 +882,16 @@ class IPsecHelper(Helper):
 
     # ---------------------------------------------------------- housekeeping
     def expire(self, now: float) -> None:
+        self._drop_held(now)
+        old = now - self.cfg.ipsec.pending_lifetime
+        guessed = self._guessed
+        while guessed:  # (in the order they were made)
+            k = next(iter(guessed))
+            if guessed[k][0] > old:
+                break
+            del guessed[k]
+        for rem in [rem for rem, a in self._announcers.items() if not any(u > now for u in a.values())]:
+            del self._announcers[rem]
         for x in self._wheel.due(now, lambda x: x.dead, lambda x: x.expires):
             if x.dead:  # filed twice (its deadline was shortened) and already removed
                 continue
@@ -742,6 +947,8 @@ class IPsecHelper(Helper):
                 continue
             if e.in_key and self._in.get(e.in_key) is e:
                 del self._in[e.in_key]
+            if e.prev_in_key and self._in.get(e.prev_in_key) is e:
+                del self._in[e.prev_in_key]
             e.set_wan(new)
             if e.in_key:
                 self._in[e.in_key] = e
@@ -761,6 +968,9 @@ class IPsecHelper(Helper):
         for k in list(self._ike.values()):
             self._remove_ike(k, FLUSH)
         self._rem.clear()
+        self._held.clear()
+        self._nheld = 0
+        self._guessed.clear()
         return n
 
     def size(self) -> int:

@@ -33,6 +33,7 @@ CACHE_DIR = Path(os.environ.get("MASQD_INTEROP_CACHE", "/var/cache/masqd-interop
 IMAGE_VERSION = 1
 UML_MODULES = Path("/usr/lib/uml/modules")
 GUEST_DIR = Path(__file__).with_name("guest")
+REPO = Path(__file__).resolve().parents[3]
 HOST_PACKAGES = ("user-mode-linux", "debootstrap", "tcpdump", "iproute2", "nftables")
 COMMON_PACKAGES = (
     "iproute2",
@@ -44,11 +45,13 @@ COMMON_PACKAGES = (
     "pptp-linux",
     "tcpdump",
 )
-# Guest files: (source name in guest/, path inside the tree, mode)
-GUEST_FILES = (
+# Guest files: (source: a name in guest/ or a path in the repository, path inside the tree, mode)
+GUEST_FILES: tuple[tuple[str | Path, str, int], ...] = (
     ("masqd-guest-init", "sbin/masqd-guest-init", 0o755),
     ("masqd-guest-stage2", "sbin/masqd-guest-stage2", 0o755),
     ("masqd-peer.sh", "usr/local/lib/masqd-peer.sh", 0o644),
+    # the SPI announcement client as shipped (issue 22), for the IPsec daemons' updown hooks
+    (REPO / "deploy" / "masqd-spi-announce", "usr/local/sbin/masqd-spi-announce", 0o755),
 )
 
 

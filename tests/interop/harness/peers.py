@@ -316,6 +316,78 @@ def libreswan_initiator(
     )  # fmt: skip
 
 
+# The updown hook of a client that announces its SPIs to masqd (issue 22): libreswan's own
+# script first (routes), then the shipped client (/usr/local/sbin, see images.GUEST_FILES).
+SPI_UPDOWN = (
+    "#!/bin/sh\n"
+    "ipsec _updown \"$@\"\nrc=$?\n"
+    "MASQD_SPI_LOG=/peer/announce-trace.log /usr/local/sbin/masqd-spi-announce >> /peer/announce.log 2>&1\n"
+    "exit $rc\n"
+)
+
+
+def libreswan_rekeying_initiator(
+    name: str,
+    address: str,
+    gateway: str | None,
+    server: str,
+    ike: int = 2,
+    index: int = 1,
+    announce: bool = False,
+    rekeys: int = 2,
+    pings: int = 150,
+    interval: float = 0.2,
+) -> PeerSpec:
+    """libreswan raw-ESP initiator that re-keys on the host's signal while it pings.
+
+    Once its tunnel is up it writes ``/peer/up`` and pings the host behind the
+    gateway every ``interval`` seconds (``pings`` in all); for each ``k`` in 1..``rekeys`` it waits for
+    the file ``/peer/rekey<k>`` (the harness writes it into every client's folder at
+    the same moment) and forces a re-key of its IPsec SA. Every SA its kernel
+    installs is logged by ``ip xfrm monitor`` to ``/peer/xfrm-monitor.txt`` (the
+    ground truth of which SPIs are its own). With ``announce`` its updown hook runs
+    masqd-spi-announce (``SPI_UPDOWN``)."""
+    local = address.split("/")[0]
+    sub = libreswan_client_subnet(index)
+    conf = _LIBRESWAN_SETUP + _libreswan_conn(
+        "home", ike, local, f"@c{index}.example", f"{sub}/32", server, "@srv.example",
+        f"{BEHIND_SERVER}/32", "no",
+    )  # fmt: skip
+    files = {"ipsec.secrets": f': PSK "{PSK}"\n'}
+    if announce:
+        conf += "    leftupdown=/peer/updown\n"
+        files["updown"] = SPI_UPDOWN
+    files["ipsec.conf"] = conf
+    rekey = "".join(
+        f"n=0; while [ ! -e /peer/rekey{k} ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done; "
+        f"ipsec whack --rekey-ipsec --name home --async"
+        f" > /peer/rekey{k}.log 2>&1; echo \"rekey {k} at $(uptime_s)\" >> /peer/rekeys.txt\n"
+        for k in range(1, rekeys + 1)
+    )
+    script = (
+        _prelude(address, gateway)
+        + f"ip addr add {sub}/32 dev lo\n"
+        + "chmod 755 /peer/updown 2>/dev/null\n"
+        + "ip xfrm monitor > /peer/xfrm-monitor.txt 2>&1 &\n"
+        + _START_PLUTO
+        + "ipsec auto --add home > /peer/add.log 2>&1\n"
+        + "mark_ready\n"
+        + "t0=$(uptime_s)\n"
+        + "timeout 40 ipsec auto --up home > /peer/initiate.log 2>&1; result tunnel_rc $?\n"
+        + "touch /peer/up\n"
+        + f"ping -n -i {interval} -c {pings} -w {int(pings * interval) + 30} -I {sub} {BEHIND_SERVER}"
+        " > /peer/ping.log 2>&1 &\n"
+        + "pp=$!\n"
+        + rekey
+        + "wait $pp; result ping_rc $?\n"
+        + "result ping_received \"$(sed -n 's/.* \\([0-9]*\\) received.*/\\1/p' /peer/ping.log)\"\n"
+        + "result ping_sent \"$(sed -n 's/^\\([0-9]*\\) packets transmitted.*/\\1/p' /peer/ping.log)\"\n"
+        + "ipsec trafficstatus > /peer/sas.txt 2>&1\n"
+        + _CLIENT_END
+    )
+    return PeerSpec(name, "libreswan", "lan", address, gateway, "client", script, files, ("pluto.log",))
+
+
 PPTP_USERS = {f"user{n}": f"secret{n}" for n in range(1, 9)}
 
 
