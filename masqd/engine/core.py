@@ -42,7 +42,7 @@ from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
 from masqd.engine.limits import HostLimits
-from masqd.engine.nat import PortPool, Session, acct_row
+from masqd.engine.nat import Lease, PortPool, Session, acct_row
 from masqd.engine.pcp import PcpServer
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, NatTable, state_name
@@ -461,6 +461,8 @@ class Engine:
         if isinstance(entry, Session):
             return self.session_row(entry, now)
         t = now if now is not None else self.icmp.last
+        if isinstance(entry, Lease):
+            return self.pcp.row(entry, t)
         for h in self.helpers:
             row = h.row(entry, t)
             if row is not None:

@@ -187,6 +187,14 @@ class PcpServer:
         h.tokens -= 1.0
         return True
 
+    def adopt(self, ls: Lease) -> None:
+        """A lease restored from a record (state file, sync): counted as its host's."""
+        self._leased(ls)
+
+    def end(self, ls: Lease, reason: str) -> None:
+        """End a lease from outside (a destroy from the active of a pair)."""
+        self._end(ls, reason)
+
     def _leased(self, ls: Lease) -> None:
         h = self.hosts.get(ls.m.lan_ip)
         if h is None:
@@ -629,15 +637,17 @@ class PcpServer:
 
     def entries(self, now: float) -> list[dict[str, Any]]:
         """The leases as ``masqd table`` rows."""
-        rows: list[dict[str, Any]] = []
-        for ls in self.t.leases.values():
-            m = ls.m
-            rows.append({
-                "proto": "pcp", "lan": f"{ip_str(m.lan_ip)}:{m.lan_port}", "wan": f"{ip_str(m.wan_ip)}:{m.wan_port}",
-                "remote": PROTO_NAMES[m.proto], "state": "MAP" if ls.nonce is not None else "NAT-PMP",
-                "hits": ls.hits, "client": ip_str(ls.client), "expires_in": round(max(0.0, ls.expires - now), 1),
-            })
-        return rows
+        return [self.row(ls, now) for ls in self.t.leases.values()]
+
+    @staticmethod
+    def row(ls: Lease, now: float) -> dict[str, Any]:
+        """One lease as a ``masqd table`` row."""
+        m = ls.m
+        return {
+            "proto": "pcp", "lan": f"{ip_str(m.lan_ip)}:{m.lan_port}", "wan": f"{ip_str(m.wan_ip)}:{m.wan_port}",
+            "remote": PROTO_NAMES[m.proto], "state": "MAP" if ls.nonce is not None else "NAT-PMP",
+            "hits": ls.hits, "client": ip_str(ls.client), "expires_in": round(max(0.0, ls.expires - now), 1),
+        }
 
     def rule_rows(self, now: float) -> list[dict[str, Any]]:
         """The leases as ``masqd rules list`` rows (they are inbound forwarders, like portfw lines)."""

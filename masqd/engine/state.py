@@ -13,7 +13,13 @@ Kinds (version 1 each; ``RECORD_VERSIONS``):
 - ``esp``, ``ike``: the IPsec helper's SPI pairs and ISAKMP cookie pairs;
 - ``pptp_conn``, ``pptp_call``, ``gre_plain``: the PPTP helper's control
   connections (with the position in each direction's byte stream), calls
-  (Call IDs) and plain GRE entries.
+  (Call IDs) and plain GRE entries;
+- ``lease``: a mapping a LAN host asked for over PCP or NAT-PMP (its endpoint
+  and WAN port, nonce, client, lifetime, FILTERs). Leases come before the
+  sessions in a document, so a session through a lease finds it.
+
+A document also carries the PCP/NAT-PMP mapping epoch, so a restart that keeps
+the table keeps the epoch going (RFC 6887 section 8.5).
 
 Times travel as seconds left (``left``), never as clock values: the two ends
 of a record do not share a clock. Applying a record is an *upsert* through
@@ -33,14 +39,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from masqd.engine.nat import ICMP, TCP, UDP, Session
+from masqd.engine.nat import ICMP, TCP, UDP, Lease, Mapping, Session
 from masqd.engine.table import ADDRESS_CHANGE, REPLACED
 
 if TYPE_CHECKING:
     from masqd.engine.core import Engine
 
 FORMAT = 1
-RECORD_VERSIONS = {"session": 1, "esp": 1, "ike": 1, "pptp_conn": 1, "pptp_call": 1, "gre_plain": 1}
+RECORD_VERSIONS = {"session": 1, "esp": 1, "ike": 1, "pptp_conn": 1, "pptp_call": 1, "gre_plain": 1, "lease": 1}
 
 U32 = (0, 0xFFFFFFFF)
 U16 = (0, 0xFFFF)
@@ -63,6 +69,9 @@ SCHEMAS: dict[str, Schema] = {
                   "lc": (int, *U16), "mc": (int, *U16), "rc": (int, -1, 0xFFFF), "st": (int, 0, 2),
                   "left": _F, "up": (bool, 0, 1)},
     "gre_plain": {"li": (int, *U32), "ri": (int, *U32), "left": _F},
+    "lease": {"p": (int, *U8), "li": (int, *U32), "lp": (int, *U16), "wi": (int, *U32), "wp": (int, *U16),
+              "nonce": (str, 0, 24), "cl": (int, *U32), "left": _F, "life": (float, 0, 1e9),
+              "flt": (list, 0, 64)},
 }
 _HEX = frozenset("0123456789abcdef")
 
@@ -105,6 +114,12 @@ def check(rec: Any) -> dict[str, Any]:
                 raise BadRecord(f"{kind}.{name}: not lowercase hex")
     if kind == "session" and rec["p"] not in (TCP, UDP, ICMP):
         raise BadRecord(f"session.p: protocol {rec['p']} has no sessions")
+    if kind == "lease":
+        if rec["p"] not in (TCP, UDP) or len(rec["nonce"]) not in (0, 24) or not set(rec["nonce"]) <= _HEX:
+            raise BadRecord("lease: not a TCP/UDP mapping with a 12-byte nonce or none")
+        if not all(isinstance(f, list) and len(f) == 3 and all(type(x) is int and 0 <= x <= U32[1] for x in f)
+                   and f[2] <= 0xFFFF for f in rec["flt"]):
+            raise BadRecord("lease.flt: not (address, mask, port) filters")
     if kind == "pptp_conn":
         for d in rec["dirs"]:
             _check_stream(d)
@@ -138,6 +153,8 @@ def key(rec: dict[str, Any]) -> tuple[Any, ...]:
         return (k, rec["key"])
     if k == "pptp_call":
         return (k, rec["conn"], rec["lc"])
+    if k == "lease":
+        return (k, rec["p"], rec["li"], rec["lp"])
     return (k, rec["li"], rec["ri"])
 
 
@@ -149,6 +166,26 @@ def session_record(s: Session, now: float) -> dict[str, Any]:
             "wp": m.wan_port, "ri": s.rem_ip, "rp": s.rem_port, "st": s.state,
             "left": round(s.expires - now, 3), "in": bool(s.inbound), "fwd": bool(m.static and m.fwd is not None),
             "h": s.helper.name if s.helper is not None else ""}
+
+
+def lease_record(ls: Lease, now: float) -> dict[str, Any]:
+    m = ls.m
+    return {"k": "lease", "v": 1, "p": m.proto, "li": m.lan_ip, "lp": m.lan_port, "wi": m.wan_ip, "wp": m.wan_port,
+            "nonce": ls.nonce.hex() if ls.nonce is not None else "", "cl": ls.client,
+            "left": round(ls.expires - now, 3), "life": float(ls.lifetime), "flt": [list(f) for f in ls.filters]}
+
+
+def restore_lease(eng: Engine, rec: dict[str, Any], now: float, left: float) -> str | None:
+    if not eng.pcp.enabled:
+        return "pcp_off"
+    ls = eng.nat.restore_lease(rec["p"], rec["li"], rec["lp"], rec["wi"], rec["wp"],
+                               bytes.fromhex(rec["nonce"]) if rec["nonce"] else None, rec["cl"], now, left,
+                               rec["life"], tuple((a, m, p) for a, m, p in rec["flt"]))
+    if ls is None:
+        return "port_taken"
+    if ls[1]:  # a new lease (not one renewed): its host's
+        eng.pcp.adopt(ls[0])
+    return None
 
 
 def _out_key(rec: dict[str, Any]) -> bytes:
@@ -169,14 +206,16 @@ def restore_session(eng: Engine, rec: dict[str, Any], now: float, left: float) -
         t.remove(s, ADDRESS_CHANGE if s.m.wan_ip != rec["wi"] else REPLACED)
         s = None
     if s is None:
-        if rec["fwd"]:
+        ls = t.leases.get((proto, rec["li"], rec["lp"])) if rec["fwd"] else None
+        m: Mapping | None
+        if ls is not None and ls.m.wan_port == rec["wp"]:  # a session through a PCP/NAT-PMP lease
+            m = ls.m
+        elif rec["fwd"]:
             m = eng.forwarders.restore_mapping(proto, rec["li"], rec["lp"], rec["wp"])
-            if m is None:
-                return "no_port_forward"
         else:
             m = t.restore_mapping(proto, rec["li"], rec["lp"], rec["wi"], rec["wp"])
-            if m is None:
-                return "port_taken"
+        if m is None:
+            return "no_port_forward" if rec["fwd"] else "port_taken"
         if t.nsessions >= t.max_entries:
             if m.empty() and not m.static:
                 t.drop_mapping(m, used=False)  # (never used here: no quarantine)
@@ -197,8 +236,9 @@ def restore_session(eng: Engine, rec: dict[str, Any], now: float, left: float) -
 # ---------------------------------------------------------------- the whole engine
 
 def export(eng: Engine, now: float) -> list[dict[str, Any]]:
-    """Every entry as a record: sessions first (helpers' records refer to them)."""
-    out: list[dict[str, Any]] = [session_record(s, now) for s in eng.nat]
+    """Every entry as a record: leases, then sessions (helpers' records refer to them)."""
+    out: list[dict[str, Any]] = [lease_record(ls, now) for ls in eng.nat.leases.values()]
+    out.extend(session_record(s, now) for s in eng.nat)
     for h in eng.helpers:
         out.extend(h.export(now))
     return out
@@ -206,8 +246,10 @@ def export(eng: Engine, now: float) -> list[dict[str, Any]]:
 
 def record_of(eng: Engine, entry: Any, now: float) -> dict[str, Any] | None:
     """The record of one entry seen on the change stream (None: not an entry we carry)."""
-    if type(entry) is Session:
+    if isinstance(entry, Session):  # (an AcctSession too)
         return session_record(entry, now)
+    if isinstance(entry, Lease):
+        return lease_record(entry, now)
     for h in eng.helpers:
         r = h.record(entry, now)
         if r is not None:
@@ -223,6 +265,8 @@ def apply(eng: Engine, rec: dict[str, Any], now: float, down: float = 0.0) -> st
         return "expired"
     if rec["k"] == "session":
         return restore_session(eng, rec, now, left)
+    if rec["k"] == "lease":
+        return restore_lease(eng, rec, now, left)
     for h in eng.helpers:
         if rec["k"] in h.record_kinds:
             if not h.enabled():
@@ -238,6 +282,12 @@ def forget(eng: Engine, rec: dict[str, Any], reason: str) -> bool:
         if s is None:
             return False
         eng.nat.remove(s, reason)
+        return True
+    if rec["k"] == "lease":
+        ls = eng.nat.leases.get((rec["p"], rec["li"], rec["lp"]))
+        if ls is None:
+            return False
+        eng.pcp.end(ls, reason)
         return True
     for h in eng.helpers:
         if rec["k"] in h.record_kinds:
@@ -285,6 +335,7 @@ def document(eng: Engine, now: float) -> dict[str, Any]:
     counters (named ones and the per-interface packet counters)."""
     c = eng.ctr
     return {"format": FORMAT, "kinds": dict(RECORD_VERSIONS), "wan": str(eng.wan_if),
+            "epoch": eng.nat.mapping_epoch(now),
             "counters": dict(c.c), "packets": [list(c.rx_pkts), list(c.rx_bytes), list(c.tx_pkts), list(c.tx_bytes)],
             "records": export(eng, now)}
 
@@ -339,6 +390,9 @@ def load_document(eng: Engine, doc: dict[str, Any], now: float, down: float, dyn
         eng.wan_if = saved_wan
         eng.routes.set_wan(saved_wan)
         eng.nat.set_wan(int(saved_wan.ip))
+    epoch = doc.get("epoch")
+    if type(epoch) is int and epoch >= 0:  # (documents of before the leases have none)
+        eng.nat.restore_mapping_epoch(epoch + down, now)
     out["restored"] = apply_all(eng, recs, now, down, lambda why: out.update((why,)))
     if saved_wan != current and not dynamic_wan:
         eng.set_wan_address(current, now)

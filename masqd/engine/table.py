@@ -519,6 +519,42 @@ class NatTable:
         self.emit(NEW, ls)
         return ls
 
+    def restore_lease(self, proto: int, lan_ip: int, lan_port: int, wan_ip: int, wan_port: int,
+                      nonce: bytes | None, client: int, now: float, left: float, lifetime: float,
+                      filters: tuple[tuple[int, int, int], ...]) -> tuple[Lease, bool] | None:
+        """A lease from a record (state file, sync) with ``left`` seconds to live, and whether it is
+        new: the live one of the endpoint updated, or a new one on the recorded WAN port (the
+        endpoint's mapping, or a new one where the port is free). None when the endpoint is mapped
+        elsewhere, is a configured forward's, or the port is held by another owner."""
+        mk = (proto, lan_ip, lan_port)
+        ls = self.leases.get(mk)
+        if ls is not None:
+            if ls.m.wan_port != wan_port:
+                return None
+            ls.lifetime = lifetime
+            ls.expires = now + left
+            ls.filters = filters
+            self.lease_wheel.add(ls, ls.expires)
+            self.emit(UPDATE, ls, "renewed")
+            return ls, False
+        m = self.maps.get(mk)
+        if m is not None and (m.static or m.wan_port != wan_port):
+            return None
+        if m is None:
+            m = self.restore_mapping(proto, lan_ip, lan_port, wan_ip, wan_port)
+            if m is None:
+                return None
+        m.static = True
+        ls = Lease(m, nonce, client, now - max(0.0, lifetime - left), lifetime)
+        ls.expires = now + left
+        ls.filters = filters
+        m.fwd = ls
+        self.leases[mk] = ls
+        self.lease_wheel.add(ls, ls.expires)
+        self.epoch += 1
+        self.emit(NEW, ls)
+        return ls, True
+
     def renew_lease(self, ls: Lease, now: float, lifetime: float) -> None:
         """The client asked again: the lease runs ``lifetime`` seconds from now."""
         ls.lifetime = lifetime

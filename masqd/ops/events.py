@@ -93,6 +93,9 @@ def _tuples(row: Mapping[str, Any]) -> tuple[list[str], list[str]]:
                 [f"src={rem}", f"dst={wan}", f"srckey={sk}", f"dstkey={mk}"])
     if proto == "icmp":
         return [f"src={lan}", f"dst={rem}", f"id={lport}"], [f"src={rem}", f"dst={wan}", f"id={wport}"]
+    if proto == "pcp":  # a mapping a LAN host asked for: its protocol is in "remote"
+        return ([f"proto={rem}", f"src={lan}", f"sport={lport}"],
+                [f"dst={wan}", f"dport={wport}", f"client={row.get('client', '')}"])
     src, dst, sport, dport = original(row)
     o = [f"src={src}", f"dst={dst}", f"sport={sport}", f"dport={dport}"]
     if inbound:

@@ -15,7 +15,7 @@ from masqd.config import Config
 from masqd.engine import Engine
 from masqd.engine import state as st
 from masqd.engine.table import Change
-from tests.engine.conftest import H2, H3, SRV, WAN_IP, checksums_ok, echo, make_cfg, tcp, udp
+from tests.engine.conftest import H2, H3, SRV, WAN_IP, checksums_ok, echo, make_cfg, one, tcp, udp
 from tests.engine.test_ipsec import esp, ike1
 from tests.engine.test_pptp import Ctl, field, gre, gre_cid, place_call
 
@@ -250,3 +250,33 @@ def test_ctl_helper_kept_for_records_of_an_engine_with_pptp_off() -> None:
     b, refused = carry(a, 0.0, cfg=make_cfg("[pptp]\nenabled = false\n"))
     assert refused == ["helper_off", "helper_off"] and len(b.nat) == 0
     assert ESP  # (scapy layer used by the IPsec builders)
+
+
+def test_pcp_leases_and_their_connections_carry_over_and_the_epoch_goes_on() -> None:
+    """A NAT-PMP mapping, a connection through it and the mapping epoch survive a restart (the
+    state document), so the clients need not map again; a lease the active ends is forgotten."""
+    from tests.engine import pcpclient as pc
+    from tests.engine.test_pcp import engine, inbound_syn, nat1
+
+    a = engine()
+    a.start(100.0)
+    got = nat1(a, pc.natpmp_map_request("tcp", 8080, 40000, 3600), 100.0)
+    assert (got.result, got.external) == (0, 40000)
+    assert one(inbound_syn(a, 40000, 101.0), "lan").dst == H2
+    one(a.process("lan", tcp(H2, "198.51.100.2", 8080, 33000, "SA"), 101.0), "wan")
+    doc = json.loads(json.dumps(st.document(a, 110.0)))
+    b = engine()
+    out = st.load_document(b, doc, 200.0, 90.0, dynamic_wan=False)  # down 90 s, back at 200
+    assert not [k for k in out if k != "restored"] and out["restored"] == 2
+    lease = next(r for r in b.table(200.0) if r["proto"] == "pcp")
+    assert lease["lan"] == f"{H2}:8080" and lease["wan"] == f"{WAN_IP}:40000"
+    assert 3500 <= lease["expires_in"] <= 3600 - 100  # its lifetime went on while masqd was down
+    # the open connection goes on, a new remote still reaches the host, the epoch did not restart
+    assert one(b.process("wan", tcp("198.51.100.2", WAN_IP, 33000, 40000, "A", b"x"), 200.0), "lan").dst == H2
+    assert one(inbound_syn(b, 40000, 200.0, src="198.51.100.3"), "lan").dst == H2
+    assert nat1(b, pc.natpmp_address_request(), 200.0).epoch >= 100
+    # the host's mapping count came along: deleting its one mapping leaves it none
+    assert nat1(b, pc.natpmp_map_request("tcp", 8080, 0, 0), 201.0).result == 0
+    assert not [r for r in b.table(201.0) if r["proto"] == "pcp"]
+    rec = st.lease_record(next(iter(a.nat.leases.values())), 110.0)
+    assert st.forget(a, st.check(rec), "flush") and not a.nat.leases

@@ -342,3 +342,18 @@ def test_a_change_that_cannot_be_rendered_costs_no_packet() -> None:
     out = eng.process("lan", udp(H2, SRV, 5353, 53), 1.0)
     assert len(out) == 1 and out[0][0] == "wan"  # forwarded all the same
     assert c["events_errors"] == 1 and not lst.queue and eng.counters.get("drop_internal_error", 0) == 0
+
+
+def test_pcp_mappings_are_events_too() -> None:
+    """A NAT-PMP mapping a LAN host asks for is announced (NEW) and, deleted, DESTROYed."""
+    import struct
+
+    eng = Engine(config.loads(f'[lan]\naddress = "10.0.0.1/8"\n[wan]\naddress = "{WAN}/24"\n'
+                              'gateway = "203.0.113.1"\n[pcp]\nenabled = true\n'))
+    spy = Spy(eng)
+    for life in (3600, 0):  # map, then delete
+        req = struct.pack("!BBHHHI", 0, 2, 0, 8080, 40000, life)
+        assert eng.process("lan", udp(H2, "10.0.0.1", 5000, 5351, req), 1.0)
+    assert spy.lines() == [
+        f"[NEW] pcp 0 3600 NAT-PMP proto=tcp src={H2} sport=8080 dst={WAN} dport=40000 client={H2}",
+        f"[DESTROY] pcp 0 proto=tcp src={H2} sport=8080 dst={WAN} dport=40000 client={H2} reason=deleted"]
