@@ -40,6 +40,8 @@
 #define ICMP 1
 #define TCP 6
 #define UDP 17
+#define GRE 47
+#define ESP 50
 #define POLL_BATCH 512
 #define BULK_QUIET 0.02 /* no coalescing this long after a super-packet */
 
@@ -53,6 +55,7 @@ typedef struct {
     uint32_t mtu;
     uint8_t dir;       /* 0: LAN -> WAN (rewrite the source), 1: WAN -> LAN (the destination) */
     uint8_t proto;
+    uint8_t poff;      /* where the port (ICMP identifier, GRE key) goes in the packet; 0: nowhere */
     uint8_t addr[4];
     uint8_t port[2];
     uint8_t l2[14];
@@ -133,6 +136,29 @@ static inline void put16(uint8_t *p, unsigned v)
     p[1] = (uint8_t)v;
 }
 
+/*
+ * ESP and GRE (PPTP's enhanced GRE) of established pairs and calls, as the engine's helpers'
+ * fast paths take them: ESP by its addresses and SPI (the packet's bytes 12..24); GRE only with
+ * the headers those take (K and S set, A optional, version 1, PPP) and a payload length that
+ * fits, by its addresses and key field (IP + 26). 1: *kp is the lookup key.
+ */
+static int vpn_key(const uint8_t *p, ssize_t n, uint8_t *key, const uint8_t **kp)
+{
+    if (p[9] == ESP) {
+        *kp = p + 12;
+        return 1;
+    }
+    static const uint8_t gre_s[4] = {0x30, 0x01, 0x88, 0x0b}, gre_sa[4] = {0x30, 0x81, 0x88, 0x0b};
+    int hl = memcmp(p + 20, gre_s, 4) == 0 ? 32 : memcmp(p + 20, gre_sa, 4) == 0 ? 36 : 0;
+    if (!hl || n < hl || ((p[24] << 8) | p[25]) > n - hl)
+        return 0;
+    memcpy(key, p + 12, 8);
+    memcpy(key + 8, p + 26, 2);
+    key[10] = key[11] = 0;
+    *kp = key;
+    return 1;
+}
+
 /* 1: the packet was forwarded (or counted as a failed write); 0: Python must see it. */
 static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
 {
@@ -179,6 +205,10 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         memcpy(key + (in == 0 ? 8 : 10), p + 24, 2);
         kp = key;
         o = 22;
+    } else if (proto == ESP || proto == GRE) {
+        if (partial || !vpn_key(p, n, key, &kp))
+            return 0;
+        o = 0;
     } else {
         return 0;
     }
@@ -208,14 +238,12 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     p[8] -= 1;
     int64_t c = fold2((((p[10] << 8) | p[11]) ^ 0xFFFF) + e->dip);
     put16(p + 10, (unsigned)(c ^ 0xFFFF));
-    if (e->dir == 0) {
-        memcpy(p + 12, e->addr, 4);
-        memcpy(p + (proto == ICMP ? 24 : 20), e->port, 2);
-    } else {
-        memcpy(p + 16, e->addr, 4);
-        memcpy(p + (proto == ICMP ? 24 : 22), e->port, 2);
-    }
-    if (partial) {
+    memcpy(p + (e->dir == 0 ? 12 : 16), e->addr, 4);
+    if (e->poff)
+        memcpy(p + e->poff, e->port, 2);
+    if (!o) {
+        /* ESP, GRE: no transport checksum covers what changed */
+    } else if (partial) {
         put16(p + o, (unsigned)u);
     } else if (proto == UDP) {
         u = (p[26] << 8) | p[27];
@@ -571,9 +599,11 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
                           &mtu, &l2))
         return NULL;
     PyObject *res = NULL;
-    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP && proto != ICMP) || key.len != 12 || addr.len != 4
-        || port < 0 || port > 0xFFFF || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0
-        || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
+    /* the port: -1 (none) for ESP and outbound GRE, which keep theirs; a port, identifier or key else */
+    int no_port = proto == ESP || (proto == GRE && dir == 0);
+    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP && proto != ICMP && proto != ESP && proto != GRE)
+        || key.len != 12 || addr.len != 4 || (no_port ? port != -1 : (port < 0 || port > 0xFFFF))
+        || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0 || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
         PyErr_SetString(PyExc_ValueError, "add: bad entry");
         goto done;
     }
@@ -606,7 +636,8 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
     e->dir = (uint8_t)dir;
     e->proto = (uint8_t)proto;
     memcpy(e->addr, addr.buf, 4);
-    put16(e->port, (unsigned)port);
+    e->poff = no_port ? 0 : proto == ICMP ? 24 : proto == GRE ? 26 : dir == 0 ? 20 : 22;
+    put16(e->port, no_port ? 0 : (unsigned)port);
     e->dip = dip;
     e->dl4 = dl4;
     e->mtu = mtu;

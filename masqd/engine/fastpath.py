@@ -36,8 +36,14 @@ _pack_H4s = struct.Struct("!H4s").pack_into
 
 # a fast path of a helper: (packet, now) -> [(iface, packet)] or None
 HelperFast = Callable[[bytes, float], "list[tuple[str, bytes]] | None"]
-# what a cache outside the engine needs to repeat the fast path's rewrite of a flow
-FastEntry = tuple[int, int, bytes, Session, bytes, int, int, int, int]
+# what a cache outside the engine needs to repeat the fast path's rewrite of a flow: (direction,
+# protocol, lookup key, entry, new address, new port / ICMP identifier / GRE key or -1 for none,
+# IPv4 checksum delta, transport checksum delta, MTU)
+FastEntry = tuple[int, int, bytes, Any, bytes, int, int, int, int]
+# a helper's description of its established flow, for such a cache: (direction, packet) -> FastEntry
+HelperEntry = Callable[[int, "bytes | bytearray"], "FastEntry | None"]
+# a helper folds in what such a cache forwarded for one of its entries: (entry, time of the last packet)
+HelperFold = Callable[[Any, float], None]
 
 
 def rewrite_src(data: bytes, dip: int, addr: bytes) -> bytearray:
@@ -85,14 +91,19 @@ class FastPath:
         self.lan_mtu = 1500
         self.helpers_out: dict[int, HelperFast] = {}  # IP protocol -> a helper's fast path
         self.helpers_in: dict[int, HelperFast] = {}
+        self.helpers_entry: dict[int, HelperEntry] = {}  # IP protocol -> the helper's ``fast_entry``
+        self.helpers_fold: dict[int, HelperFold] = {}  # IP protocol -> the helper's ``fast_fold``
 
     def configure(self, gen: int, lan_mtu: int, wan_mtu: int, helpers_out: dict[int, HelperFast],
-                  helpers_in: dict[int, HelperFast]) -> None:
+                  helpers_in: dict[int, HelperFast], helpers_entry: dict[int, HelperEntry] | None = None,
+                  helpers_fold: dict[int, HelperFold] | None = None) -> None:
         self.gen = gen
         self.lan_mtu = lan_mtu
         self.wan_mtu = wan_mtu
         self.helpers_out = helpers_out
         self.helpers_in = helpers_in
+        self.helpers_entry = helpers_entry or {}
+        self.helpers_fold = helpers_fold or {}
 
     # ------------------------------------------------------- the shared bookkeeping
     def hits(self, e: Any, d: int) -> tuple[Any, ...] | None:
@@ -260,7 +271,9 @@ class FastPath:
         ``iface``), for a cache outside the engine: (direction 0 out / 1 in, protocol, the lookup
         key, the session, the new address, the new port or ICMP identifier, the IPv4 and transport
         checksum deltas, the MTU to check). None: a flow the fast path does not take now (unknown,
-        its firewall decision not cached, not yet replied, or a helper follows its stream)."""
+        its firewall decision not cached, not yet replied, or a helper follows its stream).
+        Other protocols are described by the helper whose fast path takes them (established
+        ESP pairs, PPTP calls' GRE): see its ``fast_entry``."""
         if len(data) < 28 or data[0] != 0x45:
             return None
         proto = data[9]
@@ -272,7 +285,8 @@ class FastPath:
                 return None
             key = bytes(data[12:20]) + (bytes(data[24:26]) + b"\0\0" if d == 0 else b"\0\0" + bytes(data[24:26]))
         else:
-            return None
+            he = self.helpers_entry.get(proto)
+            return None if he is None else he(d, data)
         s = (self.table.out if d == 0 else self.table.inb)[proto].get(key)
         if s is None or s.helper is not None or s.dead or self.hits(s, d) is None or (d and s.state == 0):
             return None
@@ -284,13 +298,20 @@ class FastPath:
     def count_fast(self, rows: list[tuple[Session, int, int, int, int, float]]) -> int:
         """Fold in what a cache outside the engine forwarded: per row (session, direction, protocol,
         packets, bytes, time of the last one), what the fast path would have counted and refreshed
-        (expiry, firewall hits, packet and byte counters). Returns the packets."""
+        (expiry, firewall hits, packet and byte counters). A helper's entry (ESP pair, PPTP call)
+        is refreshed by the helper (its ``fast_fold``). Returns the packets."""
         total = 0
         ctr = self.ctr
+        folds = self.helpers_fold
         for s, d, proto, pk, by, last in rows:
             total += pk
-            if not s.dead and last + s.tmo > s.expires:
-                s.expires = last + s.tmo
+            if proto == TCP or proto == UDP or proto == ICMP:
+                if not s.dead and last + s.tmo > s.expires:
+                    s.expires = last + s.tmo
+            else:
+                fold = folds.get(proto)
+                if fold is not None:
+                    fold(s, last)
             fw = s.fw
             hits = fw[1 + d] if fw is not None else None
             if hits:
