@@ -176,7 +176,7 @@ class FastPath:
                 return []
         if seg:  # a super-packet: the kernel reads this header as is (always recompute it)
             set_ip_checksum(pkt, 20)
-        s.expires = now + s.tmo
+        s.seen = now
         i = 0 if proto == TCP else 1  # LAN_TCP / LAN_UDP
         self.account(fw[1], i, i + WAN_BASE, n)
         return [("wan", bytes(pkt))]
@@ -234,7 +234,7 @@ class FastPath:
                 return []
         if seg:
             set_ip_checksum(pkt, 20)
-        s.expires = now + s.tmo
+        s.seen = now
         i = 0 if proto == TCP else 1
         self.account(fw[2], i + WAN_BASE, i, n)
         return [("lan", bytes(pkt))]
@@ -262,7 +262,7 @@ class FastPath:
         else:
             translate_in(s, pkt, 20)
             self.account(hits, WAN_ICMP, LAN_ICMP, n)
-        s.expires = now + s.tmo
+        s.seen = now
         return [("wan" if outbound else "lan", bytes(pkt))]
 
     # ------------------------------------------- the fast path, cached outside the engine
@@ -306,8 +306,8 @@ class FastPath:
         for s, d, proto, pk, by, last in rows:
             total += pk
             if proto == TCP or proto == UDP or proto == ICMP:
-                if not s.dead and last + s.tmo > s.expires:
-                    s.expires = last + s.tmo
+                if last > s.seen and not s.dead:
+                    s.seen = last
             else:
                 fold = folds.get(proto)
                 if fold is not None:

@@ -61,6 +61,15 @@ class Change(NamedTuple):
 Subscriber = Callable[[Change], None]
 
 
+def _is_dead(s: Session) -> bool:
+    x = s._x  # (Session.dead without the property call: expiry visits every due session)
+    return x is not None and bool(x[0])
+
+
+def _deadline(s: Session) -> float:
+    return s.seen + s.tmo
+
+
 def state_name(s: Session) -> str:
     """The state of a session as ``masqd table`` shows it."""
     if s.m.proto == TCP:
@@ -198,10 +207,12 @@ class NatTable:
         self.epoch += 1
         m = s.m
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
-        if out_t.get(s.out_key) is s:
-            del out_t[s.out_key]
-        if in_t.get(s.in_key) is s:
-            del in_t[s.in_key]
+        k = s.out_key
+        if out_t.get(k) is s:
+            del out_t[k]
+        k = s.in_key
+        if in_t.get(k) is s:
+            del in_t[k]
         m.remove(s)
         self.nsessions -= 1
         if s.helper is not None:
@@ -227,7 +238,7 @@ class NatTable:
 
     def due(self, now: float) -> list[Session]:
         """The sessions whose time ran out (not yet removed)."""
-        return self.wheel.due(now, lambda x: x.dead, lambda x: x.expires)  # type: ignore[no-any-return]
+        return self.wheel.due(now, _is_dead, _deadline)  # type: ignore[no-any-return]
 
     def sessions(self) -> list[Session]:
         """Every live session (a copy: safe to remove from while iterating)."""

@@ -672,7 +672,7 @@ class PPTPHelper(Helper):
             call.expires = now + self.t_call
         s = call.ctl
         if s is not None:
-            s.expires = now + s.tmo
+            s.seen = now
 
     def _protofw(self) -> bool:
         return self.eng.proto_forwarded(47)
@@ -781,8 +781,8 @@ class PPTPHelper(Helper):
         if call.state == ACTIVE and last + self.t_call > call.expires:
             call.expires = last + self.t_call
         s = call.ctl
-        if s is not None and last + s.tmo > s.expires:
-            s.expires = last + s.tmo
+        if s is not None and last > s.seen:
+            s.seen = last
 
     # ============================================================ housekeeping
     def expire(self, now: float) -> None:
