@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from masqd.engine.counters import LAN_ICMP, WAN_BASE, WAN_ICMP, Counters, proto_index
-from masqd.engine.nat import TTL_DELTA, Session, translate_in, translate_out
+from masqd.engine.nat import TTL_DELTA, translate_in, translate_out
 from masqd.wire.ipv4 import ICMP, ICMP_QUERIES, ICMP_REPLIES, TCP, UDP, set_ip_checksum
 
 if TYPE_CHECKING:
@@ -295,16 +295,20 @@ class FastPath:
             return (0, proto, key, s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out, self.wan_mtu)
         return (1, proto, key, s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in, self.lan_mtu)
 
-    def count_fast(self, rows: list[tuple[Session, int, int, int, int, float]]) -> int:
+    def count_fast(self, rows: list[tuple[Any, ...]]) -> int:
         """Fold in what a cache outside the engine forwarded: per row (session, direction, protocol,
-        packets, bytes, time of the last one), what the fast path would have counted and refreshed
-        (expiry, firewall hits, packet and byte counters). A helper's entry (ESP pair, PPTP call)
-        is refreshed by the helper (its ``fast_fold``). Returns the packets."""
+        packets, bytes, time of the last one[, packets on the wire]), what the fast path would
+        have counted and refreshed (expiry, firewall hits, packet and byte counters). A
+        super-packet is one packet for the rules and its segments for the interface counters
+        (the last field, when given). A helper's entry (ESP pair, PPTP call) is refreshed by the
+        helper (its ``fast_fold``). Returns the packets on the wire."""
         total = 0
         ctr = self.ctr
         folds = self.helpers_fold
-        for s, d, proto, pk, by, last in rows:
-            total += pk
+        for row in rows:
+            s, d, proto, pk, by, last = row[:6]
+            wire = row[6] if len(row) > 6 else pk
+            total += wire
             if proto == TCP or proto == UDP or proto == ICMP:
                 if last > s.seen and not s.dead:
                     s.seen = last
@@ -320,7 +324,7 @@ class FastPath:
                     r.bytes += by
             i = proto_index(proto)
             if d == 0:
-                ctr.forwarded(i, i + WAN_BASE, pk, by)
+                ctr.forwarded(i, i + WAN_BASE, wire, by)
             else:
-                ctr.forwarded(i + WAN_BASE, i, pk, by)
+                ctr.forwarded(i + WAN_BASE, i, wire, by)
         return total

@@ -62,25 +62,52 @@ class Side:
     wires: dict[str, socket.socket]
     clock: list[float]
     socks: list[socket.socket] = field(default_factory=list)
+    qwires: dict[str, list[socket.socket]] = field(default_factory=dict)  # every queue's far end
+
+    @property
+    def threads(self) -> bool:
+        return self.dp.native is not None and self.dp.native.workers > 0
 
     def readable(self, iface: str) -> None:
-        """What the event loop does when the device fd is readable: its registered reader."""
+        """What the event loop does when the device fd is readable: its registered reader; with
+        reader threads, they read it: wait until they are done (and the loop served them)."""
+        if self.threads:
+            self.settle()
+            return
         cb, arg = self.dp.reader(self.dp.ports[iface])
         cb(arg)
 
-    def feed(self, iface: str, data: bytes) -> list[tuple[str, bytes]]:
-        self.wires[iface].send(data)
+    def settle(self) -> None:
+        """Reader threads: run the loop (it serves their misses, ends holds) until every thread
+        waits in poll with its devices' fds empty: nothing is in flight any more."""
+        fc, loop = self.dp.native, self.dp.loop
+        assert loop is not None
+        fds = [fd for p in self.dp.ports.values() for fd in p.fds]
+        deadline = time.monotonic() + 10
+        quiet = 0
+        while quiet < 2:  # (twice in a row: a thread may wake between the two looks)
+            loop.run_until_complete(asyncio.sleep(0))
+            if fc.idle() and not select.select(fds, [], [], 0)[0]:
+                quiet += 1
+            else:
+                quiet = 0
+                time.sleep(0.0001)
+            assert time.monotonic() < deadline, "reader threads did not settle"
+
+    def feed(self, iface: str, data: bytes, queue: int = 0) -> list[tuple[str, bytes]]:
+        (self.qwires.get(iface) or [self.wires[iface]])[queue].send(data)
         self.readable(iface)
         return self.collect()
 
     def collect(self) -> list[tuple[str, bytes]]:
         out = []
-        for iface, w in self.wires.items():
-            while True:
-                try:
-                    out.append((iface, w.recv(70000)))
-                except BlockingIOError:
-                    break
+        for iface, w0 in self.wires.items():
+            for w in self.qwires.get(iface) or [w0]:
+                while True:
+                    try:
+                        out.append((iface, w.recv(70000)))
+                    except BlockingIOError:
+                        break
         return out
 
     def close(self) -> None:
@@ -91,30 +118,43 @@ class Side:
             s.close()
 
 
-def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False) -> Side:
+def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False, queues: int = 1,
+              threads: bool = True) -> Side:
+    """A data plane over socket pairs; ``real_clock``: the monotonic clock (with the native fast
+    path: reader threads, one per queue, unless ``threads`` is False: the cache's on_readable is
+    the loop's reader); ``queues``: socket pairs per device (IFF_MULTI_QUEUE)."""
     cfg = loads(config(mode, offload, fastpath))
     clock = [1000.0]
     dp = Dataplane(cfg, Engine(cfg), clock=time.monotonic if real_clock else lambda: clock[0])
     wires: dict[str, socket.socket] = {}
+    qwires: dict[str, list[socket.socket]] = {}
     socks = []
     for side in ("lan", "wan"):
         icfg = getattr(cfg, side)
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for x in (a, b):
-            x.setblocking(False)
-            x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
-        socks += [a, b]
-        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload)
+        ends = []
+        for _ in range(queues):
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for x in (a, b):
+                x.setblocking(False)
+                x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
+            socks += [a, b]
+            ends.append((a, b))
+        a, b = ends[0]
+        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
+                     fds=[x.fileno() for x, _ in ends])
+        qwires[side] = [y for _, y in ends]
         l2 = None
         if mode == "tap":
             l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
                               icfg.address.network.prefixlen, dp.counters)
         dp.add_port(Port(side, dev, l2, dp.counters))
         wires[side] = b
-    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it, never run: the test calls them
+    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it; only Side.settle runs it
     dp._started = True
+    dp.reader_threads = threads
     dp._set_native()
-    return Side(dp, wires, clock, socks)
+    dp._register_readers()
+    return Side(dp, wires, clock, socks, qwires)
 
 
 class Traffic:
@@ -255,16 +295,22 @@ def counters(s: Side) -> dict[str, int]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
-@pytest.mark.parametrize("driver", ["drain", "reader"])
+@pytest.mark.parametrize("driver", ["drain", "reader", "threads", "2queues"])
 def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool, seed: int) -> None:
     """driver "drain": a test clock, Port.drain's loop calls the cache; "reader": the monotonic
-    clock, and the loop's reader is the cache itself (on_readable), calling Python for misses."""
-    real = driver == "reader"
-    py, nat = make_side(mode, offload, "python", real), make_side(mode, offload, "native", real)
+    clock, and the loop's reader is the cache itself (on_readable), calling Python for misses;
+    "threads": a reader thread forwards, Python takes its misses through the loop (service);
+    "2queues": two queues per device, a thread each, every packet on either (one shared cache)."""
+    real = driver != "drain"
+    nq = 2 if driver == "2queues" else 1
+    py = make_side(mode, offload, "python", real)
+    nat = make_side(mode, offload, "native", real, threads=driver in ("threads", "2queues"), queues=nq)
     sides = [py, nat]
     try:
         assert py.dp.native is None and nat.dp.native is not None
-        assert nat.dp.reader(nat.dp.ports["lan"])[0] == (nat.dp.native.on_readable if real else nat.dp._on_readable)
+        assert nat.dp.native.workers == {"threads": 1, "2queues": 2}.get(driver, 0)
+        assert nat.dp.reader(nat.dp.ports["lan"])[0] == (nat.dp.native.on_readable if driver == "reader"
+                                                         else nat.dp._on_readable)
         macs = {side: ":".join(f"{b:02x}" for b in nat.dp.ports[side].l2.mac) if mode == "tap" else ""
                 for side in ("lan", "wan")}
         if mode == "tap":  # the hosts and the gateway announce themselves
@@ -282,7 +328,7 @@ def test_native_writes_what_python_writes(driver: str, mode: str, offload: bool,
             iface, data = t.packet(macs)
             for s in sides:
                 s.clock[0] += 0.001
-            a, b = py.feed(iface, data), nat.feed(iface, data)
+            a, b = py.feed(iface, data), nat.feed(iface, data, r.randrange(nq))
             assert a == b, (step, iface, data.hex())
             t.learn(a)
         native = nat.dp.all_counters().get("fastpath_native_packets", 0)
@@ -386,7 +432,7 @@ def test_flow_cache_fills_up_and_says_so() -> None:
         assert out.src == "0.0.0.0" and out.ttl == 8 and out[UDP].sport == 9
         assert fc.drain(0, 10, 5.0) == (0, 0, None)  # would block
         rows = fc.clear()
-        assert rows == [(token, 0, 17, 1, len(pkt), 5.0)] and len(fc) == 0
+        assert rows == [(token, 0, 17, 1, len(pkt), 5.0, 1)] and len(fc) == 0
         # a write that fails is counted, not raised
         fc.add(0, 17, struct.pack("!IIHH", 5, 7, 1, 2), token, bytes(4), 9, 0, 0, 1500, b"")
         ro = os.open("/dev/null", os.O_RDONLY)
@@ -402,13 +448,16 @@ def test_flow_cache_fills_up_and_says_so() -> None:
             s.close()
 
 
-@pytest.mark.parametrize("fastpath,real_clock", [("native", True), ("native", False), ("python", True)],
-                         ids=["rounds-in-the-cache", "rounds-in-python", "python"])
-def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, real_clock: bool) -> None:
+@pytest.mark.parametrize("fastpath,real_clock,threads", [("native", True, True), ("native", True, False),
+                                                         ("native", False, False), ("python", True, False)],
+                         ids=["rounds-in-threads", "rounds-in-the-cache", "rounds-in-python", "python"])
+def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, real_clock: bool,
+                                                                 threads: bool) -> None:
     """dataplane.coalesce: a wake-up that finds a burst sleeps and drains both ports again while
     packets keep coming (bounded in time); a lone packet is forwarded at once, no round. The
-    rounds run inside the flow cache when the data plane's clock is the monotonic clock it reads."""
-    s = make_side("tun", False, fastpath, real_clock)
+    rounds run inside the flow cache when the data plane's clock is the monotonic clock it reads
+    (in the reader thread, which then never wakes the loop)."""
+    s = make_side("tun", False, fastpath, real_clock, threads=threads)
     try:
         cfg = loads(config("tun", False, fastpath).replace(
             f'[dataplane]\nfastpath = "{fastpath}"\n', f'[dataplane]\nfastpath = "{fastpath}"\ncoalesce = 0.0005\n'))
@@ -438,9 +487,13 @@ def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, 
         t = threading.Thread(target=sender)
         t.start()
         wakeups, longest = 0, 0.0
-        fd = s.dp.ports["lan"].fd
+        fd = s.dp.ports["lan"].fd if not threads else s.dp.cache.efd
         while t.is_alive():
             if not select.select([fd], [], [], 0.005)[0]:  # what the loop's epoll does
+                continue
+            if threads:  # the thread handed something to Python: nothing should
+                s.dp.native.service()
+                wakeups += 1
                 continue
             start = time.monotonic()
             s.readable("lan")
@@ -454,6 +507,8 @@ def test_coalesce_drains_in_rounds_under_load_and_not_when_quiet(fastpath: str, 
                 break
         rounds = s.dp.counters["dp_coalesce_rounds"]
         assert rounds >= 10, rounds
+        if threads:
+            assert wakeups == 0, wakeups
         # each wake-up held the loop for rounds of 500 µs, not more than COALESCE_HOLD and a pause
         # (and a slow machine's margin); without rounds there would be hundreds of wake-ups
         assert wakeups < 60, wakeups
@@ -504,10 +559,12 @@ def test_while_a_capture_runs_every_packet_goes_through_python() -> None:
         s.close()
 
 
-def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on() -> None:
+@pytest.mark.parametrize("threads", [False, True], ids=["reader", "threads"])
+def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on(threads: bool) -> None:
     """A bug in Python under the reader must not wedge it: the exception propagates to the loop
-    (which logs it) and the next wake-up works."""
-    s = make_side("tun", False, "native", real_clock=True)
+    (which logs it) and the next wake-up works. With reader threads it comes out of the loop's
+    callback for their eventfd (service), and the thread that waited goes on."""
+    s = make_side("tun", False, "native", real_clock=True, threads=threads)
     try:
         calls = []
 
@@ -518,7 +575,12 @@ def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on() ->
         s.dp.native.set_miss(0, bad)
         s.wires["lan"].send(b"\x45" + bytes(30))
         with pytest.raises(RuntimeError, match="boom"):
-            s.readable("lan")
+            if threads:
+                assert s.dp.cache.efd is not None
+                assert select.select([s.dp.cache.efd], [], [], 5)[0]  # the thread waits with it
+                s.dp.native.service()
+            else:
+                s.readable("lan")
         s.dp.native.set_miss(0, s.dp.ports["lan"].native_miss)
         flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
         assert len(s.feed("lan", flow)) == 1 and len(calls) == 1
@@ -619,8 +681,13 @@ def test_a_reload_switches_the_fast_path_and_the_readers_follow() -> None:
             s.dp.engine.reload(cfg)
             s.dp.on_reload(cfg)
             assert (s.dp.native is not None) == native
-            cb, _arg = s.dp.reader(s.dp.ports["lan"])
-            assert cb == (s.dp.native.on_readable if native else s.dp._on_readable)
+            # native: the loop serves the reader threads' eventfd, not the device fds
+            registered = set(s.dp.loop._selector.get_map())  # type: ignore[attr-defined]
+            lan_fd = s.dp.ports["lan"].fd
+            if native:
+                assert s.dp.cache.efd in registered and lan_fd not in registered
+            else:
+                assert s.dp.cache.efd is None and lan_fd in registered
             assert s.dp.snapshot()["fastpath"] == fastpath
             for _ in range(3):
                 assert len(s.feed("lan", flow)) == 1
@@ -726,14 +793,16 @@ class Vpn:
 
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
-@pytest.mark.parametrize("driver", ["drain", "reader"])
+@pytest.mark.parametrize("driver", ["drain", "reader", "threads", "2queues"])
 def test_native_vpn_writes_what_python_writes(driver: str, mode: str, offload: bool) -> None:
     """ESP pairs and PPTP calls' GRE are forwarded by the flow cache once established (ESP: the
     address; GRE: the address and, inbound, the key back to the client's Call ID): the same
     bytes as the Python path, intact or mangled, through re-keys, new calls, flushes, expiry,
     reloads and neighbour changes; the same counters, table (expiry) and firewall hits after."""
-    real = driver == "reader"
-    py, nat = make_side(mode, offload, "python", real), make_side(mode, offload, "native", real)
+    real = driver != "drain"
+    nq = 2 if driver == "2queues" else 1
+    py = make_side(mode, offload, "python", real)
+    nat = make_side(mode, offload, "native", real, threads=driver in ("threads", "2queues"), queues=nq)
     sides = [py, nat]
     r = random.Random(1701)
     try:
@@ -764,7 +833,7 @@ def test_native_vpn_writes_what_python_writes(driver: str, mode: str, offload: b
                     frame[v.head + r.choice([0, 2, 3, 8, 9, 12, 16, 19, 20, 21, 22, 24, 25, 26, 27])] ^= 1 << r.randrange(8)
                 elif how < 0.2:
                     del frame[r.randrange(0, len(frame)):]
-                got = [s.feed(iface, bytes(frame)) for s in sides]
+                got = [py.feed(iface, bytes(frame)), nat.feed(iface, bytes(frame), r.randrange(nq))]
                 assert got[0] == got[1], (rnd, step, iface, bytes(frame).hex())
             native0 = nat.dp.all_counters().get("fastpath_native_packets", 0)
             assert native0 > before + 25, (rnd, before, native0)  # established VPN traffic skipped Python
@@ -785,3 +854,58 @@ def test_native_vpn_writes_what_python_writes(driver: str, mode: str, offload: b
     finally:
         for s in sides:
             s.close()
+
+
+def test_reader_threads_under_load_with_the_engine_changing_under_them() -> None:
+    """Two queues, a reader thread each, both forwarding at once while the main thread folds
+    counts, flushes the table (the cache empties; the next packets make new sessions through
+    Python) and expires: nothing is lost or counted twice, nothing deadlocks."""
+    s = make_side("tun", False, "native", real_clock=True, queues=2)
+    try:
+        assert s.dp.native.workers == 2
+        flows = [bytes(IP(src=LAN_HOSTS[i % 2], dst=REMOTES[0]) / UDP(sport=6000 + i, dport=53) / (b"z" * 40))
+                 for i in range(8)]
+        for q, f in enumerate(flows):
+            assert len(s.feed("lan", f, q % 2)) == 1
+        sent = [0, 0]
+        n_each = 3000
+
+        def sender(q: int) -> None:
+            w = s.qwires["lan"][q]
+            for k in range(n_each):
+                while True:
+                    try:
+                        w.send(flows[(k % 4) * 2 + q])
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.0002)
+                sent[q] += 1
+                if k % 100 == 99:
+                    time.sleep(0.001)  # (a sender that lasts: the main thread works meanwhile)
+
+        ts = [threading.Thread(target=sender, args=(q,)) for q in (0, 1)]
+        for t in ts:
+            t.start()
+        flushes = rounds = 0
+        out = 0
+        while any(t.is_alive() for t in ts):
+            s.dp.loop.run_until_complete(asyncio.sleep(0.001))  # serves misses, ends holds
+            s.dp.sync_native()
+            rounds += 1
+            if flushes < 5 and rounds % 2 == 1:
+                s.dp.engine.flush(lan_ip=int.from_bytes(bytes([10, 0, 0, 2]), "big"))
+                flushes += 1
+            s.dp._expire()
+            out += len(s.collect())
+        for t in ts:
+            t.join()
+        s.settle()
+        out += len(s.collect())
+        assert flushes >= 1
+        assert out == sum(sent) == 2 * n_each
+        c = s.dp.all_counters()
+        assert c["tx_wan_udp_packets"] == c["rx_lan_udp_packets"] == out + len(flows)
+        assert c["fastpath_native_packets"] > sum(sent) // 2, c
+        assert not any(k.endswith("_errors") for k in s.dp.counters), s.dp.counters
+    finally:
+        s.close()
