@@ -487,4 +487,6 @@ class Dataplane:
             "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
             "fastpath": "native" if self.native is not None else "python",
             "coalesce": self.coalesce,
+            "queues": {side: len(p.fds) for side, p in self.ports.items()},
+            "reader_threads": self.native.workers if self.native is not None else 0,
         }
