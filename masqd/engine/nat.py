@@ -26,7 +26,7 @@ TCP_STATE_NAMES = ("NEW", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CL
 S_UNREPLIED, S_REPLIED = 0, 1
 
 TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
-SESS_LIST_MAX = 32  # a mapping keeps up to this many sessions in a list (8 bytes each), more in a dict
+SESS_LIST_MAX = 32  # a mapping keeps up to this many sessions in a tuple (8 bytes each), more in a dict
 ICMP, TCP, UDP = 1, 6, 17
 
 _pack_H = struct.Struct("!H").pack_into
@@ -45,7 +45,7 @@ class Mapping:
         self.lan_ip = lan_ip
         self.lan_port = lan_port
         self.lan_ip_b = lan_ip.to_bytes(4, "big")
-        self.sess: Any = None  # None, one Session, a list of a few, or dict[Session, None]
+        self.sess: Any = None  # None, one Session, a tuple of a few, or dict[Session, None]
         self.static = False  # a port forward's mapping: never freed by expiry
         self.fwd: Any = None  # the PortForward that created it, if any
         self.wan_port = wan_port
@@ -72,9 +72,9 @@ class Mapping:
         x = self.sess
         if x is None:
             self.sess = s
-        elif type(x) is list:
+        elif type(x) is tuple:
             if len(x) < SESS_LIST_MAX:
-                x.append(s)
+                self.sess = (*x, s)
             else:
                 d = dict.fromkeys(x)
                 d[s] = None
@@ -82,17 +82,15 @@ class Mapping:
         elif type(x) is dict:
             x[s] = None
         else:
-            self.sess = [x, s]
+            self.sess = (x, s)
 
     def remove(self, s: Session) -> None:
         x = self.sess
         if x is s:
             self.sess = None
-        elif type(x) is list:
-            if s in x:  # (identity: a session equals only itself)
-                x.remove(s)
-            if len(x) == 1:
-                self.sess = x[0]
+        elif type(x) is tuple:
+            y = tuple(z for z in x if z is not s)
+            self.sess = y[0] if len(y) == 1 else y
         elif type(x) is dict:
             x.pop(s, None)
             if len(x) == 1:
@@ -104,7 +102,9 @@ class Mapping:
         x = self.sess
         if x is None:
             return iter(())
-        if type(x) is dict or type(x) is list:
+        if type(x) is tuple:
+            return iter(x)
+        if type(x) is dict:
             return iter(list(x))
         return iter((x,))
 
@@ -112,7 +112,19 @@ class Mapping:
         return self.sess is None
 
 
-_DEAD: list[Any] = [True, False, None]  # the _x of a dead session with nothing else set (shared, never changed)
+_DEAD: list[Any] = [True, False, None, None]  # the _x of a dead session with nothing else set (shared, never changed)
+_ST: dict[tuple[int, float], tuple[int, float]] = {}  # (state, timeout) pairs, one object each
+
+
+def _st(state: int, tmo: float) -> tuple[int, float]:
+    """The one (state, timeout) tuple of that value (a few exist: sessions share them)."""
+    k = (state, tmo)
+    t = _ST.get(k)
+    if t is None:
+        if len(_ST) > 4096:  # (timeouts changed by many reloads)
+            _ST.clear()
+        t = _ST[k] = k
+    return t
 
 
 class Session:
@@ -124,19 +136,18 @@ class Session:
     also the inbound lookup key; ``out_key`` (the outbound one) is rebuilt from it
     and the mapping when asked for; the time of its last packet is ``seen`` (the
     packet's own clock value, shared by all sessions touched at that instant) and
-    ``expires`` is ``seen + tmo``; ``dead``, ``inbound`` and ``hdata`` (rarely set)
-    share one slot."""
+    ``expires`` is ``seen + tmo``; ``state`` and ``tmo`` are one shared tuple
+    (``_st``); ``dead``, ``inbound``, ``hdata`` and ``helper`` (rarely set)
+    share one slot (``_x``). Six slots: 80 bytes with the GC header."""
 
-    __slots__ = ("m", "in_key", "seen", "tmo", "state", "helper", "fw", "_x")
+    __slots__ = ("m", "in_key", "seen", "_st", "fw", "_x")
 
     def __init__(self, m: Mapping, rem_ip: int, rem_port: int, now: float, tmo: float) -> None:
         self.m = m
         self.seen = now
-        self.tmo = tmo
-        self.state = 0
-        self.helper: Any = None
+        self._st = _st(0, tmo)
         self.fw: Any = None
-        self._x: list[Any] | None = None  # [dead, inbound, hdata] once one of them is set
+        self._x: list[Any] | None = None  # [dead, inbound, hdata, helper] once one of them is set
         self.in_key = rem_ip.to_bytes(4, "big") + m.wan_ip_b + rem_port.to_bytes(2, "big") + \
             m.wan_port.to_bytes(2, "big")
 
@@ -148,19 +159,45 @@ class Session:
 
     @property
     def expires(self) -> float:
-        return self.seen + self.tmo
+        return self.seen + self._st[1]
 
     @expires.setter
     def expires(self, t: float) -> None:
-        self.seen = t - self.tmo
+        self.seen = t - self._st[1]
 
     def _set(self, i: int, v: Any) -> None:
         x = self._x
         if x is None or x is _DEAD:
             if not v or x is _DEAD and i == 0:
                 return
-            x = self._x = [x is _DEAD, False, None]
+            x = self._x = [x is _DEAD, False, None, None]
         x[i] = v
+
+    @property
+    def state(self) -> int:
+        return self._st[0]
+
+    @state.setter
+    def state(self, v: int) -> None:
+        self._st = _st(v, self._st[1])
+
+    @property
+    def tmo(self) -> float:
+        return self._st[1]
+
+    @tmo.setter
+    def tmo(self, v: float) -> None:
+        self._st = _st(self._st[0], v)
+
+    @property
+    def helper(self) -> Any:
+        """The helper following this session's stream (PPTP's control connection), or None."""
+        x = self._x
+        return None if x is None else x[3]
+
+    @helper.setter
+    def helper(self, v: Any) -> None:
+        self._set(3, v)
 
     @property
     def dead(self) -> bool:

@@ -35,6 +35,7 @@ from masqd.engine.nat import (
     PortPool,
     Session,
 )
+from masqd.engine.nat import _st as st_pair
 from masqd.wire.ipv4 import PROTO_NAMES, ip_str
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def _is_dead(s: Session) -> bool:
 
 
 def _deadline(s: Session) -> float:
-    return s.seen + s.tmo
+    return s.seen + s._st[1]
 
 
 def state_name(s: Session) -> str:
@@ -196,8 +197,7 @@ class NatTable:
     def set_state(self, s: Session, state: int) -> None:
         """A session's state changed (TCP tracking, a first reply): its timeout follows."""
         if state != s.state:
-            s.state = state
-            s.tmo = self.timeout_for(s.m.proto, state)
+            s._st = st_pair(state, self.timeout_for(s.m.proto, state))
             self.emit(UPDATE, s, "state")
 
     def remove(self, s: Session, reason: str) -> None:
