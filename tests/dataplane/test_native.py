@@ -909,3 +909,45 @@ def test_reader_threads_under_load_with_the_engine_changing_under_them() -> None
         assert not any(k.endswith("_errors") for k in s.dp.counters), s.dp.counters
     finally:
         s.close()
+
+
+def test_with_the_python_fast_path_every_queue_is_read() -> None:
+    """Devices opened with two queues for reader threads, then a reload to fastpath = "python":
+    the loop reads both queues (the kernel may send a flow to either)."""
+    s = make_side("tun", False, "native", real_clock=True, queues=2)
+    try:
+        assert s.dp.native.workers == 2
+        cfg = loads(config("tun", False, "python"))
+        s.dp.sync_native()
+        s.dp.engine.reload(cfg)
+        s.dp.on_reload(cfg)
+        assert s.dp.native is None and s.dp.cache.efd is None
+        registered = set(s.dp.loop._selector.get_map())  # type: ignore[attr-defined]
+        assert set(s.dp.ports["lan"].fds) <= registered and set(s.dp.ports["wan"].fds) <= registered
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for q in (0, 1, 1, 0):
+            s.qwires["lan"][q].send(flow)
+            s.dp.loop.run_until_complete(asyncio.sleep(0.01))  # the loop's readers take it
+            out = s.collect()
+            assert len(out) == 1 and out[0][0] == "wan", (q, out)
+    finally:
+        s.close()
+
+
+def test_without_the_compiled_module_python_forwards_from_every_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed without a C compiler: fastpath = "native" runs as "python", counted, and the
+    loop reads every queue of the multiqueue devices."""
+    from masqd.dataplane import native as native_mod
+
+    monkeypatch.setattr(native_mod, "_fastpath", None)
+    s = make_side("tun", False, "native", real_clock=True, queues=2)
+    try:
+        assert s.dp.native is None and s.dp.counters["fastpath_native_unavailable"] == 1
+        flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for q in (0, 1):
+            s.qwires["lan"][q].send(flow)
+            s.dp.loop.run_until_complete(asyncio.sleep(0.01))
+            assert [i for i, _ in s.collect()] == ["wan"], q
+        assert s.dp.snapshot()["fastpath"] == "python"
+    finally:
+        s.close()
