@@ -576,9 +576,10 @@ static long w_miss(worker_t *w, int port, ssize_t len, int err, double now)
     w->miss_now = now;
     w->miss_passed = 0;
     pthread_mutex_unlock(&w->mu);
-    __atomic_store_n(&w->pending, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&w->pending, 1, __ATOMIC_SEQ_CST);
     wake_main(fc);
-    while (__atomic_load_n(&w->pending, __ATOMIC_ACQUIRE))
+    /* (stop_workers raises stopping before it clears every pending: either is seen) */
+    while (__atomic_load_n(&w->pending, __ATOMIC_SEQ_CST) && !__atomic_load_n(&fc->stopping, __ATOMIC_SEQ_CST))
         futex_wait(&w->pending, 1);
     w_lock(w);
     return w->miss_passed;
