@@ -173,6 +173,7 @@ typedef struct FlowCache {
     int held;          /* hold() took one that release() gives back */
     int traffic;       /* a thread passed packets on since the main thread last looked (atomic) */
     int want_traffic;  /* on_traffic is set: the threads report traffic (atomic) */
+    int miss_q;        /* the queue of the packet the miss handler has now (its writes go there) */
 } FlowCache;
 
 /* the queue whose fds the calling thread writes to (0: the main thread) */
@@ -827,7 +828,9 @@ static PyObject *FlowCache_service(FlowCache *self, PyObject *Py_UNUSED(ignored)
             continue; /* after an exception: the packet is dropped, the thread goes on */
         PyObject *what = w->miss_len >= 0 ? PyBytes_FromStringAndSize((const char *)w->buf, w->miss_len)
                                           : PyLong_FromLong(w->miss_err);
+        self->miss_q = w->q;
         long n = call_miss(self, w->miss_port, what, w->miss_now);
+        self->miss_q = 0;
         if (n < 0 || check_stale(self) < 0) {
             err = 1;
             continue;
@@ -921,6 +924,11 @@ static PyObject *FlowCache_idle(FlowCache *self, PyObject *Py_UNUSED(ignored))
             || __atomic_load_n(&self->w[i].pending, __ATOMIC_SEQ_CST))
             Py_RETURN_FALSE;
     Py_RETURN_TRUE;
+}
+
+static PyObject *FlowCache_get_queue(FlowCache *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->miss_q);
 }
 
 static PyObject *FlowCache_get_workers(FlowCache *self, void *Py_UNUSED(closure))
@@ -1412,6 +1420,10 @@ static PyGetSetDef FlowCache_getset[] = {
     {"passed", (getter)FlowCache_get_passed, NULL, "packets passed on (natively or through Python) since creation",
      NULL},
     {"workers", (getter)FlowCache_get_workers, NULL, "reader threads running", NULL},
+    {"queue", (getter)FlowCache_get_queue, NULL,
+     "the queue of the packet the miss handler is given now (0 outside one): Python writes what "
+     "follows from it on the same queue of the other device, so tun's flow table keeps the flow's "
+     "replies on that queue's reader", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

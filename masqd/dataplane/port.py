@@ -190,12 +190,17 @@ class Port:
         ordinary packet; only meaningful on a device with headers).
         """
         l2 = self.l2
+        fd = self.fd
+        if self.native is not None and len(self.fds) > 1:
+            # on the queue the packet that caused it came in on: tun's flow table then sends
+            # the flow's replies to that queue, whose reader thread forwards them
+            fd = self.fds[self.native.queue % len(self.fds)]
         try:
             if l2 is None:
                 if self.vnet:
-                    os.writev(self.fd, (vh or ZERO_VH, pkt))
+                    os.writev(fd, (vh or ZERO_VH, pkt))
                 else:
-                    os.write(self.fd, pkt)
+                    os.write(fd, pkt)
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, pkt)
                 return
@@ -213,9 +218,9 @@ class Port:
                     self.hcache[dst] = hdr
             if hdr is not None:
                 if self.vnet:
-                    os.writev(self.fd, (vh or ZERO_VH, hdr, pkt))
+                    os.writev(fd, (vh or ZERO_VH, hdr, pkt))
                 else:
-                    os.writev(self.fd, (hdr, pkt))
+                    os.writev(fd, (hdr, pkt))
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, hdr + bytes(pkt))
             if l2.out or l2.out_offload:

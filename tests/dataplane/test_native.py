@@ -951,3 +951,26 @@ def test_without_the_compiled_module_python_forwards_from_every_queue(monkeypatc
         assert s.dp.snapshot()["fastpath"] == "python"
     finally:
         s.close()
+
+
+def test_what_python_writes_for_a_thread_goes_out_on_its_queue() -> None:
+    """A flow's first packets go through Python; what Python writes goes out on the queue they
+    came in on, so tun's flow table keeps the flow's replies on that queue's reader thread (and
+    the flows spread over the readers instead of all following queue 0)."""
+    s = make_side("tun", False, "native", real_clock=True, queues=2)
+    try:
+        for q in (0, 1):
+            flow = bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=4100 + q, dport=53) / (b"q" * 32))
+            s.qwires["lan"][q].send(flow)
+            s.settle()
+            got = [k for k, w in enumerate(s.qwires["wan"]) for _ in iter(lambda w=w: _recv(w), None)]
+            assert got == [q], (q, got)
+    finally:
+        s.close()
+
+
+def _recv(w: socket.socket) -> bytes | None:
+    try:
+        return w.recv(70000)
+    except BlockingIOError:
+        return None
