@@ -415,6 +415,13 @@ class DataplaneSettings(_Frozen):
     burst, for up to that much latency under load and none at low rates (nor
     for bulk TCP: a super-packet ends the rounds). Default 0.0005; 0 is off; a
     reload applies a change.
+
+    ``queues``: the devices are opened with this many queues (IFF_MULTI_QUEUE),
+    and with the native fast path one reader thread serves each queue of both
+    devices, forwarding the flows it knows without the Python interpreter (the
+    kernel keeps a flow on one queue, so the work spreads over the CPUs flow by
+    flow). 0 (the default) is one per CPU masqd may run on, at most 8. Needs the
+    devices recreated: a change is refused by a reload.
     """
 
     rps: str = "off"
@@ -422,6 +429,7 @@ class DataplaneSettings(_Frozen):
     keep_warm: float = 0.0
     fastpath: Literal["native", "python"] = "native"
     coalesce: float = 0.0005
+    queues: int = Field(0, ge=0, le=16)
 
     @field_validator("coalesce")
     @classmethod

@@ -1,32 +1,75 @@
 /*
  * masqd.dataplane._fastpath: the native fast path. It forwards packets of
- * established TCP/UDP flows and pings between the two device fds without
- * entering Python.
+ * established TCP/UDP flows, pings, ESP pairs and PPTP calls' GRE between the
+ * device fds without entering Python.
  *
  * The Python engine stays the only place where decisions are made. Once the
  * engine's own fast path has forwarded a packet of a flow, the data plane
- * teaches this cache the rewrite it did (new address and port or ICMP
- * identifier, the precomputed RFC 1624 checksum deltas, the MTU to check, the
- * output port and its Ethernet header). Every packet that matches a cached flow
- * under the same conditions as the engine's fast path (IPv4 without options or
- * fragments, a correct header checksum, TTL > 1, TCP without SYN/FIN/RST, length
- * within the MTU, no super-packet, a sane virtio-net header) is rewritten in place and written out,
- * its flow's counters and last-seen time updated; any other packet goes to
- * Python as it was read, before the next one is read, so the order is kept.
+ * teaches this cache the rewrite it did (new address, and port, ICMP identifier
+ * or GRE key where one changes, the precomputed RFC 1624 checksum deltas, the
+ * MTU to check, the output port and its Ethernet header). Every packet that
+ * matches a cached flow under the same conditions as the engine's fast path
+ * (IPv4 without options or fragments, a correct header checksum, TTL > 1, TCP without SYN/FIN/RST, length
+ * within the MTU (a super-packet: its segments), a sane virtio-net header; GRE
+ * with the headers the PPTP helper's fast path takes) is rewritten in place and
+ * written out, its flow's counters and last-seen time updated; any other packet
+ * goes to Python as it was read, before the next one of its queue is read, so
+ * the order is kept. A super-packet (TSO/USO) is rewritten once, its IPv4
+ * checksum computed afresh, its virtio-net header kept (offsets moved to the
+ * output's framing): the kernel cuts it on the way out. It counts as one
+ * packet for the firewall rules and as its segments on the interfaces, as the
+ * engine counts it.
  *
- * `on_readable` is the event loop's reader callback for both fds: it reads
- * until EAGAIN, calls the port's Python `miss` handler for what it does not
- * forward, and coalesces under load (rounds of sleep and drain). `drain` serves
- * a Python loop instead (it returns the first packet it does not forward). The
- * cache empties itself, through the Python `on_stale` callback that folds its
- * counts, when the engine's epoch or a neighbour table's version moves; `sync`
- * and `clear` hand the counts back for the engine.
+ * Three ways to run it:
+ * - reader threads (start_workers(n), what the data plane uses): thread q reads
+ *   queue q of both devices (IFF_MULTI_QUEUE; the kernel keeps one flow on one
+ *   queue, and tun's flow table sends a flow's replies to the queue its packets
+ *   were written to) and forwards without the GIL. A packet for Python waits in
+ *   its thread's buffer; the thread wakes the event loop (an eventfd whose
+ *   reader is service()) and sleeps until the main thread has handed it to the
+ *   port's miss handler; then it reads on. Coalescing (set_coalesce) runs in
+ *   the threads: under load, rounds of sleep and drain without going back to poll.
+ * - on_readable(port): the event loop's reader callback for queue 0 of a port,
+ *   in the main thread, calling the miss handler at once (coalescing likewise).
+ * - drain(port, budget, now): for a Python loop with its own clock (tests).
+ *
+ * Reader threads and the engine's decisions (the invariant: no packet is
+ * forwarded by an entry that was void when the packet was read):
+ * - Python, and so the engine and the neighbour tables, run only in the main
+ *   thread, with the GIL; the threads never touch a Python object (entries
+ *   keep their token, a strong reference, for the main thread only).
+ * - Each thread holds its own mutex while it reads and forwards. The main
+ *   thread enters an *exclusive section* by raising excl_want and taking every
+ *   thread's mutex (a thread looks at excl_want between packets and steps
+ *   aside; one waiting in poll, in a coalescing pause or for Python holds none).
+ *   Everything that changes the cache (add, clear) or may change the engine's
+ *   decisions runs inside one: service() around the miss handlers; hold() ...
+ *   release() around whatever Python does after Dataplane.sync_native (expiry,
+ *   neighbour ticks, ops' reads and changes: the data plane calls sync_native
+ *   first and releases at the end of that loop iteration).
+ * - Leaving the outermost section, the main thread compares the engine's
+ *   epoch and each neighbour table's version with those the cache was taught
+ *   under and empties the cache (through on_stale, which folds the counts
+ *   first) if one moved, before any thread reads again; service() also looks
+ *   before the misses and after each one, as on_readable does.
+ * - The entries' counters are atomic (two threads may forward one flow when the
+ *   kernel moves it between queues); sync/clear take them in a section.
+ * - A capture (set_capture): while it is active every packet goes to Python;
+ *   the threads read a flag the main thread sets from the tap in every section
+ *   and in poll_capture (the data plane calls it every 50 ms).
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,19 +83,25 @@
 #define ICMP 1
 #define TCP 6
 #define UDP 17
+#define GRE 47
+#define ESP 50
 #define POLL_BATCH 512
 #define BULK_QUIET 0.02 /* no coalescing this long after a super-packet */
+#define MAXQ 16         /* queues (and reader threads) per device, at most */
+#define W_BATCH 64      /* a reader thread looks for a waiting writer at least this often */
 
 typedef struct {
     uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
     PyObject *token;   /* the engine's session (a strong reference) */
     double last;       /* last packet forwarded (the drain's clock) */
-    uint64_t pkts, bytes; /* since the last sync */
+    uint64_t pkts, bytes; /* since the last sync (a super-packet is one packet, as the rules count) */
+    uint64_t segs;     /* packets on the wire since the last sync (a super-packet: its segments) */
     int64_t dip, dl4;  /* checksum deltas: IPv4 header (with the TTL), TCP/UDP */
     uint32_t slot;
     uint32_t mtu;
     uint8_t dir;       /* 0: LAN -> WAN (rewrite the source), 1: WAN -> LAN (the destination) */
     uint8_t proto;
+    uint8_t poff;      /* where the port (ICMP identifier, GRE key) goes in the packet; 0: nowhere */
     uint8_t addr[4];
     uint8_t port[2];
     uint8_t l2[14];
@@ -60,15 +109,38 @@ typedef struct {
 } entry_t;
 
 typedef struct {
-    int fd;
+    int fd;            /* queue 0 */
+    int fds[MAXQ];     /* every queue's fd (IFF_MULTI_QUEUE), fds[0] == fd */
+    int nq;
     int vnet;          /* every read and write carries a virtio-net header */
     int tap;           /* frames carry an Ethernet header */
     uint8_t mac[6];
-    uint64_t write_errors;
+    uint64_t write_errors; /* (atomic) */
     PyObject *miss;    /* miss(frame bytes | errno int, now) -> packets passed on (0 or 1) */
 } port_t;
 
+struct FlowCache;
+
+/* One reader thread: queue q of both devices (see "Reader threads" in the header comment). */
 typedef struct {
+    struct FlowCache *fc;
+    int q;
+    pthread_t th;
+    int started;
+    pthread_mutex_t mu; /* held while it reads and forwards; the main thread takes every one */
+    uint8_t *buf;
+    double last_super;
+    int polling;        /* in poll(): nothing read and not forwarded yet (atomic) */
+    /* a packet for Python, waiting in buf: set by the thread, served by the main thread */
+    int pending;        /* futex word: 1 while it waits */
+    int miss_port;
+    ssize_t miss_len;   /* < 0: a read failed with errno miss_err */
+    int miss_err;
+    double miss_now;
+    long miss_passed;   /* the main thread's answer */
+} worker_t;
+
+typedef struct FlowCache {
     PyObject_HEAD
     uint32_t *slots;   /* 0: empty, else entry index + 1 */
     entry_t *entries;
@@ -86,10 +158,26 @@ typedef struct {
     PyObject *on_traffic; /* called with the time after a wake-up that passed packets on (or NULL) */
     uint64_t passed;   /* packets passed on by on_readable, in all (natively or through Python) */
     uint64_t rounds;   /* coalescing rounds, since the last take_errors */
+    uint64_t supers, super_segs; /* super-packets forwarded and their segments, since take_supers */
     PyObject *capture; /* while its "active" is true, every packet goes to Python (or NULL) */
-    int bypass;        /* this wake-up: capture active */
+    int bypass;        /* this wake-up: capture active (reader threads: read atomically) */
     double last_super; /* when a super-packet last went to Python (bulk TCP: no coalescing) */
+    /* reader threads (start_workers): none while nw == 0 */
+    worker_t *w;
+    int nw;
+    int efd;           /* eventfd: a thread has a packet for Python (or traffic to report) */
+    int stop_efd;      /* eventfd: the threads stop */
+    int stopping;
+    int excl_want;     /* futex word: the main thread wants (or holds) every thread's mutex */
+    int excl_depth;    /* main thread only: nesting of exclusive sections */
+    int held;          /* hold() took one that release() gives back */
+    int traffic;       /* a thread passed packets on since the main thread last looked (atomic) */
+    int want_traffic;  /* on_traffic is set: the threads report traffic (atomic) */
+    int miss_q;        /* the queue of the packet the miss handler has now (its writes go there) */
 } FlowCache;
+
+/* the queue whose fds the calling thread writes to (0: the main thread) */
+static __thread int cur_q;
 
 static inline void make_key(const uint8_t *k12, int dir, int proto, uint64_t *k0, uint64_t *k1)
 {
@@ -133,18 +221,64 @@ static inline void put16(uint8_t *p, unsigned v)
     p[1] = (uint8_t)v;
 }
 
+/*
+ * ESP and GRE (PPTP's enhanced GRE) of established pairs and calls, as the engine's helpers'
+ * fast paths take them: ESP by its addresses and SPI (the packet's bytes 12..24); GRE only with
+ * the headers those take (K and S set, A optional, version 1, PPP) and a payload length that
+ * fits, by its addresses and key field (IP + 26). 1: *kp is the lookup key.
+ */
+static int vpn_key(const uint8_t *p, ssize_t n, uint8_t *key, const uint8_t **kp)
+{
+    if (p[9] == ESP) {
+        *kp = p + 12;
+        return 1;
+    }
+    static const uint8_t gre_s[4] = {0x30, 0x01, 0x88, 0x0b}, gre_sa[4] = {0x30, 0x81, 0x88, 0x0b};
+    int hl = memcmp(p + 20, gre_s, 4) == 0 ? 32 : memcmp(p + 20, gre_sa, 4) == 0 ? 36 : 0;
+    if (!hl || n < hl || ((p[24] << 8) | p[25]) > n - hl)
+        return 0;
+    memcpy(key, p + 12, 8);
+    memcpy(key + 8, p + 26, 2);
+    key[10] = key[11] = 0;
+    *kp = key;
+    return 1;
+}
+
+/* The size of the packets a super-packet (virtio-net gso_type) of protocol proto will be cut
+ * into, as Engine.process_vnet checks it; -1: not one the fast path takes (Python decides). */
+static long super_segment(const uint8_t *p, int proto, int gso, unsigned gsz)
+{
+    int t = gso & 0x7F; /* (without GSO_ECN) */
+    if (t == 1) /* TCPv4 */
+        return proto == TCP ? 20 + ((p[32] >> 4) << 2) + (long)gsz : -1;
+    if (t == 3 || t == 5) /* UDP, UDP_L4 */
+        return proto == UDP ? 20 + 8 + (long)gsz : -1;
+    return -1;
+}
+
+/* The IPv4 header checksum (20 bytes) computed afresh. */
+static void ip_checksum(uint8_t *p)
+{
+    uint32_t sum = 0;
+    p[10] = p[11] = 0;
+    for (int i = 0; i < 20; i += 2)
+        sum += (uint32_t)((p[i] << 8) | p[i + 1]);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    put16(p + 10, ~sum & 0xFFFF);
+}
+
 /* 1: the packet was forwarded (or counted as a failed write); 0: Python must see it. */
 static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
 {
     port_t *ip = &self->ports[in];
     int hl = ip->vnet ? VH : 0;
     int sh = ip->tap ? 14 : 0;
-    int partial = 0;
+    int partial = 0, gso = 0;
     if (r < hl + sh + 40)
         return 0;
     if (hl) {
-        if (buf[1] != 0) /* a super-packet */
-            return 0;
+        gso = buf[1]; /* a super-packet: the kernel cuts it on the way out */
         partial = buf[0] & 1;
     }
     uint8_t *f = buf + hl;
@@ -187,6 +321,10 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         memcpy(key + (in == 0 ? 8 : 10), p + 24, 2);
         kp = key;
         o = 22;
+    } else if (proto == ESP || proto == GRE) {
+        if (partial || !vpn_key(p, n, key, &kp))
+            return 0;
+        o = 0;
     } else {
         return 0;
     }
@@ -195,10 +333,13 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         if (cstart != (unsigned)(sh + 20) || coff != (unsigned)(o - 20))
             return 0;
     }
+    long seg = gso ? super_segment(p, proto, gso, buf[4] | (buf[5] << 8)) : 0;
+    if (seg < 0)
+        return 0;
     uint64_t k0, k1;
     make_key(kp, in, proto, &k0, &k1);
     entry_t *e = lookup(self, k0, k1);
-    if (e == NULL || (uint64_t)n > e->mtu)
+    if (e == NULL || (uint64_t)(seg ? seg : n) > e->mtu)
         return 0;
     port_t *op = &self->ports[e->dir ? 0 : 1];
     if ((op->tap && !e->has_l2) || (partial && !op->vnet))
@@ -216,14 +357,12 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     p[8] -= 1;
     int64_t c = fold2((((p[10] << 8) | p[11]) ^ 0xFFFF) + e->dip);
     put16(p + 10, (unsigned)(c ^ 0xFFFF));
-    if (e->dir == 0) {
-        memcpy(p + 12, e->addr, 4);
-        memcpy(p + (proto == ICMP ? 24 : 20), e->port, 2);
-    } else {
-        memcpy(p + 16, e->addr, 4);
-        memcpy(p + (proto == ICMP ? 24 : 22), e->port, 2);
-    }
-    if (partial) {
+    memcpy(p + (e->dir == 0 ? 12 : 16), e->addr, 4);
+    if (e->poff)
+        memcpy(p + e->poff, e->port, 2);
+    if (!o) {
+        /* ESP, GRE: no transport checksum covers what changed */
+    } else if (partial) {
         put16(p + o, (unsigned)u);
     } else if (proto == UDP) {
         u = (p[26] << 8) | p[27];
@@ -235,16 +374,34 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         u = fold2((((p[o] << 8) | p[o + 1]) ^ 0xFFFF) + e->dl4);
         put16(p + o, (unsigned)(u ^ 0xFFFF));
     }
+    uint64_t nseg = 1;
+    if (seg) { /* the kernel reads a super-packet's IPv4 header as it is: a full checksum */
+        ip_checksum(p);
+        unsigned gsz = buf[4] | (buf[5] << 8);
+        nseg = gsz ? (uint64_t)(n - (seg - gsz) + gsz - 1) / gsz : 1;
+        __atomic_fetch_add(&self->supers, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&self->super_segs, nseg, __ATOMIC_RELAXED);
+    }
 
     uint8_t vh[VH];
     struct iovec iov[3];
     int k = 0;
     if (op->vnet) {
-        if (partial) { /* the header as read, its checksum start moved to the output's framing */
-            unsigned cs = 20 + (op->tap ? 14 : 0);
+        if (partial || gso) { /* the header as read, its offsets moved to the output's framing */
+            int d = (op->tap ? 14 : 0) - sh;
             memcpy(vh, buf, VH);
-            vh[6] = (uint8_t)cs;
-            vh[7] = (uint8_t)(cs >> 8);
+            if (partial) {
+                unsigned cs = 20 + (op->tap ? 14 : 0);
+                vh[6] = (uint8_t)cs;
+                vh[7] = (uint8_t)(cs >> 8);
+            }
+            if (gso) {
+                int hlen = (buf[2] | (buf[3] << 8)) + d;
+                if (hlen < 0)
+                    hlen = 0;
+                vh[2] = (uint8_t)hlen;
+                vh[3] = (uint8_t)(hlen >> 8);
+            }
         } else {
             memset(vh, 0, VH);
         }
@@ -257,11 +414,13 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     }
     iov[k].iov_base = p;
     iov[k++].iov_len = (size_t)n;
-    if (writev(op->fd, iov, k) < 0)
-        op->write_errors++;
-    e->pkts++;
-    e->bytes += (uint64_t)n;
-    e->last = now;
+    if (writev(op->fds[cur_q % op->nq], iov, k) < 0)
+        __atomic_fetch_add(&op->write_errors, 1, __ATOMIC_RELAXED);
+    /* (two reader threads may forward packets of one flow: the kernel moved it between queues) */
+    __atomic_fetch_add(&e->pkts, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->segs, nseg, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->bytes, (uint64_t)n, __ATOMIC_RELAXED);
+    __atomic_store(&e->last, &now, __ATOMIC_RELAXED);
     return 1;
 }
 
@@ -339,13 +498,13 @@ static int drain_port(FlowCache *self, int i, long budget, double now, long *pas
                 return 0;
             return call_miss(self, i, PyLong_FromLong(errno), now) < 0 ? -1 : 0;
         }
+        if (pt->vnet && r > 1 && self->buf[1] != 0) { /* bulk TCP: no coalescing for a while */
+            *super = 1;
+            self->last_super = now;
+        }
         if (!self->bypass && forward(self, i, self->buf, r, now)) {
             (*passed)++;
             continue;
-        }
-        if (pt->vnet && r > 1 && self->buf[1] != 0) {
-            *super = 1;
-            self->last_super = now;
         }
         long n = call_miss(self, i, PyBytes_FromStringAndSize((const char *)self->buf, r), now);
         if (n < 0 || check_stale(self) < 0)
@@ -353,6 +512,436 @@ static int drain_port(FlowCache *self, int i, long budget, double now, long *pas
         *passed += n;
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------ reader threads */
+
+static void futex_wait(int *addr, int val)
+{
+    syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+}
+
+static void futex_wake(int *addr)
+{
+    syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+/* A reader thread takes its mutex, letting a main thread that wants every mutex in first. */
+static void w_lock(worker_t *w)
+{
+    FlowCache *fc = w->fc;
+    for (;;) {
+        while (__atomic_load_n(&fc->excl_want, __ATOMIC_ACQUIRE))
+            futex_wait(&fc->excl_want, 1);
+        pthread_mutex_lock(&w->mu);
+        if (!__atomic_load_n(&fc->excl_want, __ATOMIC_ACQUIRE))
+            return;
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+
+/* Main thread: from here until the matching excl_leave no reader thread reads or forwards. */
+static void excl_enter(FlowCache *self)
+{
+    if (self->excl_depth++ > 0 || self->nw == 0)
+        return;
+    __atomic_store_n(&self->excl_want, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < self->nw; i++)
+        pthread_mutex_lock(&self->w[i].mu);
+}
+
+/* Main thread: leave an exclusive section; the outermost one first empties the cache if the
+ * engine's epoch or a neighbour table moved meanwhile (-1: a Python exception, the section is
+ * left all the same). */
+static int excl_leave(FlowCache *self)
+{
+    int rc = 0;
+    if (self->excl_depth == 1 && self->nw > 0)
+        rc = check_stale(self);
+    if (--self->excl_depth > 0 || self->nw == 0)
+        return rc;
+    for (int i = 0; i < self->nw; i++)
+        pthread_mutex_unlock(&self->w[i].mu);
+    __atomic_store_n(&self->excl_want, 0, __ATOMIC_SEQ_CST);
+    futex_wake(&self->excl_want);
+    return rc;
+}
+
+static void wake_main(FlowCache *fc)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fc->efd, &one, sizeof(one));
+    (void)r;
+}
+
+/* A reader thread hands the packet in its buffer (or a read's errno) to the main thread and
+ * waits for Python to have taken it; returns the packets Python passed on. */
+static long w_miss(worker_t *w, int port, ssize_t len, int err, double now)
+{
+    FlowCache *fc = w->fc;
+    w->miss_port = port;
+    w->miss_len = len;
+    w->miss_err = err;
+    w->miss_now = now;
+    w->miss_passed = 0;
+    pthread_mutex_unlock(&w->mu);
+    __atomic_store_n(&w->pending, 1, __ATOMIC_SEQ_CST);
+    wake_main(fc);
+    /* (stop_workers raises stopping before it clears every pending: either is seen) */
+    while (__atomic_load_n(&w->pending, __ATOMIC_SEQ_CST) && !__atomic_load_n(&fc->stopping, __ATOMIC_SEQ_CST))
+        futex_wait(&w->pending, 1);
+    w_lock(w);
+    return w->miss_passed;
+}
+
+/* drain_port for a reader thread: queue w->q of port i, its mutex held. */
+static void w_drain(worker_t *w, int i, long budget, double now, long *passed, int *super)
+{
+    FlowCache *fc = w->fc;
+    int fd = fc->ports[i].fds[w->q % fc->ports[i].nq];
+    for (long k = 0; k < budget && !__atomic_load_n(&fc->stopping, __ATOMIC_RELAXED); k++) {
+        ssize_t r = read(fd, w->buf, BUF_SIZE);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                w_miss(w, i, -1, errno, now);
+            return;
+        }
+        if (fc->ports[i].vnet && r > 1 && w->buf[1] != 0) { /* bulk TCP: no coalescing for a while */
+            *super = 1;
+            w->last_super = now;
+        }
+        if (!__atomic_load_n(&fc->bypass, __ATOMIC_RELAXED) && forward(fc, i, w->buf, r, now))
+            (*passed)++;
+        else
+            *passed += w_miss(w, i, r, 0, now);
+        if ((k + 1) % W_BATCH == 0 && __atomic_load_n(&fc->excl_want, __ATOMIC_RELAXED)) {
+            pthread_mutex_unlock(&w->mu); /* the main thread waits for it: let it in */
+            w_lock(w);
+        }
+    }
+}
+
+/* A reader thread: wait for its queues, drain them; under load, rounds of sleep and drain
+ * (dataplane.coalesce, as on_readable does) without going back to poll. */
+static void *w_main(void *arg)
+{
+    worker_t *w = arg;
+    FlowCache *fc = w->fc;
+    cur_q = w->q;
+    struct pollfd pf[3] = {
+        {fc->ports[0].fds[w->q % fc->ports[0].nq], POLLIN, 0},
+        {fc->ports[1].fds[w->q % fc->ports[1].nq], POLLIN, 0},
+        {fc->stop_efd, POLLIN, 0},
+    };
+    /* a port with fewer queues than threads is read by the threads of its own queues only */
+    if (w->q >= fc->ports[0].nq)
+        pf[0].fd = -1;
+    if (w->q >= fc->ports[1].nq)
+        pf[1].fd = -1;
+    while (!__atomic_load_n(&fc->stopping, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&w->polling, 1, __ATOMIC_SEQ_CST);
+        int pr = poll(pf, 3, -1);
+        __atomic_store_n(&w->polling, 0, __ATOMIC_SEQ_CST);
+        if (pr < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pf[2].revents)
+            break;
+        double now = monotonic_now(), end = 0;
+        for (;;) {
+            long n = 0;
+            int super = 0;
+            w_lock(w);
+            for (int i = 0; i < 2; i++)
+                if (pf[i].fd >= 0)
+                    w_drain(w, i, POLL_BATCH, now, &n, &super);
+            pthread_mutex_unlock(&w->mu);
+            if (n) {
+                __atomic_fetch_add(&fc->passed, (uint64_t)n, __ATOMIC_RELAXED);
+                if (__atomic_load_n(&fc->want_traffic, __ATOMIC_RELAXED)
+                    && __atomic_load_n(&fc->traffic, __ATOMIC_RELAXED) == 0
+                    && __atomic_exchange_n(&fc->traffic, 1, __ATOMIC_ACQ_REL) == 0)
+                    wake_main(fc); /* keep_warm wants to hear of it (set_traffic) */
+            }
+            double pause = fc->pause;
+            if (!(pause > 0 && n >= fc->min_busy && !super && now - w->last_super > BULK_QUIET))
+                break;
+            if (end == 0)
+                end = now + fc->hold;
+            if (now >= end || __atomic_load_n(&fc->stopping, __ATOMIC_RELAXED))
+                break; /* back to poll (a level-triggered look: data left brings it straight back) */
+            struct timespec ts = {0, (long)(pause * 1e9)};
+            nanosleep(&ts, NULL);
+            __atomic_fetch_add(&fc->rounds, 1, __ATOMIC_RELAXED);
+            now = monotonic_now();
+        }
+    }
+    return NULL;
+}
+
+/* Whether every packet must go to Python now (a capture is active). -1: a Python exception. */
+static int update_bypass(FlowCache *self)
+{
+    int b = 0;
+    if (self->capture != NULL) {
+        PyObject *a = PyObject_GetAttrString(self->capture, "active");
+        if (a == NULL)
+            return -1;
+        b = PyObject_IsTrue(a);
+        Py_DECREF(a);
+        if (b < 0)
+            return -1;
+    }
+    __atomic_store_n(&self->bypass, b, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static void stop_workers(FlowCache *self)
+{
+    if (self->nw == 0)
+        return;
+    /* a section still held: the threads must be able to take their mutexes to see the end */
+    if (self->excl_depth > 0) {
+        for (int i = 0; i < self->nw; i++)
+            pthread_mutex_unlock(&self->w[i].mu);
+        self->excl_depth = 0;
+        self->held = 0;
+    }
+    __atomic_store_n(&self->stopping, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&self->excl_want, 0, __ATOMIC_SEQ_CST);
+    futex_wake(&self->excl_want);
+    uint64_t one = 1;
+    ssize_t r = write(self->stop_efd, &one, sizeof(one));
+    (void)r;
+    for (int i = 0; i < self->nw; i++) { /* a packet waiting for Python is dropped */
+        __atomic_store_n(&self->w[i].pending, 0, __ATOMIC_SEQ_CST);
+        futex_wake(&self->w[i].pending);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < self->nw; i++)
+        if (self->w[i].started)
+            pthread_join(self->w[i].th, NULL);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < self->nw; i++) {
+        pthread_mutex_destroy(&self->w[i].mu);
+        PyMem_Free(self->w[i].buf);
+    }
+    PyMem_Free(self->w);
+    self->w = NULL;
+    self->nw = 0;
+    close(self->efd);
+    close(self->stop_efd);
+    self->efd = self->stop_efd = -1;
+    self->stopping = 0;
+}
+
+/* start_workers(n) -> eventfd: n reader threads, thread q reading queue q of both devices. */
+static PyObject *FlowCache_start_workers(FlowCache *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > MAXQ || self->nw || self->ports[0].fd < 0 || self->ports[1].fd < 0
+        || self->ports[0].miss == NULL || self->ports[1].miss == NULL) {
+        PyErr_SetString(PyExc_ValueError, "start_workers(1..16): ports and miss handlers set, no threads yet");
+        return NULL;
+    }
+    self->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->w = PyMem_Calloc((size_t)n, sizeof(worker_t));
+    if (self->efd < 0 || self->stop_efd < 0 || self->w == NULL) {
+        if (self->efd >= 0)
+            close(self->efd);
+        if (self->stop_efd >= 0)
+            close(self->stop_efd);
+        self->efd = self->stop_efd = -1;
+        PyMem_Free(self->w);
+        self->w = NULL;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (update_bypass(self) < 0 || check_stale(self) < 0) /* (the state the cache was taught under) */
+        goto fail_early;
+    for (long i = 0; i < n; i++) {
+        worker_t *w = &self->w[i];
+        w->fc = self;
+        w->q = (int)i;
+        pthread_mutex_init(&w->mu, NULL);
+        w->buf = PyMem_Malloc(BUF_SIZE);
+        self->nw = (int)i + 1;
+        if (w->buf == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    for (long i = 0; i < n; i++) {
+        int rc = pthread_create(&self->w[i].th, NULL, w_main, &self->w[i]);
+        if (rc) {
+            errno = rc;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        self->w[i].started = 1;
+        char name[16];
+        snprintf(name, sizeof(name), "masqd-rx%ld", i); /* (top -H, perf: the readers by name) */
+        pthread_setname_np(self->w[i].th, name);
+    }
+    return PyLong_FromLong(self->efd);
+fail:
+    stop_workers(self);
+    return NULL;
+fail_early:
+    close(self->efd);
+    close(self->stop_efd);
+    self->efd = self->stop_efd = -1;
+    PyMem_Free(self->w);
+    self->w = NULL;
+    return NULL;
+}
+
+static PyObject *FlowCache_stop_workers(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    stop_workers(self);
+    Py_RETURN_NONE;
+}
+
+/*
+ * service(): the event loop's reader callback for the eventfd of start_workers. In one
+ * exclusive section: every packet a thread waits with goes to its port's miss handler (as
+ * on_readable's misses), the cache empties itself if the engine or a neighbour table moved,
+ * the capture's state is read; then the threads go on. keep_warm's callback hears of traffic.
+ */
+static PyObject *FlowCache_service(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->nw == 0)
+        Py_RETURN_NONE;
+    uint64_t v;
+    ssize_t rr = read(self->efd, &v, sizeof(v));
+    (void)rr;
+    int served[MAXQ] = {0};
+    int err = 0;
+    long passed = 0;
+    excl_enter(self);
+    if (check_stale(self) < 0) /* (a change made outside any section: as on_readable does) */
+        err = 1;
+    for (int i = 0; i < self->nw; i++) {
+        worker_t *w = &self->w[i];
+        if (!__atomic_load_n(&w->pending, __ATOMIC_ACQUIRE))
+            continue;
+        served[i] = 1;
+        if (err)
+            continue; /* after an exception: the packet is dropped, the thread goes on */
+        PyObject *what = w->miss_len >= 0 ? PyBytes_FromStringAndSize((const char *)w->buf, w->miss_len)
+                                          : PyLong_FromLong(w->miss_err);
+        self->miss_q = w->q;
+        long n = call_miss(self, w->miss_port, what, w->miss_now);
+        self->miss_q = 0;
+        if (n < 0 || check_stale(self) < 0) {
+            err = 1;
+            continue;
+        }
+        w->miss_passed = n;
+        passed += n;
+    }
+    if (!err && update_bypass(self) < 0)
+        err = 1;
+    if (err) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        excl_leave(self);
+        PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    } else if (excl_leave(self) < 0) {
+        err = 1;
+    }
+    for (int i = 0; i < self->nw; i++)
+        if (served[i]) {
+            __atomic_store_n(&self->w[i].pending, 0, __ATOMIC_RELEASE);
+            futex_wake(&self->w[i].pending);
+        }
+    if (err)
+        return NULL;
+    __atomic_fetch_add(&self->passed, (uint64_t)passed, __ATOMIC_RELAXED);
+    if (__atomic_exchange_n(&self->traffic, 0, __ATOMIC_ACQ_REL) && self->on_traffic != NULL) {
+        PyObject *t = PyFloat_FromDouble(monotonic_now());
+        if (t == NULL)
+            return NULL;
+        PyObject *r = PyObject_CallOneArg(self->on_traffic, t);
+        Py_DECREF(t);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+/* hold() -> bool: enter an exclusive section that lasts until release() (True: newly held). */
+static PyObject *FlowCache_hold(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->held || self->nw == 0)
+        Py_RETURN_FALSE;
+    excl_enter(self);
+    self->held = 1;
+    Py_RETURN_TRUE;
+}
+
+/* release(): leave hold()'s section: the cache empties itself first if a decision could have changed. */
+static PyObject *FlowCache_release(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->held)
+        Py_RETURN_NONE;
+    self->held = 0;
+    int rc = update_bypass(self);
+    if (excl_leave(self) < 0 || rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* poll_capture(): read the capture's "active" now (reader threads: every packet to Python while on). */
+static PyObject *FlowCache_poll_capture(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    if (update_bypass(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* add_queue(idx, fd): one more queue of port idx (IFF_MULTI_QUEUE), before start_workers. */
+static PyObject *FlowCache_add_queue(FlowCache *self, PyObject *args)
+{
+    int idx, fd;
+    if (!PyArg_ParseTuple(args, "ii", &idx, &fd))
+        return NULL;
+    if (idx < 0 || idx > 1 || fd < 0 || self->nw || self->ports[idx].fd < 0 || self->ports[idx].nq >= MAXQ) {
+        PyErr_SetString(PyExc_ValueError, "add_queue(idx 0|1, fd): after set_port, before start_workers");
+        return NULL;
+    }
+    port_t *p = &self->ports[idx];
+    p->fds[p->nq++] = fd;
+    Py_RETURN_NONE;
+}
+
+/* idle() -> bool: every reader thread waits in poll() with nothing for Python (for tests: with
+ * their devices' fds empty too, nothing is in flight). */
+static PyObject *FlowCache_idle(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    for (int i = 0; i < self->nw; i++)
+        if (!__atomic_load_n(&self->w[i].polling, __ATOMIC_SEQ_CST)
+            || __atomic_load_n(&self->w[i].pending, __ATOMIC_SEQ_CST))
+            Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *FlowCache_get_queue(FlowCache *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->miss_q);
+}
+
+static PyObject *FlowCache_get_workers(FlowCache *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->nw);
 }
 
 /*
@@ -369,8 +958,8 @@ static PyObject *FlowCache_on_readable(FlowCache *self, PyObject *arg)
     if (in == -1 && PyErr_Occurred())
         return NULL;
     if (in < 0 || in > 1 || self->ports[0].fd < 0 || self->ports[1].fd < 0 || self->ports[0].miss == NULL
-        || self->ports[1].miss == NULL) {
-        PyErr_SetString(PyExc_ValueError, "on_readable: ports or miss handlers not set");
+        || self->ports[1].miss == NULL || self->nw) {
+        PyErr_SetString(PyExc_ValueError, "on_readable: ports or miss handlers not set, or reader threads run");
         return NULL;
     }
     double now = monotonic_now();
@@ -395,7 +984,7 @@ static PyObject *FlowCache_on_readable(FlowCache *self, PyObject *arg)
             Py_BEGIN_ALLOW_THREADS
             nanosleep(&ts, NULL);
             Py_END_ALLOW_THREADS
-            self->rounds++;
+            __atomic_fetch_add(&self->rounds, 1, __ATOMIC_RELAXED);
             now = monotonic_now();
             long n = 0;
             for (int i = 0; i < 2; i++)
@@ -406,7 +995,7 @@ static PyObject *FlowCache_on_readable(FlowCache *self, PyObject *arg)
                 break;
         }
     }
-    self->passed += (uint64_t)passed;
+    __atomic_fetch_add(&self->passed, (uint64_t)passed, __ATOMIC_RELAXED);
     if (passed && self->on_traffic != NULL) {
         PyObject *t = PyFloat_FromDouble(monotonic_now());
         if (t == NULL)
@@ -433,8 +1022,8 @@ static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssiz
     double now = PyFloat_AsDouble(args[2]);
     if (PyErr_Occurred())
         return NULL;
-    if (in < 0 || in > 1 || self->ports[in].fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "drain: port not set");
+    if (in < 0 || in > 1 || self->ports[in].fd < 0 || self->nw) {
+        PyErr_SetString(PyExc_ValueError, "drain: port not set, or reader threads run");
         return NULL;
     }
     if (check_stale(self) < 0)
@@ -530,6 +1119,7 @@ static PyObject *FlowCache_set_traffic(FlowCache *self, PyObject *cb)
     PyObject *o = cb == Py_None ? NULL : cb;
     Py_XINCREF(o);
     Py_XSETREF(self->on_traffic, o);
+    __atomic_store_n(&self->want_traffic, o != NULL, __ATOMIC_RELAXED);
     Py_RETURN_NONE;
 }
 
@@ -543,7 +1133,7 @@ static PyObject *FlowCache_set_capture(FlowCache *self, PyObject *obj)
 
 static PyObject *FlowCache_get_passed(FlowCache *self, void *Py_UNUSED(closure))
 {
-    return PyLong_FromUnsignedLongLong(self->passed);
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->passed, __ATOMIC_RELAXED));
 }
 
 static PyObject *FlowCache_set_port(FlowCache *self, PyObject *args)
@@ -552,13 +1142,15 @@ static PyObject *FlowCache_set_port(FlowCache *self, PyObject *args)
     Py_buffer mac;
     if (!PyArg_ParseTuple(args, "iipiy*", &idx, &fd, &vnet, &tap, &mac))
         return NULL;
-    if (idx < 0 || idx > 1 || (tap && mac.len != 6)) {
+    if (idx < 0 || idx > 1 || (tap && mac.len != 6) || self->nw) {
         PyBuffer_Release(&mac);
-        PyErr_SetString(PyExc_ValueError, "set_port(idx 0|1, fd, vnet, tap, mac of 6 bytes)");
+        PyErr_SetString(PyExc_ValueError, "set_port(idx 0|1, fd, vnet, tap, mac of 6 bytes), before start_workers");
         return NULL;
     }
     port_t *p = &self->ports[idx];
     p->fd = fd;
+    p->fds[0] = fd;
+    p->nq = 1;
     p->vnet = vnet;
     p->tap = tap;
     memset(p->mac, 0, 6);
@@ -579,18 +1171,23 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
                           &mtu, &l2))
         return NULL;
     PyObject *res = NULL;
-    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP && proto != ICMP) || key.len != 12 || addr.len != 4
-        || port < 0 || port > 0xFFFF || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0
-        || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
+    int entered = 0;
+    /* the port: -1 (none) for ESP and outbound GRE, which keep theirs; a port, identifier or key else */
+    int no_port = proto == ESP || (proto == GRE && dir == 0);
+    if (dir < 0 || dir > 1 || (proto != TCP && proto != UDP && proto != ICMP && proto != ESP && proto != GRE)
+        || key.len != 12 || addr.len != 4 || (no_port ? port != -1 : (port < 0 || port > 0xFFFF))
+        || (l2.len != 0 && l2.len != 14) || dip < 0 || dl4 < 0 || dip > 0x7FFFFFFF || dl4 > 0x7FFFFFFF) {
         PyErr_SetString(PyExc_ValueError, "add: bad entry");
         goto done;
     }
     uint64_t k0, k1;
     make_key((const uint8_t *)key.buf, dir, proto, &k0, &k1);
+    excl_enter(self); /* (reader threads: only between two of their packets) */
+    entered = 1;
     entry_t *e = lookup(self, k0, k1);
     if (e == NULL) {
         if (self->n >= MAX_ENTRIES) {
-            self->full++;
+            __atomic_fetch_add(&self->full, 1, __ATOMIC_RELAXED);
             res = Py_False;
             Py_INCREF(res);
             goto done;
@@ -614,7 +1211,8 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
     e->dir = (uint8_t)dir;
     e->proto = (uint8_t)proto;
     memcpy(e->addr, addr.buf, 4);
-    put16(e->port, (unsigned)port);
+    e->poff = no_port ? 0 : proto == ICMP ? 24 : proto == GRE ? 26 : dir == 0 ? 20 : 22;
+    put16(e->port, no_port ? 0 : (unsigned)port);
     e->dip = dip;
     e->dl4 = dl4;
     e->mtu = mtu;
@@ -624,6 +1222,8 @@ static PyObject *FlowCache_add(FlowCache *self, PyObject *args)
     res = Py_True;
     Py_INCREF(res);
 done:
+    if (entered && excl_leave(self) < 0)
+        Py_CLEAR(res);
     PyBuffer_Release(&key);
     PyBuffer_Release(&addr);
     PyBuffer_Release(&l2);
@@ -638,24 +1238,33 @@ static PyObject *collect(FlowCache *self)
         return NULL;
     for (uint32_t i = 0; i < self->n; i++) {
         entry_t *e = &self->entries[i];
-        if (!e->pkts)
+        if (!__atomic_load_n(&e->pkts, __ATOMIC_RELAXED))
             continue;
-        PyObject *t = Py_BuildValue("(OiiKKd)", e->token, e->dir, e->proto, (unsigned long long)e->pkts,
-                                    (unsigned long long)e->bytes, e->last);
+        /* (under an exclusive section: no thread adds to them meanwhile) */
+        uint64_t pk = __atomic_exchange_n(&e->pkts, 0, __ATOMIC_RELAXED);
+        uint64_t sg = __atomic_exchange_n(&e->segs, 0, __ATOMIC_RELAXED);
+        uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
+        double last;
+        __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
+        PyObject *t = Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
+                                    (unsigned long long)by, last, (unsigned long long)sg);
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(out);
             return NULL;
         }
         Py_DECREF(t);
-        e->pkts = e->bytes = 0;
     }
     return out;
 }
 
 static PyObject *FlowCache_sync(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
-    return collect(self);
+    excl_enter(self);
+    PyObject *out = collect(self);
+    if (excl_leave(self) < 0)
+        Py_CLEAR(out);
+    return out;
 }
 
 static void drop_all(FlowCache *self)
@@ -670,21 +1279,29 @@ static void drop_all(FlowCache *self)
 
 static PyObject *FlowCache_clear(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
+    excl_enter(self);
     PyObject *out = collect(self);
-    if (out == NULL)
-        return NULL;
-    drop_all(self);
+    if (out != NULL)
+        drop_all(self);
+    if (excl_leave(self) < 0)
+        Py_CLEAR(out);
     return out;
 }
 
 static PyObject *FlowCache_take_errors(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *t = Py_BuildValue("(KKKK)", (unsigned long long)self->ports[0].write_errors,
-                                (unsigned long long)self->ports[1].write_errors,
-                                (unsigned long long)self->full, (unsigned long long)self->rounds);
-    self->ports[0].write_errors = self->ports[1].write_errors = 0;
-    self->full = self->rounds = 0;
-    return t;
+    unsigned long long a = __atomic_exchange_n(&self->ports[0].write_errors, 0, __ATOMIC_RELAXED);
+    unsigned long long b = __atomic_exchange_n(&self->ports[1].write_errors, 0, __ATOMIC_RELAXED);
+    unsigned long long c = __atomic_exchange_n(&self->full, 0, __ATOMIC_RELAXED);
+    unsigned long long d = __atomic_exchange_n(&self->rounds, 0, __ATOMIC_RELAXED);
+    return Py_BuildValue("(KKKK)", a, b, c, d);
+}
+
+static PyObject *FlowCache_take_supers(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    unsigned long long a = __atomic_exchange_n(&self->supers, 0, __ATOMIC_RELAXED);
+    unsigned long long b = __atomic_exchange_n(&self->super_segs, 0, __ATOMIC_RELAXED);
+    return Py_BuildValue("(KK)", a, b);
 }
 
 static Py_ssize_t FlowCache_len(FlowCache *self)
@@ -709,6 +1326,7 @@ static int FlowCache_traverse(FlowCache *self, visitproc visit, void *arg)
 
 static int FlowCache_tp_clear(FlowCache *self)
 {
+    stop_workers(self);
     if (self->entries != NULL)
         drop_all(self);
     for (int i = 0; i < 3; i++)
@@ -746,6 +1364,7 @@ static PyObject *FlowCache_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     self->entries = PyMem_Calloc(MAX_ENTRIES, sizeof(entry_t));
     self->buf = PyMem_Malloc(BUF_SIZE);
     self->ports[0].fd = self->ports[1].fd = -1;
+    self->efd = self->stop_efd = -1;
     if (self->slots == NULL || self->entries == NULL || self->buf == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -776,8 +1395,28 @@ static PyMethodDef FlowCache_methods[] = {
     {"add", (PyCFunction)FlowCache_add, METH_VARARGS,
      "add(dir, proto, key12, token, addr4, port, dip, dl4, mtu, l2hdr) -> bool: cache a flow's "
      "rewrite (False: the cache is full)."},
+    {"start_workers", (PyCFunction)FlowCache_start_workers, METH_O,
+     "start_workers(n) -> eventfd: n reader threads (thread q reads queue q of both ports and forwards "
+     "cached flows without the GIL); call service() whenever the eventfd is readable."},
+    {"stop_workers", (PyCFunction)FlowCache_stop_workers, METH_NOARGS,
+     "stop_workers(): the reader threads end (joined)."},
+    {"service", (PyCFunction)FlowCache_service, METH_NOARGS,
+     "service(): hand the packets the reader threads wait with to the miss handlers (the eventfd's reader)."},
+    {"hold", (PyCFunction)FlowCache_hold, METH_NOARGS,
+     "hold() -> bool: stop the reader threads between two packets until release() (True: newly held)."},
+    {"release", (PyCFunction)FlowCache_release, METH_NOARGS,
+     "release(): end hold(); the cache empties itself first if the engine or a neighbour table moved."},
+    {"idle", (PyCFunction)FlowCache_idle, METH_NOARGS,
+     "idle() -> bool: every reader thread waits for its devices, with nothing for Python."},
+    {"poll_capture", (PyCFunction)FlowCache_poll_capture, METH_NOARGS,
+     "poll_capture(): read the capture's state now (reader threads)."},
+    {"add_queue", (PyCFunction)FlowCache_add_queue, METH_VARARGS,
+     "add_queue(idx, fd): one more queue (IFF_MULTI_QUEUE fd) of port idx, for the reader threads."},
+    {"take_supers", (PyCFunction)FlowCache_take_supers, METH_NOARGS,
+     "take_supers() -> (super-packets forwarded, their segments) since the last call."},
     {"sync", (PyCFunction)FlowCache_sync, METH_NOARGS,
-     "sync() -> [(token, dir, proto, packets, bytes, last)]: counts since the last sync."},
+     "sync() -> [(token, dir, proto, packets, bytes, last, segments)]: counts since the last sync "
+     "(a super-packet is one packet and its segments)."},
     {"clear", (PyCFunction)FlowCache_clear, METH_NOARGS, "clear() -> like sync(), then forget every flow."},
     {"take_errors", (PyCFunction)FlowCache_take_errors, METH_NOARGS,
      "take_errors() -> (LAN write errors, WAN write errors, refused additions, coalescing rounds) since "
@@ -786,7 +1425,13 @@ static PyMethodDef FlowCache_methods[] = {
 };
 
 static PyGetSetDef FlowCache_getset[] = {
-    {"passed", (getter)FlowCache_get_passed, NULL, "packets passed on by on_readable since creation", NULL},
+    {"passed", (getter)FlowCache_get_passed, NULL, "packets passed on (natively or through Python) since creation",
+     NULL},
+    {"workers", (getter)FlowCache_get_workers, NULL, "reader threads running", NULL},
+    {"queue", (getter)FlowCache_get_queue, NULL,
+     "the queue of the packet the miss handler is given now (0 outside one): Python writes what "
+     "follows from it on the same queue of the other device, so tun's flow table keeps the flow's "
+     "replies on that queue's reader", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

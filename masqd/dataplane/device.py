@@ -147,10 +147,11 @@ def device_flags(fd: int) -> int:
     return int(struct.unpack_from("H", ifr, 16)[0])
 
 
-def set_rps(name: str, netns: str | None, mask: int) -> None:
-    """Receive packet steering for the device's queue: what masqd writes is processed by the kernel
-    on the CPUs in ``mask``."""
-    _write_sysfs(name, netns, "queues/rx-0/rps_cpus", f"{mask:x}")
+def set_rps(name: str, netns: str | None, mask: int, queues: int = 1) -> None:
+    """Receive packet steering for the device's queues: what masqd writes is processed by the
+    kernel on the CPUs in ``mask``."""
+    for q in range(queues):
+        _write_sysfs(name, netns, f"queues/rx-{q}/rps_cpus", f"{mask:x}")
 
 
 @dataclass
@@ -168,16 +169,24 @@ class Device:
     vnet: bool = False  # every read and write starts with a virtio-net header (masqd.wire.vnet)
     offload: int = 0  # TUN_F_* flags in force
     napi: str = "off"  # "threaded": writes are queued, a kernel thread receives them; "adaptive": switchable
+    # IFF_MULTI_QUEUE: the fd of every queue (fds[0] == fd) and the handles of queues 1..
+    fds: list[int] = field(default_factory=list)
+    queue_handles: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.fds and self.fd >= 0:
+            self.fds = [self.fd]
 
     def close(self) -> None:
-        """Close the fd; a non-persistent device disappears with it."""
+        """Close the fds; a non-persistent device disappears with them."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.handle.close()
-        except Exception:  # noqa: BLE001
-            pass
+        for h in [*self.queue_handles, self.handle]:
+            try:
+                h.close()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _enter(netns: str) -> None:
@@ -201,7 +210,7 @@ def _leave() -> None:
     pnetns.popns()
 
 
-def _open_pytun(name: str, mode: str, vnet: bool = False, napi: bool = False) -> Any:
+def _open_pytun(name: str, mode: str, vnet: bool = False, napi: bool = False, mq: bool = False) -> Any:
     import pytun
 
     flags = (pytun.IFF_TAP if mode == "tap" else pytun.IFF_TUN) | pytun.IFF_NO_PI
@@ -209,6 +218,8 @@ def _open_pytun(name: str, mode: str, vnet: bool = False, napi: bool = False) ->
         flags |= pytun.IFF_VNET_HDR
     if napi:
         flags |= IFF_NAPI
+    if mq:
+        flags |= IFF_MULTI_QUEUE
     try:
         return pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
@@ -238,8 +249,14 @@ def _configure(name: str, mtu: int, netns: str | None, bridge: str | None) -> No
             raise DeviceError(f"cannot set up {name!r} (mtu {mtu}, bridge {bridge}): {exc}") from None
 
 
-def open_device(iface: Interface, napi: str = "off") -> Device:
+def open_device(iface: Interface, napi: str = "off", queues: int = 1) -> Device:
     """Open (create or attach to) the device of an interface section and place it.
+
+    ``queues``: with more than one, the device is opened with IFF_MULTI_QUEUE and
+    one fd per queue (``Device.fds``): the kernel spreads the flows it sends to the
+    device over the queues, one flow on one queue. A device that cannot take more
+    queues (a persistent one created without ``multi_queue``, an old kernel) is
+    opened with one, with a warning.
 
     ``napi = "threaded"``: IFF_NAPI, then threaded NAPI once the device is in
     place (``Device.napi`` says what was obtained: a kernel that refuses either
@@ -249,31 +266,62 @@ def open_device(iface: Interface, napi: str = "off") -> Device:
     vnet = bool(iface.offload)
     want_napi = napi in ("threaded", "adaptive")
 
-    def _open() -> Any:
-        if not want_napi:
-            return _open_pytun(iface.name, iface.mode, vnet)
+    got_napi = want_napi
+
+    def _open1(mq: bool, name: str = iface.name) -> Any:
+        nonlocal got_napi
+        if not got_napi:
+            return _open_pytun(name, iface.mode, vnet, mq=mq)
         try:
-            return _open_pytun(iface.name, iface.mode, vnet, napi=True)
+            return _open_pytun(name, iface.mode, vnet, napi=True, mq=mq)
         except DeviceError as exc:
+            if mq:
+                raise
+            got_napi = False
             log.warning("%s: IFF_NAPI refused (%s): writes are received in masqd's thread", iface.name, exc)
             return _open_pytun(iface.name, iface.mode, vnet)
+
+    def _open() -> tuple[Any, list[Any]]:
+        """The first queue's handle and the others' (IFF_MULTI_QUEUE when more than one is
+        wanted). A persistent device keeps the kind it was made with: one made with one queue
+        gives one, one made multiqueue is attached to as such (with one queue if one is wanted)."""
+        want_mq = queues > 1
+        try:
+            first = _open1(want_mq)
+        except DeviceError as exc:
+            try:
+                first = _open1(not want_mq)
+            except DeviceError:
+                raise exc from None
+            if want_mq:
+                log.warning("%s: multiqueue refused (%s): one queue, read by one thread", iface.name, exc)
+                return first, []
+        more: list[Any] = []
+        try:
+            for _ in range(queues - 1):
+                more.append(_open1(True, first.name))
+        except DeviceError as exc:
+            log.warning("%s: only %d of %d queues (%s)", iface.name, 1 + len(more), queues, exc)
+        return first, more
 
     if iface.netns:
         _enter(iface.netns)
         try:
-            handle = _open()
+            handle, extra = _open()
         finally:
             _leave()
     else:
-        handle = _open()
-    dev = Device(iface.name, iface.mode, iface.mtu, iface.netns, iface.persistent, handle)
+        handle, extra = _open()
+    dev = Device(iface.name, iface.mode, iface.mtu, iface.netns, iface.persistent, handle, queue_handles=extra)
     try:
         if iface.persistent:
             handle.persist(True)
         dev.fd = handle.fileno()
+        dev.fds = [dev.fd] + [h.fileno() for h in extra]
         if vnet:
             try:
-                fcntl.ioctl(dev.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+                for fd in dev.fds:
+                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
                 dev.vnet = True
             except OSError as exc:
                 raise DeviceError(f"{iface.name}: virtio-net header size refused: {exc}") from None
@@ -289,8 +337,9 @@ def open_device(iface: Interface, napi: str = "off") -> Device:
             except DeviceError as exc:
                 log.warning("%s: threaded NAPI refused (%s): writes are received in masqd's thread",
                             iface.name, exc)
-        flags = fcntl.fcntl(dev.fd, fcntl.F_GETFL)
-        fcntl.fcntl(dev.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        for fd in dev.fds:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     except BaseException:
         dev.close()
         raise

@@ -19,6 +19,16 @@ Design decisions:
 - The cache empties itself (through ``stale``, which folds its counts first)
   whenever a cached decision could be void: the engine's epoch moved (a
   session removed or rebound, a new config) or a neighbour table changed.
+- Reader threads (``threads`` at start; the data plane asks for them when its
+  clock is the monotonic clock the C code reads): one per device queue, each
+  reading queue q of both devices and forwarding the flows the cache knows
+  without the GIL. A packet the cache does not forward waits in its thread while
+  the event loop's reader of an eventfd (``FlowCache.service``) hands it to
+  Python, in order; the cache's decisions are protected by exclusive sections
+  (see the header comment of _fastpath.c): ``sync`` and ``stale`` hold the
+  threads (``FlowCache.hold``) until the end of the current loop iteration, so
+  whatever the caller then does to the engine is done while no thread forwards,
+  and the cache empties itself before they go on if a decision could change.
 - Without the compiled module (installed without a C compiler) every packet
   goes through Python, with one warning and a counter.
 """
@@ -49,13 +59,18 @@ class NativeCache:
         self.ports = ports  # the data plane's own dict
         self.counters = counters
         self.fc: Any = None
+        self.efd: int | None = None  # reader threads run: their eventfd (the loop calls fc.service)
+        self.loop: Any = None
 
     def possible(self) -> bool:
         """Whether the cache can run at all here: two ports, an engine with an epoch to watch."""
         return len(self.ports) == 2 and hasattr(self.engine, "epoch")
 
-    def start(self, coalesce: float, traffic: Callable[[float], None] | None) -> Any:
-        """Build the cache over both ports and return it (None, counted, without the module)."""
+    def start(self, coalesce: float, traffic: Callable[[float], None] | None, loop: Any = None,
+              threads: bool = False) -> Any:
+        """Build the cache over both ports and return it (None, counted, without the module).
+        ``threads``: one reader thread per queue of the devices (``loop`` calls their
+        ``service``: the caller registers ``efd``)."""
         if _fastpath is None:
             if self.counters.get("fastpath_native_unavailable", 0) == 0:
                 log.warning("dataplane.fastpath = native, but masqd was installed without its native "
@@ -77,7 +92,25 @@ class NativeCache:
         fc.set_capture(self.ports["lan"].capture)
         self.fc = fc
         self.set_traffic(traffic)
-        log.info("native fast path on: established TCP/UDP flows and pings are forwarded without Python")
+        what = "established TCP/UDP flows, pings, ESP pairs and PPTP calls' GRE"
+        if threads:
+            for idx, side in enumerate(("lan", "wan")):
+                for fd in self.ports[side].fds[1:]:
+                    fc.add_queue(idx, fd)
+            n = max(len(self.ports[side].fds) for side in ("lan", "wan"))
+            try:
+                self.efd = fc.start_workers(n)
+            except OSError as exc:
+                log.warning("native fast path: no reader threads (%s): the event loop reads queue 0", exc)
+                threads = False
+        if threads:
+            self.loop = loop
+            log.info("native fast path on: %s are forwarded without Python, by %d reader thread%s (one per "
+                     "device queue)", what, n, "" if n == 1 else "s")
+        else:
+            if any(len(self.ports[side].fds) > 1 for side in ("lan", "wan")):
+                log.info("native fast path: the loop reads the devices' other queues through Python")
+            log.info("native fast path on: %s are forwarded without Python", what)
         return fc
 
     def stop(self) -> int:
@@ -85,6 +118,9 @@ class NativeCache:
         fc = self.fc
         if fc is None:
             return 0
+        if self.efd is not None:
+            fc.stop_workers()  # (a hold in force ends with them)
+            self.efd = None
         self.sync(clear=True)
         self.fc = None
         for port in self.ports.values():
@@ -94,13 +130,29 @@ class NativeCache:
     def reader(self, port: Port, clock: Callable[[], float]) -> tuple[Callable[[Any], None], Any] | None:
         """The loop's callback for ``port``'s fd and its argument when the cache runs and the
         data plane's clock is the monotonic clock it reads; None: the Python reader."""
-        if self.fc is not None and clock is time.monotonic:
+        if self.fc is not None and clock is time.monotonic and self.efd is None:
             return self.fc.on_readable, port.native_idx
         return None
+
+    def hold(self) -> None:
+        """Reader threads: none forwards from now until the end of this loop iteration (then the
+        cache empties itself first if a decision could have changed). Nothing without them."""
+        fc = self.fc
+        if fc is not None and self.efd is not None and fc.hold():
+            if self.loop is not None:
+                self.loop.call_soon(self.release)
+            else:  # (no loop to end it: the caller must)
+                pass
+
+    def release(self) -> None:
+        """End a hold at once (the loop does it at the end of the iteration that took it)."""
+        if self.fc is not None and self.efd is not None:
+            self.fc.release()
 
     def stale(self) -> None:
         """Forget every cached flow (their counts folded first)."""
         if self.fc is not None:
+            self.hold()
             self._fold(self.fc.clear())
 
     def set_traffic(self, traffic: Callable[[float], None] | None) -> None:
@@ -123,7 +175,12 @@ class NativeCache:
         fc = self.fc
         if fc is None:
             return
+        self.hold()  # what the caller does next to the engine is done while no thread forwards
         self._fold(fc.clear() if clear else fc.sync())
+        supers, segments = fc.take_supers()
+        if supers:  # as Engine.process_vnet counts the super-packets it forwards
+            bump(self.counters, "rx_super_packets", supers)
+            bump(self.counters, "rx_super_segments", segments)
         lan_err, wan_err, full, rounds = fc.take_errors()
         if rounds:
             bump(self.counters, "dp_coalesce_rounds", rounds)
@@ -134,7 +191,7 @@ class NativeCache:
         if full:
             bump(self.counters, "fastpath_native_full", full)
 
-    def _fold(self, rows: list[tuple[Any, int, int, int, int, float]]) -> None:
+    def _fold(self, rows: list[tuple[Any, ...]]) -> None:
         total = self.engine.count_fast(rows)
         if total:
             bump(self.counters, "fastpath_native_packets", total)

@@ -72,6 +72,7 @@ class Port:
         self.iface = iface
         self.dev = dev
         self.fd = dev.fd
+        self.fds = list(dev.fds) or [dev.fd]  # one per queue (IFF_MULTI_QUEUE); fds[0] == fd
         self.l2 = l2
         self.counters = counters
         self.capture: CaptureTap | None = None
@@ -92,7 +93,7 @@ class Port:
         self.native_idx = 0
         self.super_seen = False  # a TSO/USO super-packet was read (bulk TCP: no coalescing)
 
-    def drain(self, now: float) -> int:
+    def drain(self, now: float, fd: int | None = None) -> int:
         """Read and pass each IPv4 packet on (``take``); returns how many packets were passed on
         (frames the L2 host consumed, such as ARP, and dropped non-IPv4 input are not counted).
 
@@ -106,9 +107,13 @@ class Port:
         With the native fast path, the reads are done by the flow cache, which
         forwards the packets of the flows it knows and hands back the first one
         it does not: that one takes the path below, then the cache goes on.
+        ``fd``: the queue to read (default: queue 0).
         """
-        fd = self.fd
-        native = self.native if self.capture is None or not self.capture.active else None
+        if fd is None or fd == self.fd:
+            fd = self.fd
+            native = self.native if self.capture is None or not self.capture.active else None
+        else:  # another queue's fd (the flow cache's drain reads queue 0)
+            native = None
         read, take = os.read, self.take
         n = passed = 0
         # (the flow cache reads until EAGAIN: a read that would block costs it no exception)
@@ -185,12 +190,17 @@ class Port:
         ordinary packet; only meaningful on a device with headers).
         """
         l2 = self.l2
+        fd = self.fd
+        if self.native is not None and len(self.fds) > 1:
+            # on the queue the packet that caused it came in on: tun's flow table then sends
+            # the flow's replies to that queue, whose reader thread forwards them
+            fd = self.fds[self.native.queue % len(self.fds)]
         try:
             if l2 is None:
                 if self.vnet:
-                    os.writev(self.fd, (vh or ZERO_VH, pkt))
+                    os.writev(fd, (vh or ZERO_VH, pkt))
                 else:
-                    os.write(self.fd, pkt)
+                    os.write(fd, pkt)
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, pkt)
                 return
@@ -208,9 +218,9 @@ class Port:
                     self.hcache[dst] = hdr
             if hdr is not None:
                 if self.vnet:
-                    os.writev(self.fd, (vh or ZERO_VH, hdr, pkt))
+                    os.writev(fd, (vh or ZERO_VH, hdr, pkt))
                 else:
-                    os.writev(self.fd, (hdr, pkt))
+                    os.writev(fd, (hdr, pkt))
                 if self.capture is not None and self.capture.active:
                     self.capture.record(self.iface, hdr + bytes(pkt))
             if l2.out or l2.out_offload:

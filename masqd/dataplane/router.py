@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("masqd.dataplane")
 
 L2_TICK = 0.25
+CAPTURE_TICK = 0.05  # reader threads: how often the capture's state is looked at
+MAX_AUTO_QUEUES = 8
+
+
+def queue_count(cfg: Config) -> int:
+    """Queues per device: ``dataplane.queues``, or one per CPU masqd may run on (at most
+    MAX_AUTO_QUEUES); one with the Python fast path (one reader)."""
+    if cfg.dataplane.fastpath != "native":
+        return 1
+    return cfg.dataplane.queues or max(1, min(MAX_AUTO_QUEUES, len(os.sched_getaffinity(0))))
 
 
 class Dataplane:
@@ -95,22 +106,27 @@ class Dataplane:
         self.npkts = 0
         self.napi_switch = AdaptiveNapi(self.ports, self.counters)
         self.active = True  # an active/backup pair's standby routes nothing (set_active)
+        # the native fast path's reads: reader threads (one per queue) when the clock is the
+        # monotonic clock the C code reads; False: the loop's reader callback (on_readable)
+        self.reader_threads = True
 
     # ------------------------------------------------------------------ life cycle
 
     def open(self) -> None:
         """Open and place both devices (synchronous: call before the loop runs)."""
         try:
+            queues = queue_count(self.cfg)
             for side in ("lan", "wan"):
                 icfg: Interface = getattr(self.cfg, side)
-                dev = open_device(icfg, self.cfg.dataplane.napi)
+                dev = open_device(icfg, self.cfg.dataplane.napi, queues)
                 l2 = None
                 if icfg.mode == "tap":
                     mac = parse_mac(icfg.mac) if icfg.mac else local_mac(icfg.name, str(icfg.address))
                     l2 = EthernetHost(side, mac, int(icfg.address.ip), icfg.address.network.prefixlen,
                                       self.counters)
                 self.add_port(Port(side, dev, l2, self.counters))
-                log.info("opened %s device %s (%s, mtu %d%s%s%s%s)", side, dev.name, dev.mode, dev.mtu,
+                log.info("opened %s device %s (%s, mtu %d%s%s%s%s%s)", side, dev.name, dev.mode, dev.mtu,
+                         f", {len(dev.fds)} queues" if len(dev.fds) > 1 else "",
                          f", netns {dev.netns}" if dev.netns else "",
                          f", bridge {icfg.bridge}" if icfg.bridge else "",
                          f", mac {format_mac(l2.mac)}" if l2 else "",
@@ -218,11 +234,30 @@ class Dataplane:
         return self.cache.reader(port, self.clock) or (self._on_readable, port)
 
     def _register_readers(self) -> None:
-        if self.loop is None or not self._started:
+        loop = self.loop
+        if loop is None or not self._started:
+            return
+        if self.cache.efd is not None:  # reader threads read the devices; the loop serves their misses
+            for port in self.ports.values():
+                for fd in port.fds:
+                    loop.remove_reader(fd)
+            loop.add_reader(self.cache.efd, self.native.service)
+            if "capture" not in self._timers:
+                self._timers["capture"] = loop.call_later(CAPTURE_TICK, self._capture_tick)
             return
         for port in self.ports.values():
             cb, arg = self.reader(port)
-            self.loop.add_reader(port.fd, cb, arg)
+            loop.add_reader(port.fd, cb, arg)
+            for fd in port.fds[1:]:  # more queues (opened for reader threads): Python reads them
+                loop.add_reader(fd, self._on_readable_q, port, fd)
+
+    def _capture_tick(self) -> None:
+        """Reader threads: a capture that started or stopped takes effect within CAPTURE_TICK."""
+        if not self._started or self.loop is None or self.cache.efd is None:
+            self._timers.pop("capture", None)
+            return
+        self.native.poll_capture()
+        self._timers["capture"] = self.loop.call_later(CAPTURE_TICK, self._capture_tick)
 
     # ------------------------------------------------------------------ native fast path
 
@@ -236,7 +271,9 @@ class Dataplane:
             return
         if self.native is not None:
             return
-        self.native = self.cache.start(self.coalesce, self.warmer.poke if self.warmer is not None else None)
+        # reader threads read the monotonic clock, as the data plane does outside tests
+        self.native = self.cache.start(self.coalesce, self.warmer.poke if self.warmer is not None else None,
+                                       self.loop, threads=self.reader_threads and self.clock is time.monotonic)
         if self.native is not None:
             self._register_readers()
 
@@ -275,10 +312,11 @@ class Dataplane:
         self._timers.clear()
         if self.loop is not None:
             for port in self.ports.values():
-                try:
-                    self.loop.remove_reader(port.fd)
-                except Exception:  # noqa: BLE001 - loop may be closing
-                    pass
+                for fd in port.fds:
+                    try:
+                        self.loop.remove_reader(fd)
+                    except Exception:  # noqa: BLE001 - loop may be closing
+                        pass
 
     def close(self) -> None:
         """Close the devices (non-persistent ones disappear)."""
@@ -288,10 +326,14 @@ class Dataplane:
 
     # ------------------------------------------------------------------ packet path
 
-    def _on_readable(self, port: Port) -> None:
+    def _on_readable_q(self, port: Port, fd: int) -> None:
+        """Python reads another queue of ``port``."""
+        self._on_readable(port, fd)
+
+    def _on_readable(self, port: Port, fd: int | None = None) -> None:
         clock = self.clock
         port.super_seen = False
-        passed = port.drain(clock())
+        passed = port.drain(clock()) if fd is None else port.drain(clock(), fd)
         if port.super_seen:
             self.last_super = time.monotonic()
         elif passed >= COALESCE_MIN and self.coalesce and time.monotonic() - self.last_super > BULK_QUIET:
@@ -489,6 +531,8 @@ class Dataplane:
     def close_native(self) -> None:
         """Fold the last counts and drop the flow cache; the readers go back to Python."""
         if self.native is not None:
+            if self.cache.efd is not None and self.loop is not None:
+                self.loop.remove_reader(self.cache.efd)
             self.npkts += self.cache.stop()  # adaptive NAPI's count goes on
             self.native = None
             self._register_readers()
@@ -526,4 +570,6 @@ class Dataplane:
             "keep_warm": None if self.warmer is None or self.warmer.shadow is None else self.warmer.period,
             "fastpath": "native" if self.native is not None else "python",
             "coalesce": self.coalesce,
+            "queues": {side: len(p.fds) for side, p in self.ports.items()},
+            "reader_threads": self.native.workers if self.native is not None else 0,
         }

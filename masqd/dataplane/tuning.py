@@ -78,7 +78,7 @@ def steer(rps: str, ports: Iterable[Port]) -> tuple[int, int] | None:
         own = {c for c in allowed if not mask >> c & 1} or set(allowed)
     os.sched_setaffinity(0, own)
     for port in ports:
-        set_rps(port.dev.name, port.dev.netns, mask)
+        set_rps(port.dev.name, port.dev.netns, mask, len(port.dev.fds))
     log.info("masqd runs on CPU %s; kernel work after its writes on CPU mask %x",
              ",".join(map(str, sorted(own))), mask)
     return (min(own), mask)

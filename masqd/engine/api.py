@@ -51,6 +51,11 @@ class EngineAPI(Protocol):
         """A packet of ``n`` bytes was forwarded by a fast path: count it in slots ``rx`` and
         ``tx`` and on the rules ``hits``."""
 
+    def fast_void(self) -> None:
+        """An entry whose fast-path rewrite a cache outside the engine may repeat (the data
+        plane's flow cache learns ESP pairs and PPTP calls through ``fast_entry``) was removed,
+        or its rewrite changed: such cached decisions are void from now on."""
+
     def port_forwarded(self, proto: int, port: int) -> bool:
         """A port forward of (``proto``, ``port``) on the current WAN address exists."""
 

@@ -36,7 +36,7 @@ from masqd import firewall as fwmod
 from masqd.config import Config, Timeouts
 from masqd.engine.counters import Counters, slot
 from masqd.engine.defrag import Reassembler
-from masqd.engine.fastpath import FastEntry, FastPath, HelperFast
+from masqd.engine.fastpath import FastEntry, FastPath, HelperEntry, HelperFast, HelperFold
 from masqd.engine.forward import Forwarders
 from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
@@ -126,6 +126,8 @@ class Engine:
         tcp_helpers: dict[int, Helper] = {}
         fast_po: dict[int, HelperFast] = {}
         fast_pi: dict[int, HelperFast] = {}
+        fast_pe: dict[int, HelperEntry] = {}
+        fast_pf: dict[int, HelperFold] = {}
         for h in self.helpers:
             if not h.enabled():
                 continue
@@ -136,11 +138,16 @@ class Engine:
                 if fo is not None and fi is not None and proto_helpers[p] is h:
                     fast_po.setdefault(p, fo)
                     fast_pi.setdefault(p, fi)
+                    # and their description for the data plane's flow cache (fast_entry/fast_fold)
+                    fe, ff = getattr(h, "fast_entry", None), getattr(h, "fast_fold", None)
+                    if fe is not None and ff is not None:
+                        fast_pe.setdefault(p, fe)
+                        fast_pf.setdefault(p, ff)
             for p in h.udp_ports:
                 udp_helpers.setdefault(p, h)
             for p in h.tcp_ports:
                 tcp_helpers.setdefault(p, h)
-        self.fast.configure(self.gen, self.lan_mtu, self.wan_mtu, fast_po, fast_pi)
+        self.fast.configure(self.gen, self.lan_mtu, self.wan_mtu, fast_po, fast_pi, fast_pe, fast_pf)
         was_on = self.pcp.enabled
         self.pcp.configure(cfg)
         if was_on and not self.pcp.enabled:
@@ -185,6 +192,11 @@ class Engine:
                 if res is not None:
                     return res
         return "disabled", []
+
+    def fast_void(self) -> None:
+        """A helper removed an entry (or changed its rewrite) that a cache outside the engine may
+        repeat: every such cached decision is void (the table's epoch moves)."""
+        self.nat.epoch += 1
 
     def proto_forwarded(self, proto: int) -> bool:
         return proto in self.forwarders.proto_hosts

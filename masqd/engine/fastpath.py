@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from masqd.engine.counters import LAN_ICMP, WAN_BASE, WAN_ICMP, Counters, proto_index
-from masqd.engine.nat import TTL_DELTA, Session, translate_in, translate_out
+from masqd.engine.nat import TTL_DELTA, translate_in, translate_out
 from masqd.wire.ipv4 import ICMP, ICMP_QUERIES, ICMP_REPLIES, TCP, UDP, set_ip_checksum
 
 if TYPE_CHECKING:
@@ -43,8 +43,14 @@ _pack_H4s = struct.Struct("!H4s").pack_into
 
 # a fast path of a helper: (packet, now) -> [(iface, packet)] or None
 HelperFast = Callable[[bytes, float], "list[tuple[str, bytes]] | None"]
-# what a cache outside the engine needs to repeat the fast path's rewrite of a flow
-FastEntry = tuple[int, int, bytes, Session, bytes, int, int, int, int]
+# what a cache outside the engine needs to repeat the fast path's rewrite of a flow: (direction,
+# protocol, lookup key, entry, new address, new port / ICMP identifier / GRE key or -1 for none,
+# IPv4 checksum delta, transport checksum delta, MTU)
+FastEntry = tuple[int, int, bytes, Any, bytes, int, int, int, int]
+# a helper's description of its established flow, for such a cache: (direction, packet) -> FastEntry
+HelperEntry = Callable[[int, "bytes | bytearray"], "FastEntry | None"]
+# a helper folds in what such a cache forwarded for one of its entries: (entry, time of the last packet)
+HelperFold = Callable[[Any, float], None]
 
 
 def rewrite_src(data: bytes, dip: int, addr: bytes) -> bytearray:
@@ -92,14 +98,19 @@ class FastPath:
         self.lan_mtu = 1500
         self.helpers_out: dict[int, HelperFast] = {}  # IP protocol -> a helper's fast path
         self.helpers_in: dict[int, HelperFast] = {}
+        self.helpers_entry: dict[int, HelperEntry] = {}  # IP protocol -> the helper's ``fast_entry``
+        self.helpers_fold: dict[int, HelperFold] = {}  # IP protocol -> the helper's ``fast_fold``
 
     def configure(self, gen: int, lan_mtu: int, wan_mtu: int, helpers_out: dict[int, HelperFast],
-                  helpers_in: dict[int, HelperFast]) -> None:
+                  helpers_in: dict[int, HelperFast], helpers_entry: dict[int, HelperEntry] | None = None,
+                  helpers_fold: dict[int, HelperFold] | None = None) -> None:
         self.gen = gen
         self.lan_mtu = lan_mtu
         self.wan_mtu = wan_mtu
         self.helpers_out = helpers_out
         self.helpers_in = helpers_in
+        self.helpers_entry = helpers_entry or {}
+        self.helpers_fold = helpers_fold or {}
 
     # ------------------------------------------------------- the shared bookkeeping
     def hits(self, e: Any, d: int) -> tuple[Any, ...] | None:
@@ -173,7 +184,7 @@ class FastPath:
                 return []
         if seg:  # a super-packet: the kernel reads this header as is (always recompute it)
             set_ip_checksum(pkt, 20)
-        s.expires = now + s.tmo
+        s.seen = now
         i = 0 if proto == TCP else 1  # LAN_TCP / LAN_UDP
         self.account(fw[1], i, i + WAN_BASE, n)
         return [("wan", bytes(pkt))]
@@ -232,7 +243,7 @@ class FastPath:
                 return []
         if seg:
             set_ip_checksum(pkt, 20)
-        s.expires = now + s.tmo
+        s.seen = now
         i = 0 if proto == TCP else 1
         self.account(fw[2], i + WAN_BASE, i, n)
         return [("lan", bytes(pkt))]
@@ -260,7 +271,7 @@ class FastPath:
         else:
             translate_in(s, pkt, 20)
             self.account(hits, WAN_ICMP, LAN_ICMP, n)
-        s.expires = now + s.tmo
+        s.seen = now
         return [("wan" if outbound else "lan", bytes(pkt))]
 
     # ------------------------------------------- the fast path, cached outside the engine
@@ -269,7 +280,9 @@ class FastPath:
         ``iface``), for a cache outside the engine: (direction 0 out / 1 in, protocol, the lookup
         key, the session, the new address, the new port or ICMP identifier, the IPv4 and transport
         checksum deltas, the MTU to check). None: a flow the fast path does not take now (unknown,
-        its firewall decision not cached, not yet replied, or a helper follows its stream)."""
+        its firewall decision not cached, not yet replied, or a helper follows its stream).
+        Other protocols are described by the helper whose fast path takes them (established
+        ESP pairs, PPTP calls' GRE): see its ``fast_entry``."""
         if len(data) < 28 or data[0] != 0x45:
             return None
         proto = data[9]
@@ -281,7 +294,8 @@ class FastPath:
                 return None
             key = bytes(data[12:20]) + (bytes(data[24:26]) + b"\0\0" if d == 0 else b"\0\0" + bytes(data[24:26]))
         else:
-            return None
+            he = self.helpers_entry.get(proto)
+            return None if he is None else he(d, data)
         s = (self.table.out if d == 0 else self.table.inb)[proto].get(key)
         if s is None or s.helper is not None or s.dead or self.hits(s, d) is None or (d and s.state == 0):
             return None
@@ -290,16 +304,27 @@ class FastPath:
             return (0, proto, key, s, m.wan_ip_b, m.wan_port, m.dip_out, m.dl4_out, self.wan_mtu)
         return (1, proto, key, s, m.lan_ip_b, m.lan_port, m.dip_in, m.dl4_in, self.lan_mtu)
 
-    def count_fast(self, rows: list[tuple[Session, int, int, int, int, float]]) -> int:
+    def count_fast(self, rows: list[tuple[Any, ...]]) -> int:
         """Fold in what a cache outside the engine forwarded: per row (session, direction, protocol,
-        packets, bytes, time of the last one), what the fast path would have counted and refreshed
-        (expiry, firewall hits, packet and byte counters). Returns the packets."""
+        packets, bytes, time of the last one[, packets on the wire]), what the fast path would
+        have counted and refreshed (expiry, firewall hits, packet and byte counters). A
+        super-packet is one packet for the rules and its segments for the interface counters
+        (the last field, when given). A helper's entry (ESP pair, PPTP call) is refreshed by the
+        helper (its ``fast_fold``). Returns the packets on the wire."""
         total = 0
         ctr = self.ctr
-        for s, d, proto, pk, by, last in rows:
-            total += pk
-            if not s.dead and last + s.tmo > s.expires:
-                s.expires = last + s.tmo
+        folds = self.helpers_fold
+        for row in rows:
+            s, d, proto, pk, by, last = row[:6]
+            wire = row[6] if len(row) > 6 else pk
+            total += wire
+            if proto == TCP or proto == UDP or proto == ICMP:
+                if last > s.seen and not s.dead:
+                    s.seen = last
+            else:
+                fold = folds.get(proto)
+                if fold is not None:
+                    fold(s, last)
             fw = s.fw
             hits = fw[1 + d] if fw is not None else None
             if hits:
@@ -308,7 +333,7 @@ class FastPath:
                     r.bytes += by
             i = proto_index(proto)
             if d == 0:
-                ctr.forwarded(i, i + WAN_BASE, pk, by)
+                ctr.forwarded(i, i + WAN_BASE, wire, by)
             else:
-                ctr.forwarded(i + WAN_BASE, i, pk, by)
+                ctr.forwarded(i + WAN_BASE, i, wire, by)
         return total

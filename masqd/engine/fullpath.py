@@ -438,7 +438,7 @@ class FullPath:
             if proto == TCP and pkt[ihl + 13] & TH_SYN:
                 self.clamp_mss(pkt, ihl)
             translate_out(s, pkt, ihl)
-            s.expires = now + s.tmo
+            s.seen = now
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, ihl, True, now):
                 return None
             if self.hairpinning and dst == t.wan_ip:
@@ -579,7 +579,7 @@ class FullPath:
             if s is None:
                 return None
         translate_out(s, pkt, ihl)
-        s.expires = now + s.tmo
+        s.seen = now
         return s
 
     # ------------------------------------------------------------ demasquerade
@@ -639,7 +639,7 @@ class FullPath:
             elif s.state == S_UNREPLIED:
                 t.set_state(s, S_REPLIED, now)
             translate_in(s, pkt, ihl)
-            s.expires = now + s.tmo
+            s.seen = now
             if s.helper is not None and not s.helper.tcp_segment(s, pkt, ihl, False, now):
                 return True
             self.output(LAN, pkt, ihl, out, hits, s, False)
@@ -655,7 +655,7 @@ class FullPath:
                     return True
                 t.set_state(s, S_REPLIED, now)
                 translate_in(s, pkt, ihl)
-                s.expires = now + s.tmo
+                s.seen = now
                 self.output(LAN, pkt, ihl, out, hits, s, False)
                 return True
             if typ in ICMP_ERRORS:

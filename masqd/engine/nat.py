@@ -32,6 +32,7 @@ TCP_STATE_NAMES = ("NEW", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CL
 S_UNREPLIED, S_REPLIED, S_INBOUND = 0, 1, 2
 
 TTL_DELTA = 0xFEFF  # checksum delta of decrementing the TTL byte by one
+SESS_LIST_MAX = 32  # a mapping keeps up to this many sessions in a tuple (8 bytes each), more in a dict
 ICMP, TCP, UDP = 1, 6, 17
 
 _pack_H = struct.Struct("!H").pack_into
@@ -50,7 +51,7 @@ class Mapping:
         self.lan_ip = lan_ip
         self.lan_port = lan_port
         self.lan_ip_b = lan_ip.to_bytes(4, "big")
-        self.sess: Any = None  # None, one Session, or dict[Session, None]
+        self.sess: Any = None  # None, one Session, a tuple of a few, or dict[Session, None]
         self.static = False  # a port forward's mapping: never freed by expiry
         self.fwd: Any = None  # the PortForward that created it, if any
         self.wan_port = wan_port
@@ -77,15 +78,25 @@ class Mapping:
         x = self.sess
         if x is None:
             self.sess = s
+        elif type(x) is tuple:
+            if len(x) < SESS_LIST_MAX:
+                self.sess = (*x, s)
+            else:
+                d = dict.fromkeys(x)
+                d[s] = None
+                self.sess = d
         elif type(x) is dict:
             x[s] = None
         else:
-            self.sess = {x: None, s: None}
+            self.sess = (x, s)
 
     def remove(self, s: Session) -> None:
         x = self.sess
         if x is s:
             self.sess = None
+        elif type(x) is tuple:
+            y = tuple(z for z in x if z is not s)
+            self.sess = y[0] if len(y) == 1 else y
         elif type(x) is dict:
             x.pop(s, None)
             if len(x) == 1:
@@ -97,6 +108,8 @@ class Mapping:
         x = self.sess
         if x is None:
             return iter(())
+        if type(x) is tuple:
+            return iter(x)
         if type(x) is dict:
             return iter(list(x))
         return iter((x,))
@@ -105,37 +118,139 @@ class Mapping:
         return self.sess is None
 
 
+_DEAD: list[Any] = [True, False, None, None, 0.0]  # the _x of a dead session with nothing else set (shared, never changed)
+_ST: dict[tuple[int, float], tuple[int, float]] = {}  # (state, timeout) pairs, one object each
+
+
+def _st(state: int, tmo: float) -> tuple[int, float]:
+    """The one (state, timeout) tuple of that value (a few exist: sessions share them)."""
+    k = (state, tmo)
+    t = _ST.get(k)
+    if t is None:
+        if len(_ST) > 4096:  # (timeouts changed by many reloads)
+            _ST.clear()
+        t = _ST[k] = k
+    return t
+
+
 class Session:
     """One conversation through a mapping with one remote endpoint.
 
-    The remote address and port are not stored twice: they are read back from
-    ``in_key`` (remote address, WAN address, remote port, WAN port)."""
+    Memory is what bounds the table (``bench/engine.py``: bytes per entry), so a
+    session holds as little as it can: the remote address and port are read back
+    from ``in_key`` (remote address, WAN address, remote port, WAN port), which is
+    also the inbound lookup key; ``out_key`` (the outbound one) is rebuilt from it
+    and the mapping when asked for; the time of its last packet is ``seen`` (the
+    packet's own clock value, shared by all sessions touched at that instant) and
+    ``expires`` is ``seen + tmo``; ``state`` and ``tmo`` are one shared tuple
+    (``_st``); ``dead``, ``inbound``, ``hdata``, ``helper`` and ``hold`` (rarely
+    set) share one slot (``_x``). Six slots: 80 bytes with the GC header."""
 
-    __slots__ = ("m", "out_key", "in_key", "expires", "tmo", "state", "helper", "hdata", "fw", "dead", "inbound",
-                 "hold")
+    __slots__ = ("m", "in_key", "seen", "_st", "fw", "_x")
 
     def __init__(self, m: Mapping, rem_ip: int, rem_port: int, now: float, tmo: float) -> None:
         self.m = m
-        self.expires = now + tmo
-        self.tmo = tmo
-        self.state = 0
-        self.helper: Any = None
-        self.hdata: Any = None
+        self.seen = now
+        self._st = _st(0, tmo)
         self.fw: Any = None
-        self.dead = False
-        self.inbound = False  # created by an inbound packet (port forward)
-        self.hold = 0.0  # kept at least until then whatever its traffic (a PCP PEER request)
-        self._keys(rem_ip.to_bytes(4, "big"), rem_port.to_bytes(2, "big"))
+        self._x: list[Any] | None = None  # [dead, inbound, hdata, helper, hold] once one of them is set
+        self.in_key = rem_ip.to_bytes(4, "big") + m.wan_ip_b + rem_port.to_bytes(2, "big") + \
+            m.wan_port.to_bytes(2, "big")
 
-    def _keys(self, rb: bytes, pr: bytes) -> None:
-        m = self.m
-        self.out_key = m.lan_ip_b + rb + m.lan_port.to_bytes(2, "big") + pr
-        self.in_key = rb + m.wan_ip_b + pr + m.wan_port.to_bytes(2, "big")
+    @property
+    def out_key(self) -> bytes:
+        """The outbound lookup key: LAN address, remote address, LAN port, remote port."""
+        k, m = self.in_key, self.m
+        return m.lan_ip_b + k[0:4] + m.lan_port.to_bytes(2, "big") + k[8:10]
+
+    @property
+    def expires(self) -> float:
+        return self.seen + self._st[1]
+
+    @expires.setter
+    def expires(self, t: float) -> None:
+        self.seen = t - self._st[1]
+
+    def _set(self, i: int, v: Any) -> None:
+        x = self._x
+        if x is None or x is _DEAD:
+            if not v or x is _DEAD and i == 0:
+                return
+            x = self._x = [x is _DEAD, False, None, None, 0.0]
+        x[i] = v
+
+    @property
+    def state(self) -> int:
+        return self._st[0]
+
+    @state.setter
+    def state(self, v: int) -> None:
+        self._st = _st(v, self._st[1])
+
+    @property
+    def tmo(self) -> float:
+        return self._st[1]
+
+    @tmo.setter
+    def tmo(self, v: float) -> None:
+        self._st = _st(self._st[0], v)
+
+    @property
+    def helper(self) -> Any:
+        """The helper following this session's stream (PPTP's control connection), or None."""
+        x = self._x
+        return None if x is None else x[3]
+
+    @helper.setter
+    def helper(self, v: Any) -> None:
+        self._set(3, v)
+
+    @property
+    def dead(self) -> bool:
+        x = self._x
+        return x is not None and bool(x[0])
+
+    @dead.setter
+    def dead(self, v: bool) -> None:
+        if v and self._x is None:  # the usual death: nothing else set (no list for it)
+            self._x = _DEAD
+        else:
+            self._set(0, v)
+
+    @property
+    def inbound(self) -> bool:
+        """Created by an inbound packet (a port forward)."""
+        x = self._x
+        return x is not None and bool(x[1])
+
+    @inbound.setter
+    def inbound(self, v: bool) -> None:
+        self._set(1, v)
+
+    @property
+    def hdata(self) -> Any:
+        """The helper's own data on this session (PPTP: its control connection)."""
+        x = self._x
+        return None if x is None else x[2]
+
+    @hdata.setter
+    def hdata(self, v: Any) -> None:
+        self._set(2, v)
+
+    @property
+    def hold(self) -> float:
+        """Kept at least until then whatever its traffic (a PCP PEER request); 0: no hold."""
+        x = self._x
+        return 0.0 if x is None else float(x[4])
+
+    @hold.setter
+    def hold(self, v: float) -> None:
+        self._set(4, v)
 
     def rekey(self) -> None:
-        """Recompute the lookup keys from the mapping's current addresses."""
-        k = self.in_key
-        self._keys(k[0:4], k[8:10])
+        """Recompute the inbound lookup key from the mapping's current WAN address and port."""
+        k, m = self.in_key, self.m
+        self.in_key = k[0:4] + m.wan_ip_b + k[8:10] + m.wan_port.to_bytes(2, "big")
 
     @property
     def rem_ip(self) -> int:

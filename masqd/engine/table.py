@@ -67,6 +67,7 @@ from masqd.engine.nat import (
     PortPool,
     Session,
 )
+from masqd.engine.nat import _st as st_pair
 from masqd.wire.ipv4 import PROTO_NAMES, ip_str
 
 if TYPE_CHECKING:
@@ -109,6 +110,18 @@ def droppable(s: Session) -> bool:
     if s.m.proto == TCP:
         return s.state != T_ESTABLISHED
     return s.state != S_REPLIED
+
+
+def _is_dead(s: Session) -> bool:
+    x = s._x  # (Session.dead without the property call: expiry visits every due session)
+    return x is not None and bool(x[0])
+
+
+def _deadline(s: Session) -> float:
+    """When ``s`` goes: its last packet plus its timeout, or the end of its hold (PCP PEER)."""
+    t = s.seen + s._st[1]
+    x = s._x
+    return t if x is None or x[4] <= t else float(x[4])
 
 
 def state_name(s: Session) -> str:
@@ -343,12 +356,12 @@ class NatTable:
         if state != s.state:
             if s.inbound and s.m.proto == TCP and s.state in _HALF_OPEN and state not in _HALF_OPEN:
                 self._half_closed(s.m)
-            s.state = state
             old = s.tmo
-            s.tmo = tmo = self.timeout_for(s.m.proto, state)
-            s.expires = now + tmo
+            tmo = self.timeout_for(s.m.proto, state)
+            s._st = st_pair(state, tmo)
+            s.seen = now
             if tmo < old:
-                self.wheel.add(s, s.expires)
+                self.wheel.add(s, now + tmo)
             self.emit(UPDATE, s, STATE)
 
     def expire_reason(self, s: Session) -> str:
@@ -369,10 +382,12 @@ class NatTable:
         self.epoch += 1
         m = s.m
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
-        if out_t.get(s.out_key) is s:
-            del out_t[s.out_key]
-        if in_t.get(s.in_key) is s:
-            del in_t[s.in_key]
+        k = s.out_key
+        if out_t.get(k) is s:
+            del out_t[k]
+        k = s.in_key
+        if in_t.get(k) is s:
+            del in_t[k]
         m.remove(s)
         self.nsessions -= 1
         if s.inbound and m.proto == TCP and s.state in _HALF_OPEN:
@@ -452,8 +467,7 @@ class NatTable:
                 if h is not None:
                     h.ports[PORT_INDEX.get(q.proto, 0)] -= 1
                     self._forget_idle(q.host, h)
-        return self.wheel.due(now, _dead,  # type: ignore[no-any-return]
-                              lambda x: x.expires if x.expires > x.hold else x.hold)
+        return self.wheel.due(now, _is_dead, _deadline)  # type: ignore[no-any-return]
 
     def host_rows(self, now: float) -> dict[str, Any]:
         """The per-host limits in force and the top offenders, for ``masqd stats``."""

@@ -226,7 +226,7 @@ class Lab:
                 "net.ipv4.neigh.eth0.proxy_delay": 0,
             })
             cmds = hosts[role] + [
-                f"tuntap add dev {tun} mode tun",
+                f"tuntap add dev {tun} mode tun multi_queue",  # masqd reads it with a thread per queue
                 f"link set {tun} up",
                 f"route add {fw_addr}/32 dev {tun}",
                 f"route add {net} dev eth0",

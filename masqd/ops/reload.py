@@ -34,7 +34,7 @@ _DEVICE_FIELDS = ("name", "mode", "netns", "bridge", "persistent", "offload")
 _RESTART_FIELDS = {
     "lan": _DEVICE_FIELDS,
     "wan": _DEVICE_FIELDS,
-    "dataplane": ("rps", "napi"),  # applied when the devices are opened
+    "dataplane": ("rps", "napi", "queues"),  # applied when the devices are opened
 }
 
 

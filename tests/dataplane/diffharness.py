@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -62,25 +63,52 @@ class Side:
     offload: bool = False
     make_config: Callable[..., str] = config
     socks: list[socket.socket] = field(default_factory=list)
+    qwires: dict[str, list[socket.socket]] = field(default_factory=dict)  # every queue's far end
+
+    @property
+    def threads(self) -> bool:
+        return self.dp.native is not None and self.dp.native.workers > 0
 
     def readable(self, iface: str) -> None:
-        """What the event loop does when the device fd is readable: its registered reader."""
+        """What the event loop does when the device fd is readable: its registered reader; with
+        reader threads, they read it: wait until they are done (and the loop served them)."""
+        if self.threads:
+            self.settle()
+            return
         cb, arg = self.dp.reader(self.dp.ports[iface])
         cb(arg)
 
-    def feed(self, iface: str, data: bytes) -> list[tuple[str, bytes]]:
-        self.wires[iface].send(data)
+    def settle(self) -> None:
+        """Reader threads: run the loop (it serves their misses, ends holds) until every thread
+        waits in poll with its devices' fds empty: nothing is in flight any more."""
+        fc, loop = self.dp.native, self.dp.loop
+        assert loop is not None
+        fds = [fd for p in self.dp.ports.values() for fd in p.fds]
+        deadline = time.monotonic() + 10
+        quiet = 0
+        while quiet < 2:  # (twice in a row: a thread may wake between the two looks)
+            loop.run_until_complete(asyncio.sleep(0))
+            if fc.idle() and not select.select(fds, [], [], 0)[0]:
+                quiet += 1
+            else:
+                quiet = 0
+                time.sleep(0.0001)
+            assert time.monotonic() < deadline, "reader threads did not settle"
+
+    def feed(self, iface: str, data: bytes, queue: int = 0) -> list[tuple[str, bytes]]:
+        (self.qwires.get(iface) or [self.wires[iface]])[queue].send(data)
         self.readable(iface)
         return self.collect()
 
     def collect(self) -> list[tuple[str, bytes]]:
         out = []
-        for iface, w in self.wires.items():
-            while True:
-                try:
-                    out.append((iface, w.recv(70000)))
-                except BlockingIOError:
-                    break
+        for iface, w0 in self.wires.items():
+            for w in self.qwires.get(iface) or [w0]:
+                while True:
+                    try:
+                        out.append((iface, w.recv(70000)))
+                    except BlockingIOError:
+                        break
         return out
 
     def mac(self, iface: str) -> str:
@@ -97,33 +125,45 @@ class Side:
 
 
 def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False,
-              make_config: Callable[..., str] = config) -> Side:
+              make_config: Callable[..., str] = config, queues: int = 1, threads: bool = True) -> Side:
     """A data plane in ``mode`` (tun/tap) with or without virtio-net headers, "native" or "python";
-    its clock is ``Side.clock[0]`` (moved by the test) unless ``real_clock``. ``make_config(mode,
-    offload, fastpath)`` gives its configuration text (default: :func:`config`)."""
+    its clock is ``Side.clock[0]`` (moved by the test) unless ``real_clock`` (the monotonic clock:
+    with the native fast path, reader threads, one per queue, unless ``threads`` is False: then the
+    cache's on_readable is the loop's reader). ``queues``: socket pairs per device
+    (IFF_MULTI_QUEUE). ``make_config(mode, offload, fastpath)`` gives its configuration text
+    (default: :func:`config`)."""
     cfg = loads(make_config(mode, offload, fastpath))
     clock = [1000.0]
     dp = Dataplane(cfg, Engine(cfg), clock=time.monotonic if real_clock else lambda: clock[0])
     wires: dict[str, socket.socket] = {}
+    qwires: dict[str, list[socket.socket]] = {}
     socks = []
     for side in ("lan", "wan"):
         icfg = getattr(cfg, side)
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for x in (a, b):
-            x.setblocking(False)
-            x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
-        socks += [a, b]
-        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload)
+        ends = []
+        for _ in range(queues):
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for x in (a, b):
+                x.setblocking(False)
+                x.setsockopt(socket.SOL_SOCKET, 32, 1 << 23)  # SO_SNDBUFFORCE: room for the bursts of the tests
+            socks += [a, b]
+            ends.append((a, b))
+        a, b = ends[0]
+        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
+                     fds=[x.fileno() for x, _ in ends])
+        qwires[side] = [y for _, y in ends]
         l2 = None
         if mode == "tap":
             l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
                               icfg.address.network.prefixlen, dp.counters)
         dp.add_port(Port(side, dev, l2, dp.counters))
         wires[side] = b
-    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it, never run: the test calls them
+    dp.loop = asyncio.new_event_loop()  # timers are scheduled on it; only Side.settle runs it
     dp._started = True
+    dp.reader_threads = threads
     dp._set_native()
-    return Side(dp, wires, clock, mode, offload, make_config, socks)
+    dp._register_readers()
+    return Side(dp, wires, clock, mode, offload, make_config, socks, qwires)
 
 
 def arp_in(host: str, target: str) -> bytes:

@@ -102,7 +102,7 @@ from typing import TYPE_CHECKING, Any
 
 from masqd.engine.counters import LAN_ESP, WAN_ESP
 from masqd.engine.expiry import TimerWheel
-from masqd.engine.fastpath import rewrite_dst, rewrite_src
+from masqd.engine.fastpath import FastEntry, rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
 from masqd.engine.nat import TTL_DELTA, acct_counter, acct_row
 from masqd.engine.table import (
@@ -308,6 +308,8 @@ class IPsecHelper(Helper):
         e.dead = True
         self.eng.changed(DESTROY, e, reason)
         self._n -= 1
+        if e.spi_in:  # a paired entry: the data plane's flow cache may repeat its rewrite
+            self.eng.fast_void()
         if self._out.get(e.out_key) is e:
             del self._out[e.out_key]
         if e.in_key and self._in.get(e.in_key) is e:
@@ -753,6 +755,28 @@ class IPsecHelper(Helper):
         e.expires = now + e.tmo
         eng.fast_account(hits, WAN_ESP, LAN_ESP, n)
         return [("lan", bytes(pkt))]
+
+    def fast_entry(self, d: int, data: bytes | bytearray) -> FastEntry | None:
+        """What ``fast_out`` (``d`` 0) or ``fast_in`` (1) does to the packets of the ESP pair of
+        ``data``, for a cache outside the engine (``FastPath.entry``): the address only, the SPI
+        stays. None: not an established pair whose firewall decision is cached."""
+        key = bytes(data[12:24])
+        eng = self.eng
+        if d == 0:
+            e = self._out.get(key)
+            if e is None or not e.spi_in or eng.fast_hits(e, 0) is None:
+                return None
+            return (0, ESP, key, e, e.wan_b, -1, e.dip_out, 0, eng.wan_mtu)
+        e = self._in.get(key)
+        if e is None or eng.fast_hits(e, 1) is None:
+            return None
+        return (1, ESP, key, e, e.lan_b, -1, e.dip_in, 0, eng.lan_mtu)
+
+    def fast_fold(self, e: EspEntry, last: float) -> None:
+        """A cache outside the engine forwarded packets of ``e``, the last one at ``last``: the
+        refresh ``fast_out`` / ``fast_in`` would have made."""
+        if not e.dead and last + e.tmo > e.expires:
+            e.expires = last + e.tmo
 
     # --------------------------------------------------------------- ISAKMP
     def _ike_out(self, pkt: bytearray, ihl: int, now: float) -> bool:

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from masqd.engine.counters import LAN_GRE, WAN_GRE
 from masqd.engine.expiry import TimerWheel
-from masqd.engine.fastpath import rewrite_dst, rewrite_src
+from masqd.engine.fastpath import FastEntry, rewrite_dst, rewrite_src
 from masqd.engine.helpers.base import Helper
 from masqd.engine.nat import TCP, TTL_DELTA, acct_row
 from masqd.engine.table import ADDRESS_CHANGE, DESTROY, FLUSH, NEW, REPLACED, STATE, TIMEOUT, UPDATE
@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     from masqd.engine.api import EngineAPI
     from masqd.engine.nat import Session
 
+GRE = 47
 SETUP, ACTIVE, CLEARING = 0, 1, 2
 STATE_NAMES = ("SETUP", "ESTABLISHED", "CLEARING")
 _M = 0xFFFFFFFF
@@ -560,6 +561,7 @@ class PPTPHelper(Helper):
     def _set_rem(self, call: Call, rem_cid: int) -> None:
         if call.out_key is not None and self.out_calls.get(call.out_key) is call:
             del self.out_calls[call.out_key]
+            self.eng.fast_void()  # the flow cache may hold the old key
         call.rem_cid = rem_cid
         call.out_key = call.lan_ip_b + call.rem_ip.to_bytes(4, "big") + rem_cid.to_bytes(2, "big")
         self.out_calls[call.out_key] = call
@@ -599,6 +601,7 @@ class PPTPHelper(Helper):
             return
         call.dead = True
         self.eng.changed(DESTROY, call, _REASONS.get(why, why))
+        self.eng.fast_void()  # the data plane's flow cache may repeat its GRE rewrites
         if call.in_key is not None and self.in_calls.get(call.in_key) is call:
             del self.in_calls[call.in_key]
         if call.out_key is not None and self.out_calls.get(call.out_key) is call:
@@ -733,7 +736,7 @@ class PPTPHelper(Helper):
             call.expires = now + self.t_call
         s = call.ctl
         if s is not None:
-            s.expires = now + s.tmo
+            s.seen = now
 
     def _protofw(self) -> bool:
         return self.eng.proto_forwarded(47)
@@ -818,6 +821,35 @@ class PPTPHelper(Helper):
         self._touch(call, now)
         eng.fast_account(hits, WAN_GRE, LAN_GRE, n)
         return [("lan", bytes(pkt))]
+
+    def fast_entry(self, d: int, data: bytes | bytearray) -> FastEntry | None:
+        """What ``fast_out`` (``d`` 0) or ``fast_in`` (1) does to the GRE of the call of ``data``,
+        for a cache outside the engine (``FastPath.entry``): the address, and inbound the key
+        (at IP + 26) back to the LAN side's own Call ID (enhanced GRE has no checksum). The
+        lookup key is the packet's addresses and its key field. None: not an established call
+        whose firewall decision is cached, or a header the fast path does not take."""
+        if len(data) < 36 or _FAST_HDR.get(bytes(data[20:24])) is None:
+            return None
+        eng = self.eng
+        key = bytes(data[12:20]) + bytes(data[26:28]) + b"\0\0"
+        if d == 0:
+            call = self.out_calls.get(bytes(data[12:20]) + bytes(data[26:28]))
+            if call is None or eng.fast_hits(call, 0) is None:
+                return None
+            return (0, GRE, key, call, eng.wan_ip_b, -1, call.dip_out + TTL_DELTA, 0, eng.wan_mtu)
+        call = self.in_calls.get(bytes(data[12:16]) + bytes(data[26:28]))
+        if call is None or bytes(data[16:20]) != eng.wan_ip_b or eng.fast_hits(call, 1) is None:
+            return None
+        return (1, GRE, key, call, call.lan_ip_b, call.lan_cid, call.dip_in + TTL_DELTA, 0, eng.lan_mtu)
+
+    def fast_fold(self, call: Call, last: float) -> None:
+        """A cache outside the engine forwarded GRE of ``call``, the last packet at ``last``: the
+        refresh ``fast_out`` / ``fast_in`` would have made (the call while up, its control session)."""
+        if call.state == ACTIVE and last + self.t_call > call.expires:
+            call.expires = last + self.t_call
+        s = call.ctl
+        if s is not None and last > s.seen:
+            s.seen = last
 
     # ============================================================ housekeeping
     def expire(self, now: float) -> None:
