@@ -19,6 +19,7 @@ from masqd.wire.ipv4 import ICMP, ICMP_ERRORS, IP_OFFMASK, TCP, UDP, UNREACH_NEE
 
 if TYPE_CHECKING:
     from masqd.engine.counters import Counters
+    from masqd.engine.nat import Session
     from masqd.engine.table import NatTable
 
 _pack_H = struct.Struct("!H").pack_into
@@ -67,25 +68,37 @@ class IcmpErrors:
             return None
         return e, eihl, pkt[e + 9]
 
-    def translate_in(self, pkt: bytearray, ihl: int) -> bool:
-        """Translate an inbound ICMP error about a masqueraded packet (RFC 5508 REQ-3..6)."""
+    def _session_of(self, pkt: bytearray, ihl: int, inbound: bool) -> tuple[int, int, int, Session] | None:
+        """The session of the packet embedded in an ICMP error: (start, its ihl, its protocol, the
+        session) or None (counted). The embedded packet went the other way: an inbound error
+        carries one of our outbound packets (looked up as its reply would be), and so on."""
         emb = self._embedded(pkt, ihl)
         if emb is None:
-            return False
+            return None
         e, eihl, ep = emb
         t = e + eihl
+        addrs = bytes(pkt[e + 16: e + 20]) + bytes(pkt[e + 12: e + 16])
         if ep in (TCP, UDP):
-            key = bytes(pkt[e + 16: e + 20]) + bytes(pkt[e + 12: e + 16]) + bytes(pkt[t + 2: t + 4]) + bytes(pkt[t: t + 2])
-        elif ep == ICMP:
-            key = bytes(pkt[e + 16: e + 20]) + bytes(pkt[e + 12: e + 16]) + b"\0\0" + bytes(pkt[t + 4: t + 6])
+            key = addrs + bytes(pkt[t + 2: t + 4]) + bytes(pkt[t: t + 2])
+        elif ep == ICMP:  # the identifier is the port: the reply's destination side inbound
+            ident = bytes(pkt[t + 4: t + 6])
+            key = addrs + (b"\0\0" + ident if inbound else ident + b"\0\0")
         else:
             self.ctr.drop("icmp_error_no_entry")
-            return False
-        tbl = self.table.inb.get(ep)
+            return None
+        tbl = (self.table.inb if inbound else self.table.out).get(ep)
         s = tbl.get(key) if tbl is not None else None
         if s is None:
             self.ctr.drop("icmp_error_no_entry")
+            return None
+        return e, eihl, ep, s
+
+    def translate_in(self, pkt: bytearray, ihl: int) -> bool:
+        """Translate an inbound ICMP error about a masqueraded packet (RFC 5508 REQ-3..6)."""
+        got = self._session_of(pkt, ihl, True)
+        if got is None:
             return False
+        e, eihl, ep, s = got
         m = s.m
         self._rewrite_embedded(pkt, ihl, e, eihl, ep, m.lan_ip, m.lan_port, m.wan_ip, m.wan_port, src_side=True)
         # outer: destination WAN address -> LAN host, TTL
@@ -98,23 +111,10 @@ class IcmpErrors:
 
     def translate_out(self, pkt: bytearray, ihl: int) -> bool:
         """Translate an ICMP error sent by a LAN host about a packet it received through the NAT."""
-        emb = self._embedded(pkt, ihl)
-        if emb is None:
+        got = self._session_of(pkt, ihl, False)
+        if got is None:
             return False
-        e, eihl, ep = emb
-        t = e + eihl
-        if ep in (TCP, UDP):
-            key = bytes(pkt[e + 16: e + 20]) + bytes(pkt[e + 12: e + 16]) + bytes(pkt[t + 2: t + 4]) + bytes(pkt[t: t + 2])
-        elif ep == ICMP:
-            key = bytes(pkt[e + 16: e + 20]) + bytes(pkt[e + 12: e + 16]) + bytes(pkt[t + 4: t + 6]) + b"\0\0"
-        else:
-            self.ctr.drop("icmp_error_no_entry")
-            return False
-        tbl = self.table.out.get(ep)
-        s = tbl.get(key) if tbl is not None else None
-        if s is None:
-            self.ctr.drop("icmp_error_no_entry")
-            return False
+        e, eihl, ep, s = got
         m = s.m
         src = int.from_bytes(pkt[12:16], "big")
         wan_ip = self.table.wan_ip

@@ -275,16 +275,23 @@ def _socket_alive(path: str) -> bool:
 # --------------------------------------------------------------------------- client
 
 
-def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
-    """Send one request, return ``result``; raise ControlError with the server's message."""
+def _send_request(path: str, req: dict[str, Any], timeout: float) -> socket.socket:
+    """A connection to the daemon with ``req`` sent on it (ControlError when it is unreachable)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        try:
-            s.connect(path)
-        except OSError as exc:
-            raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
+        s.connect(path)
         s.sendall(_dump(req))
+    except OSError as exc:
+        s.close()
+        raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
+    return s
+
+
+def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
+    """Send one request, return ``result``; raise ControlError with the server's message."""
+    s = _send_request(path, req, timeout)
+    try:
         buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = s.recv(1 << 16)
@@ -310,14 +317,8 @@ def stream(path: str, req: dict[str, Any], timeout: float = 10.0, duration: floa
     """Start a streaming command; yield its lines (without the newline) until the daemon closes
     the connection, or for ``duration`` seconds. Raises ControlError when it is unreachable or
     refuses the request. The connection closes when the caller stops iterating."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s = _send_request(path, req, timeout)
     try:
-        try:
-            s.connect(path)
-        except OSError as exc:
-            raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
-        s.sendall(_dump(req))
         f = s.makefile("rb")
         try:
             first = f.readline()
