@@ -10,8 +10,8 @@ host's enabled units stay hidden), /proc/sys read-only, a cgroup subtree of
 its own (name=systemd and the unified hierarchy), /dev/console a log file.
 
 The unit under test is deploy/masqd.service as shipped, with two changes:
-ExecStart names this checkout's venv and a config file in the container's
-/run, and a drop-in sets ``DefaultDependencies=no`` — the host's sysinit units (sysusers, tmpfiles,
+ExecStart runs this checkout (bound into the container at /run/masqd-src)
+under the venv's Python with a config file in the container's /run, and a drop-in sets ``DefaultDependencies=no`` — the host's sysinit units (sysusers, tmpfiles,
 random-seed, modules-load) would otherwise run against the file system the
 container shares with the host. The target that boots pulls in masqd and
 journald only. masqd's devices live in its own network namespace ({p}-sw)
@@ -20,12 +20,14 @@ and join the bridges there, so the unit's CAP_NET_ADMIN is all it needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,7 +41,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "masqd.service"
-MASQD = Path(sys.executable).parent / "masqd"
 CAP_NET_ADMIN = 1 << 12
 CAP_SYS_ADMIN = 1 << 21
 
@@ -66,11 +67,13 @@ mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
 mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
 mount --bind "$dir/console.log" /dev/console
-mkdir -p "$dir/netns"
+mkdir -p "$dir/netns" "$dir/src"
 mount --rbind /run/netns "$dir/netns"
+mount --rbind "$(cat "$dir/src.path")" "$dir/src"
 mount -t tmpfs -o mode=755 tmpfs /run
-mkdir /run/netns
+mkdir /run/netns /run/masqd-src
 mount --move "$dir/netns" /run/netns
+mount --move "$dir/src" /run/masqd-src
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /var/log/journal
 mount -t tmpfs -o mode=755 tmpfs /etc/systemd/system
@@ -113,6 +116,7 @@ class SystemdContainer:
             (units / "masqd.service.d" / name).write_text(text)
         (units / "masqd-test.target").write_text(TARGET)
         (self.dir / "masqd.toml").write_text(config)
+        (self.dir / "src.path").write_text(str(ROOT))
         (self.dir / "console.log").write_text("")
         for name, text in (("stage1", STAGE1), ("stage2", STAGE2)):
             (self.dir / name).write_text(text)
@@ -164,7 +168,7 @@ class SystemdContainer:
             if all(got.get(k) == v for k, v in want.items()):
                 return got
             if time.monotonic() > deadline:
-                raise AssertionError(f"{unit}: wanted {want}, have {got}\n{self.diagnostics()}")
+                raise AssertionError(f"{unit}: wanted {want}, have {got}\n{self.diagnostics_all()}")
             time.sleep(0.1)
 
     def diagnostics_all(self) -> str:
@@ -225,10 +229,16 @@ class SystemdContainer:
 
 
 def rendered_unit() -> str:
+    """The shipped unit, its ExecStart running this checkout (bound at /run/masqd-src in the
+    container, wherever it lives on the machine: the unit's PrivateTmp and the container's own /tmp
+    would hide a checkout under /tmp) with the venv's packages, under the venv's Python."""
     text = UNIT.read_text()
     shipped = "ExecStart=/opt/masqd/bin/masqd run -c /etc/masqd/masqd.toml\n"
     assert shipped in text
-    return text.replace(shipped, f"ExecStart={MASQD} run -c /run/masqd-test/masqd.toml\n")
+    site = Path(sysconfig.get_paths()["purelib"]).resolve().relative_to(ROOT)
+    return text.replace(shipped, f"ExecStart={os.path.realpath(sys.executable)} -m masqd run -c "
+                                 "/run/masqd-test/masqd.toml\n"
+                                 f"Environment=PYTHONPATH=/run/masqd-src:/run/masqd-src/{site}\n")
 
 
 @pytest.fixture(scope="module")
@@ -257,13 +267,15 @@ def sw_devices(lab: Lab) -> dict[str, str]:
 def test_started_ready_and_routing(box: tuple[Lab, SystemdContainer]) -> None:
     lab, sd = box
     st = sd.wait_for("masqd.service", 20, ActiveState="active", SubState="running")
-    assert st["StatusText"].startswith("entries 0; packets in: lan 0, wan 0; WAN 203.0.113.200/24"), st
+    m = re.match(r"entries \d+; packets in: lan (\d+), wan \d+; WAN 203\.0\.113\.200/24", st["StatusText"])
+    assert m, st
+    before = int(m.group(1))
     devs = sw_devices(lab)
     assert "master br-lan" in devs[f"{lab.prefix}-lan"] and "master br-wan" in devs[f"{lab.prefix}-wan"]
     out = lab.exec("lan2", ["ping", "-c", "2", "-i", "0.2", "-W", "2", SRV1]).stdout
     assert " 0% packet loss" in out
     deadline = time.monotonic() + 8
-    while "packets in: lan 0," in sd.show("masqd.service", "StatusText")["StatusText"]:
+    while f"packets in: lan {before}," in sd.show("masqd.service", "StatusText")["StatusText"]:
         assert time.monotonic() < deadline, "STATUS= did not follow the traffic"
         time.sleep(0.2)
 
@@ -310,6 +322,17 @@ def test_reload_keeps_the_process_and_refuses_a_bad_file(box: tuple[Lab, Systemd
     sd.run("cp", str(sd.dir / "masqd.toml"), "/run/masqd-test/masqd.toml")
 
 
+def abort_pending(pid: int) -> bool:
+    """Whether SIGABRT reached process ``pid``: pending (SigPnd/ShdPnd in /proc), or the process
+    has already ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True  # it was delivered: the process is gone
+    bit = 1 << (signal.SIGABRT - 1)
+    return any(int(m.group(1), 16) & bit for m in re.finditer(r"^(?:SigPnd|ShdPnd):\s+([0-9a-f]+)$", status, re.M))
+
+
 def test_watchdog_restarts_a_loop_that_stopped(box: tuple[Lab, SystemdContainer]) -> None:
     """SIGSTOP stands for a stuck event loop: no WATCHDOG=1 arrives, systemd aborts masqd (the
     Python traceback of where it stood goes to the journal) and starts it again."""
@@ -326,14 +349,20 @@ def test_watchdog_restarts_a_loop_that_stopped(box: tuple[Lab, SystemdContainer]
     restarts = int(st["NRestarts"])
     os.kill(hpid, signal.SIGSTOP)
     try:
-        sd.wait_for("masqd.service", 10, Result="watchdog")
+        # systemd's watchdog signal (SIGABRT) arrives; systemd follows it with SIGCONT, so the
+        # process ends at once (or the signal waits, pending, until the SIGCONT below)
+        deadline = time.monotonic() + 10
+        while not abort_pending(hpid):
+            assert time.monotonic() < deadline, f"no SIGABRT from the watchdog\n{sd.diagnostics_all()}"
+            time.sleep(0.05)
     finally:
-        os.kill(hpid, signal.SIGCONT)  # the pending SIGABRT now ends it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hpid, signal.SIGCONT)  # the pending SIGABRT now ends it
     st2 = sd.wait_for("masqd.service", 20, ActiveState="active", SubState="running",
                       NRestarts=str(restarts + 1))
     assert st2["MainPID"] != st["MainPID"]
     journal = sd.journal()
-    assert "Fatal Python error: Aborted" in journal, journal
+    assert "Watchdog timeout" in journal and "Fatal Python error: Aborted" in journal, journal
     out = lab.exec("lan2", ["ping", "-c", "1", "-W", "3", SRV1]).stdout
     assert " 0% packet loss" in out
 
