@@ -63,6 +63,10 @@ class TimerWheel:
                     out.append(item)
                 else:
                     self.add(item, d)
+        if self._keys and self._keys[-1] <= upto:
+            # every bucket of take()'s pass is gone: its cursor holds nothing but stale keys
+            self._keys = []
+            self._kj = self._ci = 0
         return out
 
     def take(self, is_dead: Callable[[Any], bool], pred: Callable[[Any], bool], budget: int) -> Any:

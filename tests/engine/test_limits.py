@@ -253,6 +253,20 @@ def test_early_drop_looks_at_a_bounded_number_of_entries() -> None:
     assert len(w) == 499
 
 
+def test_the_wheel_holds_nothing_once_every_deadline_has_passed() -> None:
+    """The walk's cursor (the keys of its pass) is let go when time has moved past all of them:
+    the fuzzer found 766 stale keys kept after every session had expired."""
+    w = TimerWheel()
+    items = [[i, False] for i in range(300)]
+    for it in items:
+        w.add(it, float(it[0]))
+    assert w.take(lambda x: x[1], lambda x: False, 50) is None  # a pass begun, not finished
+    assert len(w.due(1000.0, lambda x: x[1], lambda x: float(x[0]))) == 300
+    assert len(w) == 0 and w._keys == [] and (w._kj, w._ci) == (0, 0)
+    w.add(items[0], 2000.0)  # and a later walk starts afresh
+    assert w.take(lambda x: x[1], lambda x: True, 10) is items[0]
+
+
 # ---------------------------------------------------------------------------------------------- half-open
 
 
