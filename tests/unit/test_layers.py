@@ -32,7 +32,7 @@ ALLOWED["cli"].add("lab")
 ALLOWED["lab"] = {"lab"}
 ALLOWED["root"] = set()
 # top-level modules that are not packages, by the layer they belong to
-MODULE_LAYERS = {"config": "config", "cli": "cli", "rulescheck": "cli", "daemon": "cli", "version": "cli"}
+MODULE_LAYERS = {"config": "config", "cli": "cli", "rulescheck": "cli", "daemon": "cli", "version": "cli", "__main__": "cli"}
 
 SANS_IO = ("wire", "firewall", "config", "engine")
 IO_LIBRARIES = {"asyncio", "socket", "uvloop", "pytun", "pyroute2", "prometheus_client", "structlog"}

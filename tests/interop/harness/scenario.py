@@ -52,7 +52,8 @@ class Scenario:
     checks: tuple[Check, ...] = ()
     router: RouterKind = "masqd"
     masqd_config: Mapping[str, Any] = field(default_factory=dict)
-    ready_timeout: float = 30.0
+    # an upper bound: a loaded 2-core machine took over 30 s to boot a server loading six connections
+    ready_timeout: float = 90.0
     done_timeout: float = 75.0
     mem_mb: int = 160
 
