@@ -18,7 +18,7 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
     no process to charge, so the system-wide figure is the like-with-like one:
     ``*_vs_kernel`` is masqd's over the kernel's.
   - the highest rate forwarded with less than 0.1 % loss: doubling from
-    ``--search-from`` then halving the interval, trials of ``--trial`` seconds,
+    ``--search-from`` then halving the interval (a failed rate is tried once more), trials of ``--trial`` seconds,
     at most ``--trials`` of them per router and workload (ESP and GRE: each
     with its own search).
   masqd's ESP pair is set up by one packet out and the peer's reply; its PPTP
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -160,16 +161,23 @@ def fixed_rate(lab: Lab, gen: str, proto: str, rate: float, seconds: float, m: M
 
 def max_rate(lab: Lab, gen: str, proto: str, start: float, seconds: float, trials: int) -> dict[str, float]:
     """The highest offered rate delivered with less than LOSS_OK % loss: doubling from ``start``
-    while it holds, then bisecting; at most ``trials`` sends. Returns the rate, the pps it
+    while it holds, then bisecting; a rate that fails is tried once more before it counts as
+    failed; at most ``trials`` sends. Returns the rate, the pps it
     delivered there and the trials made."""
     good, bad, n = 0.0, 0.0, 0
     good_pps = 0.0
     rate = start
+    retried = -1.0
     while n < trials:
         r = trial(lab, gen, proto, rate, seconds)
         n += 1
         if r["sent"] and r["loss_pct"] < LOSS_OK and r["offered_pps"] >= 0.9 * rate:
             good, good_pps = rate, r["pps"]
+        elif retried != rate and n < trials:
+            # a rate fails only when it fails twice: one trial with a burst of loss from something
+            # else on the machine once sent the kernel's search down to 2 000 pps
+            retried = rate
+            continue
         else:
             bad = rate
         if not bad:
@@ -440,7 +448,7 @@ def main() -> int:
                    help="skip the search for the highest loss-free small-packet rates")
     p.add_argument("--search-from", type=float, default=100000.0, help="the search's first offered rate (pps)")
     p.add_argument("--trial", type=float, default=1.0, help="seconds per search trial")
-    p.add_argument("--trials", type=int, default=7, help="search trials per router and workload, at most")
+    p.add_argument("--trials", type=int, default=9, help="search trials per router and workload, at most")
     p.add_argument("--runs", type=int, default=1, help="repeat everything N times (max 10; a summary follows)")
     p.add_argument("--record", metavar="FILE",
                    help="also add the runs to this results file (bench/results/NAME.json; docs/benchmark.md)")
@@ -449,6 +457,11 @@ def main() -> int:
     p.add_argument("--from", dest="source", metavar="RESULTS.json",
                    help="with --plot: draw this results file instead of running")
     args = p.parse_args()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # said before the runs, not after them
+        print("bench/e2e.py: --plot needs matplotlib, the bench extra: .venv/bin/pip install -e '.[bench]' "
+              "(scripts/setup installs it)", file=sys.stderr)
+        return 2
     if args.source:
         if not args.plot:
             p.error("--from needs --plot")
