@@ -27,7 +27,9 @@
  *   were written to) and forwards without the GIL. A packet for Python waits in
  *   its thread's buffer; the thread wakes the event loop (an eventfd whose
  *   reader is service()) and sleeps until the main thread has handed it to the
- *   port's miss handler; then it reads on. Coalescing (set_coalesce) runs in
+ *   port's miss handler and read what queued up behind it on that queue (up to
+ *   SERVICE_BATCH packets, in order: a flood of misses costs one wake-up per
+ *   batch, not per packet); then it reads on. Coalescing (set_coalesce) runs in
  *   the threads: under load, rounds of sleep and drain without going back to poll.
  * - on_readable(port): the event loop's reader callback for queue 0 of a port,
  *   in the main thread, calling the miss handler at once (coalescing likewise).
@@ -89,6 +91,7 @@
 #define BULK_QUIET 0.02 /* no coalescing this long after a super-packet */
 #define MAXQ 16         /* queues (and reader threads) per device, at most */
 #define W_BATCH 64      /* a reader thread looks for a waiting writer at least this often */
+#define SERVICE_BATCH 64 /* packets service() reads after a thread's miss, from that thread's queue */
 
 typedef struct {
     uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
@@ -482,15 +485,16 @@ static long call_miss(FlowCache *self, int i, PyObject *what, double now)
 }
 
 /*
- * Read port i until EAGAIN (or `budget` reads): cached flows are forwarded here, anything else
+ * Read port i (its queue 0, or the queue whose fd is given) until EAGAIN (or `budget` reads):
+ * cached flows are forwarded here, anything else
  * goes to the port's Python miss handler and the reads go on. Adds to *passed the packets
  * passed on; sets *super when a super-packet went to Python. -1: a Python exception.
  */
-static int drain_port(FlowCache *self, int i, long budget, double now, long *passed, int *super)
+static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, long *passed, int *super)
 {
     port_t *pt = &self->ports[i];
     for (long k = 0; k < budget; k++) {
-        ssize_t r = read(pt->fd, self->buf, BUF_SIZE);
+        ssize_t r = read(fd, self->buf, BUF_SIZE);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -512,6 +516,11 @@ static int drain_port(FlowCache *self, int i, long budget, double now, long *pas
         *passed += n;
     }
     return 0;
+}
+
+static int drain_port(FlowCache *self, int i, long budget, double now, long *passed, int *super)
+{
+    return drain_fd(self, i, self->ports[i].fd, budget, now, passed, super);
 }
 
 /* ------------------------------------------------------------------ reader threads */
@@ -811,7 +820,8 @@ static PyObject *FlowCache_stop_workers(FlowCache *self, PyObject *Py_UNUSED(ign
 /*
  * service(): the event loop's reader callback for the eventfd of start_workers. In one
  * exclusive section: every packet a thread waits with goes to its port's miss handler (as
- * on_readable's misses), the cache empties itself if the engine or a neighbour table moved,
+ * on_readable's misses) and the packets behind it on the thread's queue are read here (up to
+ * SERVICE_BATCH; cached flows forwarded, the rest to the miss handler), the cache empties itself if the engine or a neighbour table moved,
  * the capture's state is read; then the threads go on. keep_warm's callback hears of traffic.
  */
 static PyObject *FlowCache_service(FlowCache *self, PyObject *Py_UNUSED(ignored))
@@ -838,13 +848,30 @@ static PyObject *FlowCache_service(FlowCache *self, PyObject *Py_UNUSED(ignored)
                                           : PyLong_FromLong(w->miss_err);
         self->miss_q = w->q;
         long n = call_miss(self, w->miss_port, what, w->miss_now);
-        self->miss_q = 0;
         if (n < 0 || check_stale(self) < 0) {
+            self->miss_q = 0;
             err = 1;
             continue;
         }
         w->miss_passed = n;
         passed += n;
+        /* While the thread waits, what came in after the packet on its queue is read here, in
+         * order (the thread reads that queue again only once released): under a flood of
+         * misses, one wake-up of the loop serves a batch instead of one packet, and the
+         * cached flows behind them are forwarded meanwhile. */
+        if (w->miss_len >= 0) {
+            port_t *pt = &self->ports[w->miss_port];
+            int sup = 0;
+            long more = 0;
+            int rc = drain_fd(self, w->miss_port, pt->fds[w->q % pt->nq], SERVICE_BATCH, monotonic_now(),
+                              &more, &sup);
+            passed += more;
+            if (sup)
+                w->last_super = self->last_super;
+            if (rc < 0)
+                err = 1;
+        }
+        self->miss_q = 0;
     }
     if (!err && update_bypass(self) < 0)
         err = 1;

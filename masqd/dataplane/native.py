@@ -24,7 +24,8 @@ Design decisions:
   reading queue q of both devices and forwarding the flows the cache knows
   without the GIL. A packet the cache does not forward waits in its thread while
   the event loop's reader of an eventfd (``FlowCache.service``) hands it to
-  Python, in order; the cache's decisions are protected by exclusive sections
+  Python, in order, and reads what queued up behind it on that queue (a batch
+  per wake-up under a flood of new flows); the cache's decisions are protected by exclusive sections
   (see the header comment of _fastpath.c): ``sync`` and ``stale`` hold the
   threads (``FlowCache.hold``) until the end of the current loop iteration, so
   whatever the caller then does to the engine is done while no thread forwards,

@@ -451,6 +451,34 @@ def test_a_miss_handler_that_raises_reaches_the_loop_and_the_reader_goes_on(thre
         s.close()
 
 
+def test_one_wake_up_of_the_loop_serves_a_burst_of_misses_from_a_reader_thread() -> None:
+    """A flood of new flows (every packet a miss): the thread hands its first miss to the loop,
+    and service() reads what queued up behind it on that queue itself, in order, in the same
+    wake-up. One wake-up per packet was what let one host's flood starve everyone (bench/flood.py:
+    at 20 000 new flows a second masqd read 70 % of them and another host's pings lost 21 %)."""
+    s = make_side("tun", False, "native", real_clock=True, threads=True)
+    try:
+        n = 40
+        for i in range(n):  # 40 new flows, all queued before the loop runs
+            s.wires["lan"].send(bytes(IP(src="10.0.0.2", dst="198.51.100.1") / UDP(sport=5000 + i, dport=53)
+                                      / (b"q" * 32)))
+        assert s.dp.cache.efd is not None
+        wakeups, out = 0, []
+        deadline = time.monotonic() + 10
+        while len(out) < n and time.monotonic() < deadline:
+            if select.select([s.dp.cache.efd], [], [], 0.05)[0]:
+                s.dp.native.service()
+                wakeups += 1
+            out += s.collect()
+        assert len(out) == n and all(i == "wan" for i, _ in out)
+        assert [IP(p)[UDP].dport for _, p in out] == [53] * n
+        # 40 sessions (ports preserved), their packets in the order sent
+        assert [IP(p)[UDP].sport for _, p in out] == [5000 + i for i in range(n)]
+        assert wakeups <= 3, wakeups
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("mode", ["tun", "tap"])
 def test_mangled_packets_of_cached_flows_get_what_python_gives_them(mode: str, offload: bool) -> None:
