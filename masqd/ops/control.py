@@ -281,11 +281,37 @@ def _send_request(path: str, req: dict[str, Any], timeout: float) -> socket.sock
     s.settimeout(timeout)
     try:
         s.connect(path)
+    except OSError as exc:
+        s.close()
+        raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
+    try:
         s.sendall(_dump(req))
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        # the daemon may have refused the connection (too many clients) with a line and closed
+        # it before the request went out: that line is the answer, not the broken pipe
+        said = _refusal(s)
+        s.close()
+        raise ControlError(said or f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
     except OSError as exc:
         s.close()
         raise ControlError(f"cannot reach masqd at {path}: {exc.strerror or exc}") from None
     return s
+
+
+def _refusal(s: socket.socket) -> str | None:
+    """The error of a refusal the daemon wrote before closing ``s``, if one is waiting."""
+    try:
+        s.settimeout(0.5)
+        data = s.recv(4096)
+    except OSError:
+        return None
+    try:
+        reply = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(reply, dict) and reply.get("ok") is False:
+        return str(reply.get("error", "request refused"))
+    return None
 
 
 def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:

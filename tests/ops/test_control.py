@@ -315,6 +315,32 @@ def test_many_clients_at_once_beyond_the_cap_are_refused_and_the_rest_served(tmp
     assert ticks >= secs * 100 * 0.5  # the loop kept turning
 
 
+def test_a_refusal_written_before_the_request_went_out_is_what_the_client_reports(tmp_path: Path) -> None:
+    """The daemon at its client cap writes its refusal and closes at once; a client still sending
+    gets a broken pipe, and must report the refusal (CI once saw "Broken pipe" instead). The
+    request is larger than the socket's buffer, so its sending is always cut short."""
+    import threading
+
+    path = str(tmp_path / "refusing.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def refuse() -> None:
+        c, _ = srv.accept()
+        c.sendall(b'{"ok": false, "error": "more than 8 clients at once; try again"}\n')
+        c.close()
+
+    t = threading.Thread(target=refuse)
+    t.start()
+    try:
+        with pytest.raises(ControlError, match="more than 8 clients at once"):
+            request(path, {"cmd": "ping", "pad": "x" * 4_000_000}, timeout=5)
+    finally:
+        t.join(5)
+        srv.close()
+
+
 def test_a_client_that_never_reads_is_dropped_and_cannot_grow_memory(tmp_path: Path) -> None:
     eng = FakeEngine()
     eng.entries = [dict(eng.entries[0], lan=f"10.0.{i >> 8}.{i & 255}:1025") for i in range(20000)]  # ~3 MB
