@@ -80,11 +80,14 @@ def libreswan_raw_esp(
     clients: int = 1,
     router: RouterKind = "masqd",
     masqd_config: Mapping[str, Any] | None = None,
+    ping_wait: int = 15,
 ) -> Scenario:
-    """libreswan clients (IKEv1 or IKEv2, encapsulation=no) to one libreswan gateway."""
+    """libreswan clients (IKEv1 or IKEv2, encapsulation=no) to one libreswan gateway; each pings
+    through its tunnel until 5 replies or ``ping_wait`` seconds."""
     peers = [libreswan_responder("srv", f"{LIBRESWAN_SERVER}/24", REMOTE_GW)]
     peers += [
-        libreswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, LIBRESWAN_SERVER, ike, n)
+        libreswan_initiator(f"c{n}", lan_client_address(n), LAN_GW, LIBRESWAN_SERVER, ike, n,
+                            ping_wait=ping_wait)
         for n in range(1, clients + 1)
     ]
     return Scenario(

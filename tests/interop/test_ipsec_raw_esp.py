@@ -75,8 +75,11 @@ def test_one_client_raw_esp(guest_images: dict[str, Path], ike: int) -> None:
 @pytest.mark.parametrize("ike", [1, 2])
 def test_three_clients_at_once_parallel_sessions_on(guest_images: dict[str, Path], ike: int) -> None:
     """The HOWTO's multi-host case: three LAN hosts start IPsec with one gateway at the same
-    moment; serialisation pairs every SPI (parallel sessions allowed)."""
-    sc = _with_ipsec(catalog.libreswan_raw_esp(ike, 3), f"libreswan-ikev{ike}-rawesp-x3-parallel",
+    moment; serialisation pairs every SPI (parallel sessions allowed). A host whose pending SA
+    went unanswered while others waited is squelched for squelch_time (30 s by default) to let
+    the next host through, then gets its turn: the clients ping for up to 45 s (a 15 s window,
+    shorter than the squelch, made this test fail whenever a host was squelched)."""
+    sc = _with_ipsec(catalog.libreswan_raw_esp(ike, 3, ping_wait=45), f"libreswan-ikev{ike}-rawesp-x3-parallel",
                      parallel_sessions=True)
     sc = dataclasses.replace(sc, checks=sc.checks + (esp_paired([_lan(n) for n in (1, 2, 3)]),
                                                      isakmp_kept_port_500),

@@ -54,12 +54,12 @@ def _prelude(spec_address: str, gateway: str | None) -> str:
     )
 
 
-def _client_ping(target: str, source: str | None = None) -> str:
+def _client_ping(target: str, source: str | None = None, wait: int = 15) -> str:
     src = f" -I {source}" if source else ""
     return (
-        # -w: keep sending until 5 replies or 15 s (a first packet may be held back while
+        # -w: keep sending until 5 replies or `wait` s (a first packet may be held back while
         # another LAN host's IPsec exchange is pending, as SPEC 3 allows).
-        f"ping -n -c 5 -i 0.3 -w 15{src} {target} > /peer/ping.log 2>&1; result ping_rc $?\n"
+        f"ping -n -c 5 -i 0.3 -w {wait}{src} {target} > /peer/ping.log 2>&1; result ping_rc $?\n"
         "result ping_received \"$(sed -n 's/.* \\([0-9]*\\) received.*/\\1/p' /peer/ping.log)\"\n"
         "result ping_sent \"$(sed -n 's/^\\([0-9]*\\) packets transmitted.*/\\1/p' /peer/ping.log)\"\n"
     )
@@ -290,8 +290,10 @@ def libreswan_initiator(
     index: int = 1,
     encapsulation: str = "no",
     segment: str = "lan",
+    ping_wait: int = 15,
 ) -> PeerSpec:
-    """libreswan initiator; ``encapsulation="no"`` forces raw ESP (no NAT-T)."""
+    """libreswan initiator; ``encapsulation="no"`` forces raw ESP (no NAT-T); it pings through
+    its tunnel until 5 replies or ``ping_wait`` seconds."""
     local = address.split("/")[0]
     sub = libreswan_client_subnet(index)
     conf = _LIBRESWAN_SETUP + _libreswan_conn(
@@ -306,7 +308,7 @@ def libreswan_initiator(
         + "mark_ready\n"
         + "t0=$(uptime_s)\n"
         + "timeout 40 ipsec auto --up home > /peer/initiate.log 2>&1; result tunnel_rc $?\n"
-        + _client_ping(BEHIND_SERVER, sub)
+        + _client_ping(BEHIND_SERVER, sub, ping_wait)
         + "ipsec trafficstatus > /peer/sas.txt 2>&1\n"
         + _CLIENT_END
     )
