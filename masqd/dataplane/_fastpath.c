@@ -490,7 +490,8 @@ static long call_miss(FlowCache *self, int i, PyObject *what, double now)
  * goes to the port's Python miss handler and the reads go on. Adds to *passed the packets
  * passed on; sets *super when a super-packet went to Python. -1: a Python exception.
  */
-static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, long *passed, int *super)
+static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, long *passed, int *super,
+                    double *last_super)
 {
     port_t *pt = &self->ports[i];
     for (long k = 0; k < budget; k++) {
@@ -504,7 +505,7 @@ static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, lon
         }
         if (pt->vnet && r > 1 && self->buf[1] != 0) { /* bulk TCP: no coalescing for a while */
             *super = 1;
-            self->last_super = now;
+            *last_super = now;
         }
         if (!self->bypass && forward(self, i, self->buf, r, now)) {
             (*passed)++;
@@ -520,7 +521,7 @@ static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, lon
 
 static int drain_port(FlowCache *self, int i, long budget, double now, long *passed, int *super)
 {
-    return drain_fd(self, i, self->ports[i].fd, budget, now, passed, super);
+    return drain_fd(self, i, self->ports[i].fd, budget, now, passed, super, &self->last_super);
 }
 
 /* ------------------------------------------------------------------ reader threads */
@@ -864,10 +865,8 @@ static PyObject *FlowCache_service(FlowCache *self, PyObject *Py_UNUSED(ignored)
             int sup = 0;
             long more = 0;
             int rc = drain_fd(self, w->miss_port, pt->fds[w->q % pt->nq], SERVICE_BATCH, monotonic_now(),
-                              &more, &sup);
+                              &more, &sup, &w->last_super); /* (the thread's coalescing state) */
             passed += more;
-            if (sup)
-                w->last_super = self->last_super;
             if (rc < 0)
                 err = 1;
         }
