@@ -309,7 +309,12 @@ def _refusal(s: socket.socket) -> str | None:
         reply = json.loads(data.split(b"\n", 1)[0])
     except ValueError:
         return None
-    if isinstance(reply, dict) and reply.get("ok") is False:
+    return _refused(reply)
+
+
+def _refused(reply: Any) -> str | None:
+    """The error text of a well-formed refusal, None for anything else."""
+    if isinstance(reply, dict) and not reply.get("ok", True):
         return str(reply.get("error", "request refused"))
     return None
 
@@ -335,7 +340,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
     if not isinstance(reply, dict) or "ok" not in reply:
         raise ControlError(f"malformed reply: {reply!r}")
     if not reply["ok"]:
-        raise ControlError(str(reply.get("error", "request refused")))
+        raise ControlError(_refused(reply) or "request refused")
     return reply.get("result")
 
 
