@@ -164,7 +164,11 @@ class Limits(_Frozen):
     host (token bucket). ``port_quarantine``: seconds a released port is kept
     from other hosts (RFC 6888 REQ-8). ``half_open_per_server``: inbound TCP
     sessions not yet answered per LAN endpoint (a forwarded server). 0 turns a
-    limit off. ``top_offenders``: hosts listed by ``masqd stats`` and the metrics;
+    limit off. ``host_slowpath_rate``: while a host is over its mapping rate, its
+    packets that would open a flow reach the engine's full path at most this
+    often per second (unset: twice ``host_mapping_rate``; 0: unbounded), the rest
+    are dropped before it (docs/limits.md, "The CPU").
+    ``top_offenders``: hosts listed by ``masqd stats`` and the metrics;
     ``log_interval``: seconds between two ``host_limit`` log events of one host.
     """
 
@@ -174,6 +178,7 @@ class Limits(_Frozen):
     host_mapping_burst: int = Field(4000, ge=1)
     port_quarantine: float = Field(120.0, ge=0, le=3600)
     half_open_per_server: int = Field(1024, ge=0)
+    host_slowpath_rate: float | None = Field(None, ge=0)
     top_offenders: int = Field(10, ge=1, le=100)
     log_interval: float = Field(10.0, gt=0)
 
@@ -186,6 +191,8 @@ class Limits(_Frozen):
             "burst": self.host_mapping_burst,
             "quarantine": self.port_quarantine,
             "half_open": self.half_open_per_server,
+            "punt_rate": (self.host_slowpath_rate if self.host_slowpath_rate is not None
+                          else 2 * self.host_mapping_rate),
         }
 
 

@@ -56,6 +56,14 @@
  *   before the misses and after each one, as on_readable does.
  * - The entries' counters are atomic (two threads may forward one flow when the
  *   kernel moves it between queues); sync/clear take them in a section.
+ * - Hosts over their mapping rate (set_policer): the engine lists them, each with
+ *   a budget (a token bucket) of flow-opening packets (unfragmented UDP, TCP SYN
+ *   without ACK, ICMP echo request, from the LAN) for the full path. A miss that
+ *   is such a packet of such a host, beyond its budget, is dropped where it was
+ *   read and counted by host (take_policed), without waking Python: a flood of
+ *   new flows from one host costs a read and a look, not an engine call in an
+ *   exclusive section. The rows change in a section only (check_stale reads
+ *   them again when engine.mute_serial moves); a bucket's tokens under a spin lock.
  * - A capture (set_capture): while it is active every packet goes to Python;
  *   the threads read a flag the main thread sets from the tap in every section
  *   and in poll_capture (the data plane calls it every 50 ms).
@@ -92,6 +100,15 @@
 #define MAXQ 16         /* queues (and reader threads) per device, at most */
 #define W_BATCH 64      /* a reader thread looks for a waiting writer at least this often */
 #define SERVICE_BATCH 64 /* packets service() reads after a thread's miss, from that thread's queue */
+#define MAX_MUTED 64     /* hosts over their mapping rate held at once (masqd.engine.limits.MAX_MUTED) */
+
+/* A LAN host over its mapping rate: its budget of flow-opening packets for Python. */
+typedef struct {
+    uint32_t ip;       /* as in the packet (network order) */
+    double until;      /* the hold ends (the drain's clock) */
+    double tokens, last, rate, burst;
+    uint64_t drops;    /* since the last take_policed */
+} mute_t;
 
 typedef struct {
     uint64_t k0, k1;   /* key: the packet's bytes 12..24, direction and protocol */
@@ -177,6 +194,12 @@ typedef struct FlowCache {
     int traffic;       /* a thread passed packets on since the main thread last looked (atomic) */
     int want_traffic;  /* on_traffic is set: the threads report traffic (atomic) */
     int miss_q;        /* the queue of the packet the miss handler has now (its writes go there) */
+    /* hosts over their mapping rate (set_policer): rows changed in an exclusive section only */
+    mute_t mutes[MAX_MUTED];
+    int nmutes;        /* (read by the threads atomically) */
+    pthread_spinlock_t mlock; /* a row's tokens and drops */
+    PyObject *on_mutes; /* () -> [(address bytes, until, rate, burst)] */
+    long mute_seen;    /* engine.mute_serial when the rows were read */
 } FlowCache;
 
 /* the queue whose fds the calling thread writes to (0: the main thread) */
@@ -434,6 +457,125 @@ static double monotonic_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* 1: a frame read on port `in` is a flow-opening packet of a LAN host over its mapping rate and
+ * beyond its budget: drop it (counted). The same reading and arithmetic as
+ * masqd.engine.limits.opener_src and take(). */
+static int police(FlowCache *self, int in, const uint8_t *buf, ssize_t r, double now)
+{
+    if (in != 0 || __atomic_load_n(&self->nmutes, __ATOMIC_ACQUIRE) == 0)
+        return 0;
+    port_t *pt = &self->ports[0];
+    int hl = pt->vnet ? VH : 0, sh = pt->tap ? 14 : 0;
+    if (r < hl + sh + 20)
+        return 0;
+    const uint8_t *f = buf + hl;
+    if (sh && (f[12] != 8 || f[13] != 0))
+        return 0;
+    const uint8_t *p = f + sh;
+    ssize_t n = r - hl - sh;
+    int ihl = (p[0] & 15) << 2;
+    if ((p[0] >> 4) != 4 || (p[6] & 0x3F) || p[7] || ihl < 20)
+        return 0;
+    int proto = p[9];
+    if (proto == TCP) {
+        if (n < ihl + 14 || (p[ihl + 13] & 0x12) != 0x02)
+            return 0;
+    } else if (proto == ICMP) {
+        if (n < ihl + 1 || p[ihl] != 8)
+            return 0;
+    } else if (proto != UDP) {
+        return 0;
+    }
+    uint32_t src;
+    memcpy(&src, p + 12, 4);
+    int drop = 0;
+    pthread_spin_lock(&self->mlock);
+    for (int i = 0; i < self->nmutes; i++) {
+        mute_t *m = &self->mutes[i];
+        if (m->ip != src)
+            continue;
+        if (now < m->until) {
+            double t = m->tokens;
+            if (now > m->last) {
+                t += (now - m->last) * m->rate;
+                m->last = now;
+            }
+            if (t > m->burst)
+                t = m->burst;
+            if (t < 1.0) {
+                m->tokens = t;
+                m->drops++;
+                drop = 1;
+            } else {
+                m->tokens = t - 1.0;
+            }
+        }
+        break;
+    }
+    pthread_spin_unlock(&self->mlock);
+    return drop;
+}
+
+/* Read the engine's hosts over their mapping rate again (main thread; threads excluded or none).
+ * A host still listed keeps its tokens and drops. -1: a Python exception. */
+static int load_mutes(FlowCache *self)
+{
+    PyObject *rows = PyObject_CallNoArgs(self->on_mutes);
+    if (rows == NULL)
+        return -1;
+    PyObject *seq = PySequence_Fast(rows, "on_mutes() must return a sequence");
+    Py_DECREF(rows);
+    if (seq == NULL)
+        return -1;
+    mute_t next[MAX_MUTED];
+    int k = 0;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t j = 0; j < len && k < MAX_MUTED; j++) {
+        const char *ip;
+        Py_ssize_t iplen;
+        double until, rate, burst;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, j), "y#ddd", &ip, &iplen, &until, &rate, &burst)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (iplen != 4)
+            continue;
+        mute_t *m = &next[k++];
+        memcpy(&m->ip, ip, 4);
+        m->until = until;
+        m->rate = rate;
+        m->burst = burst;
+        m->tokens = burst;
+        m->last = -1e18;
+        m->drops = 0;
+        for (int i = 0; i < self->nmutes; i++)
+            if (self->mutes[i].ip == m->ip) {
+                m->tokens = self->mutes[i].tokens;
+                m->last = self->mutes[i].last;
+                m->drops = self->mutes[i].drops;
+                break;
+            }
+    }
+    Py_DECREF(seq);
+    /* drops of hosts no longer listed stay until take_policed: keep their rows with a hold over */
+    for (int i = 0; i < self->nmutes && k < MAX_MUTED; i++) {
+        if (!self->mutes[i].drops)
+            continue;
+        int listed = 0;
+        for (int j = 0; j < k; j++)
+            listed |= next[j].ip == self->mutes[i].ip;
+        if (!listed) {
+            next[k] = self->mutes[i];
+            next[k++].until = -1e18;
+        }
+    }
+    pthread_spin_lock(&self->mlock);
+    memcpy(self->mutes, next, sizeof(mute_t) * (size_t)k);
+    __atomic_store_n(&self->nmutes, k, __ATOMIC_RELEASE);
+    pthread_spin_unlock(&self->mlock);
+    return 0;
+}
+
 /* Empty the cache (through Python, which folds the counts) if the watched state moved. */
 static int check_stale(FlowCache *self)
 {
@@ -458,6 +600,20 @@ static int check_stale(FlowCache *self)
         if (r == NULL)
             return -1;
         Py_DECREF(r);
+    }
+    if (self->on_mutes != NULL && self->watch[0] != NULL) {
+        PyObject *v = PyObject_GetAttrString(self->watch[0], "mute_serial");
+        if (v == NULL)
+            return -1;
+        long x = PyLong_AsLong(v);
+        Py_DECREF(v);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (x != self->mute_seen) {
+            self->mute_seen = x;
+            if (load_mutes(self) < 0)
+                return -1;
+        }
     }
     return 0;
 }
@@ -511,6 +667,8 @@ static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, lon
             (*passed)++;
             continue;
         }
+        if (police(self, i, self->buf, r, now))
+            continue;
         long n = call_miss(self, i, PyBytes_FromStringAndSize((const char *)self->buf, r), now);
         if (n < 0 || check_stale(self) < 0)
             return -1;
@@ -624,7 +782,7 @@ static void w_drain(worker_t *w, int i, long budget, double now, long *passed, i
         }
         if (!__atomic_load_n(&fc->bypass, __ATOMIC_RELAXED) && forward(fc, i, w->buf, r, now))
             (*passed)++;
-        else
+        else if (!police(fc, i, w->buf, r, now))
             *passed += w_miss(w, i, r, 0, now);
         if ((k + 1) % W_BATCH == 0 && __atomic_load_n(&fc->excl_want, __ATOMIC_RELAXED)) {
             pthread_mutex_unlock(&w->mu); /* the main thread waits for it: let it in */
@@ -1071,6 +1229,8 @@ static PyObject *FlowCache_drain(FlowCache *self, PyObject *const *args, Py_ssiz
             fwd++;
             continue;
         }
+        if (police(self, (int)in, self->buf, r, now))
+            continue;
         rest = PyBytes_FromStringAndSize((const char *)self->buf, r);
         if (rest == NULL)
             return NULL;
@@ -1323,6 +1483,57 @@ static PyObject *FlowCache_take_errors(FlowCache *self, PyObject *Py_UNUSED(igno
     return Py_BuildValue("(KKKK)", a, b, c, d);
 }
 
+/* set_policer(on_mutes or None): the hosts over their mapping rate (see the header comment). */
+static PyObject *FlowCache_set_policer(FlowCache *self, PyObject *cb)
+{
+    if (cb != Py_None && !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "set_policer: a callable or None");
+        return NULL;
+    }
+    excl_enter(self);
+    Py_XINCREF(cb == Py_None ? NULL : cb);
+    Py_XSETREF(self->on_mutes, cb == Py_None ? NULL : cb);
+    self->mute_seen = -1;
+    __atomic_store_n(&self->nmutes, 0, __ATOMIC_RELEASE);
+    int rc = 0;
+    if (self->on_mutes != NULL && self->watch[0] == NULL) {
+        PyErr_SetString(PyExc_ValueError, "set_policer: set_watch(engine, ...) first");
+        rc = -1;
+    }
+    if (excl_leave(self) < 0 || rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* take_policed() -> [(address bytes, drops)] since the last call */
+static PyObject *FlowCache_take_policed(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    uint32_t ips[MAX_MUTED];
+    uint64_t drops[MAX_MUTED];
+    int k = 0;
+    pthread_spin_lock(&self->mlock);
+    for (int i = 0; i < self->nmutes; i++)
+        if (self->mutes[i].drops) {
+            ips[k] = self->mutes[i].ip;
+            drops[k++] = self->mutes[i].drops;
+            self->mutes[i].drops = 0;
+        }
+    pthread_spin_unlock(&self->mlock);
+    for (int i = 0; i < k; i++) {
+        PyObject *t = Py_BuildValue("(y#K)", (const char *)&ips[i], (Py_ssize_t)4, (unsigned long long)drops[i]);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *FlowCache_take_supers(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
     unsigned long long a = __atomic_exchange_n(&self->supers, 0, __ATOMIC_RELAXED);
@@ -1343,6 +1554,7 @@ static int FlowCache_traverse(FlowCache *self, visitproc visit, void *arg)
     for (int i = 0; i < 3; i++)
         Py_VISIT(self->watch[i]);
     Py_VISIT(self->on_stale);
+    Py_VISIT(self->on_mutes);
     Py_VISIT(self->on_traffic);
     Py_VISIT(self->capture);
     Py_VISIT(self->ports[0].miss);
@@ -1358,6 +1570,8 @@ static int FlowCache_tp_clear(FlowCache *self)
     for (int i = 0; i < 3; i++)
         Py_CLEAR(self->watch[i]);
     Py_CLEAR(self->on_stale);
+    Py_CLEAR(self->on_mutes);
+    self->nmutes = 0;
     Py_CLEAR(self->on_traffic);
     Py_CLEAR(self->capture);
     Py_CLEAR(self->ports[0].miss);
@@ -1373,6 +1587,7 @@ static void FlowCache_dealloc(FlowCache *self)
     PyMem_Free(self->slots);
     PyMem_Free(self->entries);
     PyMem_Free(self->buf);
+    pthread_spin_destroy(&self->mlock);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -1391,6 +1606,8 @@ static PyObject *FlowCache_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     self->buf = PyMem_Malloc(BUF_SIZE);
     self->ports[0].fd = self->ports[1].fd = -1;
     self->efd = self->stop_efd = -1;
+    pthread_spin_init(&self->mlock, PTHREAD_PROCESS_PRIVATE);
+    self->mute_seen = -1;
     if (self->slots == NULL || self->entries == NULL || self->buf == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
@@ -1438,6 +1655,12 @@ static PyMethodDef FlowCache_methods[] = {
      "poll_capture(): read the capture's state now (reader threads)."},
     {"add_queue", (PyCFunction)FlowCache_add_queue, METH_VARARGS,
      "add_queue(idx, fd): one more queue (IFF_MULTI_QUEUE fd) of port idx, for the reader threads."},
+    {"set_policer", (PyCFunction)FlowCache_set_policer, METH_O,
+     "set_policer(on_mutes or None): on_mutes() -> [(address, until, rate, burst)], the LAN hosts over "
+     "their mapping rate, read again whenever engine.mute_serial moves; their flow-opening misses beyond "
+     "the budget are dropped (take_policed)."},
+    {"take_policed", (PyCFunction)FlowCache_take_policed, METH_NOARGS,
+     "take_policed() -> [(address bytes, packets dropped)] since the last call."},
     {"take_supers", (PyCFunction)FlowCache_take_supers, METH_NOARGS,
      "take_supers() -> (super-packets forwarded, their segments) since the last call."},
     {"sync", (PyCFunction)FlowCache_sync, METH_NOARGS,

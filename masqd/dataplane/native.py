@@ -30,6 +30,10 @@ Design decisions:
   threads (``FlowCache.hold``) until the end of the current loop iteration, so
   whatever the caller then does to the engine is done while no thread forwards,
   and the cache empties itself before they go on if a decision could change.
+- The engine's budget for the flow-opening packets of hosts over their mapping
+  rate (``masqd.engine.limits.Mutes``) is applied by the cache to its misses
+  (``set_policer``): a flood of new flows from one host is dropped in the reader
+  thread, not in Python; the drops are folded into the engine by ``sync``.
 - Without the compiled module (installed without a C compiler) every packet
   goes through Python, with one warning and a counter.
 """
@@ -89,6 +93,11 @@ class NativeCache:
         # cached decision could be void: the engine's epoch moved (a session removed or
         # rebound, a new config) or a neighbour table changed (TAP)
         fc.set_watch(self.engine, self.ports["lan"].l2, self.ports["wan"].l2, self.stale)
+        if hasattr(self.engine, "mute_rows"):
+            # the hosts over their mapping rate: the cache drops their flow-opening misses beyond
+            # the budget before Python, the engine no longer applies it
+            fc.set_policer(self.engine.mute_rows)
+            self.engine.police_openers = False
         fc.set_coalesce(coalesce, COALESCE_MIN, COALESCE_HOLD)
         fc.set_capture(self.ports["lan"].capture)
         self.fc = fc
@@ -123,6 +132,9 @@ class NativeCache:
             fc.stop_workers()  # (a hold in force ends with them)
             self.efd = None
         self.sync(clear=True)
+        fc.set_policer(None)
+        if hasattr(self.engine, "police_openers"):
+            self.engine.police_openers = True
         self.fc = None
         for port in self.ports.values():
             port.native = None
@@ -178,6 +190,9 @@ class NativeCache:
             return
         self.hold()  # what the caller does next to the engine is done while no thread forwards
         self._fold(fc.clear() if clear else fc.sync())
+        policed = fc.take_policed()
+        if policed:
+            self.engine.count_policed(policed)
         supers, segments = fc.take_supers()
         if supers:  # as Engine.process_vnet counts the super-packets it forwards
             bump(self.counters, "rx_super_packets", supers)

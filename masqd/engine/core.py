@@ -41,14 +41,14 @@ from masqd.engine.forward import Forwarders
 from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
-from masqd.engine.limits import HostLimits
+from masqd.engine.limits import MAX_MUTED, HostLimits, opener_src
 from masqd.engine.nat import Lease, PortPool, Session, acct_row
 from masqd.engine.pcp import PcpServer
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, NatTable, state_name
 from masqd.wire import pcp as pcpwire
 from masqd.wire import vnet
-from masqd.wire.ipv4 import PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
+from masqd.wire.ipv4 import ICMP, PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
 
 _pack_H = struct.Struct("!H").pack_into
 
@@ -86,6 +86,9 @@ class Engine:
         self.pcp = PcpServer(self.nat, self.ctr, self.routes, self.announce_sa)
         self.pcp.session_made = self.full.attach_tcp_helper
         self.gen = 0  # the rules generation: bumped by every (re)load, voids cached decisions
+        # the budget of flow-opening packets of hosts over their mapping rate is applied here
+        # (False while the data plane's flow cache applies it to its misses, before Python)
+        self.police_openers = True
         self.helpers: list[Helper] = [cls(self, cfg) for cls in HELPERS]
         self._apply(cfg, first=True)
 
@@ -101,7 +104,8 @@ class Engine:
         lim = cfg.limits
         e = lim.effective(m.max_entries, hi - lo + 1)
         t.set_limits(HostLimits(int(e["max_entries"]), int(e["max_ports"]), e["rate"], int(e["burst"]),
-                                e["quarantine"], int(e["half_open"])), lim.top_offenders, lim.log_interval)
+                                e["quarantine"], int(e["half_open"]), e["punt_rate"]),
+                     lim.top_offenders, lim.log_interval)
         t.acct = m.accounting
         self.routes.configure(cfg)
         self.lan_mtu = cfg.lan.mtu
@@ -233,6 +237,7 @@ class Engine:
             "defrag_bytes": (d.bytes, d.max_bytes),
             "tcp_reset_keys": (len(self.full.reset_keys), RESET_KEYS_MAX),
             "limit_offenders": (len(t.offenders.hosts), 2 * t.offenders.n),
+            "limit_hosts_over_rate": (len(t.mutes.hosts), MAX_MUTED),
         }
         for h in self.helpers:
             out.update(h.tables())
@@ -292,11 +297,49 @@ class Engine:
                 return []
             if r is not None:
                 return r
+            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self._policed(data, now):
+                return []
             out: list[tuple[str, bytes]] = []
             self._slow(iface, data, now, out)
             return out
         except Exception as exc:  # never let one packet take the router down
             return self._refused(exc)
+
+    def _policed(self, data: bytes, now: float) -> bool:
+        """A flow-opening packet of a LAN host over its mapping rate and its budget of them for the
+        full path: dropped here, counted (:class:`~masqd.engine.limits.Mutes`)."""
+        src = opener_src(data)
+        if src is None:
+            return False
+        # (a packet of a session that the fast path did not take, a short one say, is not held back)
+        proto = data[9]
+        ihl = (data[0] & 15) << 2
+        if proto == ICMP:
+            if data[12:20] + data[ihl + 4: ihl + 6] + b"\0\0" in self.nat.out[ICMP]:
+                return False
+        elif data[12:20] + data[ihl: ihl + 4] in self.nat.out[proto]:
+            return False
+        if self.nat.mutes.admit(src, now):
+            return False
+        self.nat.policed(src, 1, now)
+        return True
+
+    @property
+    def mute_serial(self) -> int:
+        """Moves whenever ``mute_rows`` changed (the flow cache watches it)."""
+        return self.nat.mutes.serial
+
+    def mute_rows(self) -> list[tuple[bytes, float, float, float]]:
+        """The LAN hosts over their mapping rate: (address, until, rate, burst) of the budget of
+        flow-opening packets the flow cache lets through to the engine."""
+        return self.nat.mutes.rows()
+
+    def count_policed(self, rows: list[tuple[bytes, int]], now: float | None = None) -> None:
+        """Flow-opening packets of hosts over their rate that the flow cache dropped (address, n)."""
+        if now is None:
+            now = self.nat.now
+        for ip, n in rows:
+            self.nat.policed(int.from_bytes(ip, "big"), n, now)
 
     def _refused(self, exc: Exception) -> list[Any]:
         """A packet that raised: a Malformed one is dropped by its reason, anything else is
@@ -357,6 +400,8 @@ class Engine:
                 if seg:
                     self._count_segments(iface, proto, r[0][0], n, seg, gsz)
                 return [(r[0][0], r[0][1], vh)]
+            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self._policed(data, now):
+                return []
             # The full path works on ordinary packets: finish the checksum here (what the
             # kernel would do for a device without offload) and, for a super-packet, make it
             # partial again on the way out.
@@ -415,6 +460,7 @@ class Engine:
             t.remove(s, reason)
             self.count("expired")
         self.defrag.expire(now)
+        t.mutes.prune(now)
         for h in self.helpers:
             h.expire(now)
         self.forwarders.expire(now)

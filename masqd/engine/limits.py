@@ -12,6 +12,17 @@ with the lowest decayed score is forgotten for a newcomer, so a flood of
 refusals from many hosts costs bounded memory and ``O(n)`` per newcomer. It also
 says when a refusal should be logged: once per ``log_interval`` per host, and
 no more than ``EVENTS_PER_SECOND`` in all.
+
+``Mutes`` bounds what a host over its mapping rate costs the CPU. Once the
+rate limit has refused a host, for ``MUTE_HOLD`` seconds after its latest such
+refusal its *flow-opening* packets (unfragmented UDP, TCP SYN without ACK, ICMP
+echo request, from the LAN) reach the engine's full path at most at the host's
+``punt_rate`` (a token bucket holding ``MUTE_HOLD`` seconds' worth); the rest are dropped before
+it (``drop_host_slowpath_limit``). The data plane's C flow cache applies the
+same bucket to its misses, so a flood of new flows from one host is mostly
+refused in the reader thread, without waking Python (docs/limits.md, "The
+CPU"). At most ``MAX_MUTED`` hosts are held so at once (as many as the C
+table): a host beyond them is only refused by the rate limit, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ PORT_INDEX = {TCP: 0, UDP: 1, ICMP: 2}
 
 HALF_LIFE = 60.0  # seconds for an offender's score to halve
 EVENTS_PER_SECOND = 5.0
+MUTE_HOLD = 1.0  # seconds a host stays over its rate after its latest host_rate_limit refusal
+MAX_MUTED = 64  # hosts held so at once (the C flow cache's table has as many rows)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,106 @@ class HostLimits:
     burst: int = 1
     quarantine: float = 0.0  # seconds a released port is kept from other hosts
     half_open: int = 0  # inbound half-open TCP sessions per LAN endpoint (a forwarded server)
+    punt_rate: float = 0.0  # while over ``rate``: flow-opening packets per second for the full path
+
+
+def take(bucket: list[float], rate: float, burst: float, now: float) -> bool:
+    """One token from ``bucket`` ([tokens, last]) refilled at ``rate`` up to ``burst``; False
+    when it is empty. (The C flow cache's police() does the same arithmetic.)"""
+    if now > bucket[1]:  # (a clock that steps back refills nothing and takes nothing away)
+        t = bucket[0] + (now - bucket[1]) * rate
+        bucket[1] = now
+    else:
+        t = bucket[0]
+    if t > burst:
+        t = burst
+    if t < 1.0:
+        bucket[0] = t
+        return False
+    bucket[0] = t - 1.0
+    return True
+
+
+def opener_src(pkt: bytes | bytearray) -> int | None:
+    """The source address of a packet that would open a flow (unfragmented UDP, TCP SYN without
+    ACK, ICMP echo request), as the bytes of the header; None for any other packet. (The C flow
+    cache's police() reads packets the same way.)"""
+    n = len(pkt)
+    if n < 20 or pkt[0] >> 4 != 4 or pkt[6] & 0x3F or pkt[7]:
+        return None
+    ihl = (pkt[0] & 15) << 2
+    if ihl < 20:
+        return None
+    proto = pkt[9]
+    if proto == TCP:
+        if n < ihl + 14 or pkt[ihl + 13] & 0x12 != 0x02:
+            return None
+    elif proto == ICMP:
+        if n < ihl + 1 or pkt[ihl] != 8:
+            return None
+    elif proto != UDP:
+        return None
+    return int.from_bytes(pkt[12:16], "big")
+
+
+class Mutes:
+    """The LAN hosts over their mapping rate and their budget of flow-opening packets for the
+    full path (see the module docstring). ``serial`` moves whenever the flow cache should read
+    ``rows`` again."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[int, list[float]] = {}  # LAN host -> [until, tokens, last]
+        self.rate = 0.0
+        self.burst = 1.0
+        self.serial = 0
+
+    def configure(self, rate: float) -> None:
+        """The budget in force (0: none; every mute is lifted)."""
+        self.rate = rate
+        self.burst = max(16.0, rate * MUTE_HOLD)  # (a hold's worth: never below the tokens the
+        # mapping bucket can regain meanwhile, as punt_rate >= the mapping rate by default)
+        if not rate:
+            self.hosts.clear()
+        self.serial += 1
+
+    def refused(self, ip: int, now: float) -> None:
+        """The rate limit refused a packet of ``ip``: it is held (again) until MUTE_HOLD from now."""
+        if not self.rate:
+            return
+        until = now + MUTE_HOLD
+        m = self.hosts.get(ip)
+        if m is None:
+            if len(self.hosts) >= MAX_MUTED:
+                self.prune(now)
+                if len(self.hosts) >= MAX_MUTED:
+                    return
+            self.hosts[ip] = [until, self.burst, now]
+            self.serial += 1
+        elif until - m[0] >= MUTE_HOLD / 4:  # (the cache reads the rows again at most so often)
+            m[0] = until
+            self.serial += 1
+
+    def admit(self, ip: int, now: float) -> bool:
+        """Whether a flow-opening packet of ``ip`` may go on to the full path."""
+        m = self.hosts.get(ip)
+        if m is None or now >= m[0]:
+            return True
+        b = [m[1], m[2]]
+        ok = take(b, self.rate, self.burst, now)
+        m[1], m[2] = b
+        return ok
+
+    def prune(self, now: float) -> None:
+        """Forget the hosts whose hold is over."""
+        gone = [ip for ip, m in self.hosts.items() if now >= m[0]]
+        for ip in gone:
+            del self.hosts[ip]
+        if gone:
+            self.serial += 1
+
+    def rows(self) -> list[tuple[bytes, float, float, float]]:
+        """(address, until, rate, burst) of every held host, for the flow cache."""
+        return [(ip.to_bytes(4, "big"), m[0], self.rate, self.burst) for ip, m in self.hosts.items()]
 
 
 class Host:
@@ -97,9 +210,9 @@ class Offenders:
         dt = now - o.t
         return o.score * 0.5 ** (dt / HALF_LIFE) if dt > 0 else o.score
 
-    def hit(self, ip: int, reason: str, now: float) -> int:
-        """A refusal of host ``ip``. Returns the refusals to log now (this one and those not logged
-        since the host's last event), or 0: not to be logged now."""
+    def hit(self, ip: int, reason: str, now: float, n: int = 1) -> int:
+        """``n`` refusals of host ``ip``. Returns the refusals to log now (these and those not
+        logged since the host's last event), or 0: not to be logged now."""
         hosts = self.hosts
         o = hosts.get(ip)
         if o is None:
@@ -107,11 +220,11 @@ class Offenders:
                 worst = min(hosts, key=lambda h: self._score(hosts[h], now))
                 del hosts[worst]
             o = hosts[ip] = _Offender(now)
-        o.score = self._score(o, now) + 1.0
+        o.score = self._score(o, now) + n
         o.t = now
-        o.drops += 1
-        o.reasons[reason] = o.reasons.get(reason, 0) + 1
-        o.unlogged += 1
+        o.drops += n
+        o.reasons[reason] = o.reasons.get(reason, 0) + n
+        o.unlogged += n
         if now - o.logged < self.log_interval:
             return 0
         tok = min(EVENTS_PER_SECOND, self._ev_tokens + (now - self._ev_last) * EVENTS_PER_SECOND)

@@ -36,7 +36,10 @@ quarantine for other hosts; inbound half-open TCP sessions per LAN endpoint
 (a forwarded server) are capped. A refusal is a counted drop
 (``drop_host_entries_limit``, ``drop_host_ports_limit``, ``drop_host_rate_limit``,
 ``drop_half_open_limit``), the host is remembered among the top offenders, and a
-rate-limited ``host_limit`` event is recorded. When the table is full, a new
+rate-limited ``host_limit`` event is recorded. A host the rate limit refuses is
+held in ``mutes`` for a while: its flow-opening packets reach the full path at a
+bounded rate (``drop_host_slowpath_limit`` for the rest; the engine and the
+data plane's flow cache apply it). When the table is full, a new
 session first evicts one that never saw a reply or is closing (early drop, as
 conntrack does; found by a bounded walk of the timer wheel), never an
 established one; only when none is found in that walk is it refused
@@ -49,7 +52,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from masqd.engine.expiry import TimerWheel
-from masqd.engine.limits import PORT_INDEX, Host, HostLimits, Offenders
+from masqd.engine.limits import PORT_INDEX, Host, HostLimits, Mutes, Offenders
 from masqd.engine.nat import (
     ICMP,
     S_REPLIED,
@@ -155,6 +158,7 @@ class NatTable:
         self.hosts: dict[int, Host] = {}  # LAN host -> its counts (while it has a session or a port)
         self.half_open: dict[Mapping, int] = {}  # inbound TCP sessions not yet answered, per mapping
         self.offenders = Offenders()
+        self.mutes = Mutes()  # hosts over their mapping rate: their flow-opening packets are bounded
         self.now = 0.0  # the latest time seen (for removals that are not given one)
         # masquerade.accounting: new sessions carry packet/byte counters (AcctSession)
         self.acct = False
@@ -166,6 +170,7 @@ class NatTable:
 
     def set_limits(self, limits: HostLimits, top: int = 10, log_interval: float = 10.0) -> None:
         self.limits = limits
+        self.mutes.configure(limits.punt_rate if limits.rate else 0.0)
         self.offenders.n = top
         self.offenders.log_interval = log_interval
 
@@ -223,9 +228,20 @@ class NatTable:
     def _refuse(self, ip: int, reason: str, limit: float, now: float) -> None:
         """A per-host limit refused a packet of LAN host ``ip``: counted, remembered, logged (rarely)."""
         self.ctr.drop(reason)
+        if reason == "host_rate_limit":
+            self.mutes.refused(ip, now)
         n = self.offenders.hit(ip, reason, now)
         if n:
             self.ctr.event("warning", "host_limit", host=ip_str(ip), reason=reason, limit=limit, drops=n)
+
+    def policed(self, ip: int, n: int, now: float) -> None:
+        """``n`` flow-opening packets of ``ip`` were dropped before the full path: the host is over
+        its mapping rate and its budget of them (:class:`~masqd.engine.limits.Mutes`)."""
+        self.ctr.count("drop_host_slowpath_limit", n)
+        k = self.offenders.hit(ip, "host_slowpath_limit", now, n)
+        if k:
+            self.ctr.event("warning", "host_limit", host=ip_str(ip), reason="host_slowpath_limit",
+                           limit=self.mutes.rate, drops=k)
 
     # -------------------------------------------------------------- mappings
     def new_mapping(self, proto: int, lan_ip: int, lan_port: int, now: float | None = None) -> Mapping | None:
@@ -475,8 +491,10 @@ class NatTable:
         return {
             "limits": {"host_max_entries": lim.max_entries, "host_max_ports": lim.max_ports,
                        "host_mapping_rate": lim.rate, "host_mapping_burst": lim.burst,
-                       "port_quarantine": lim.quarantine, "half_open_per_server": lim.half_open},
+                       "port_quarantine": lim.quarantine, "half_open_per_server": lim.half_open,
+                       "host_slowpath_rate": self.mutes.rate},
             "hosts": len(self.hosts),
+            "hosts_over_rate": sum(1 for m in self.mutes.hosts.values() if now < m[0]),
             "ports_in_quarantine": sum(1 for q in self.pool.quarantined if q.live),
             "top_offenders": self.offenders.top(now),
         }

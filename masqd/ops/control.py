@@ -423,7 +423,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     hl = stats.get("host_limits")
     if isinstance(hl, dict):
         out.append(f"host limits: {json.dumps(hl.get('limits', {}), default=str)}")
-        out.append(f"hosts tracked: {hl.get('hosts', 0)}; ports in quarantine: {hl.get('ports_in_quarantine', 0)}")
+        out.append(f"hosts tracked: {hl.get('hosts', 0)}; ports in quarantine: {hl.get('ports_in_quarantine', 0)}; "
+                   f"hosts over their mapping rate: {hl.get('hosts_over_rate', 0)}")
         top = hl.get("top_offenders") or []
         out.append("top offenders (refused by a per-host limit):" if top else "top offenders: none")
         for r in top:

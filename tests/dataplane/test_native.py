@@ -862,3 +862,109 @@ def _recv(w: socket.socket) -> bytes | None:
         return w.recv(70000)
     except BlockingIOError:
         return None
+
+
+def _flood(side: Side, mode: str, src: str, first: int, n: int) -> list[bytes]:
+    """``n`` new UDP flows from ``src`` (source ports ``first``...), framed for the LAN device."""
+    tpl = bytearray(bytes(IP(src=src, dst=REMOTES[0]) / UDP(sport=1, dport=53) / (b"f" * 32)))
+    tpl[26:28] = b"\0\0"  # (no UDP checksum: the source port changes)
+    head = bytes(Ether(src=mac_of(src), dst=side.mac("lan"), type=0x0800)) if mode == "tap" else b""
+    out = []
+    for i in range(n):
+        struct.pack_into("!H", tpl, 20, first + i)
+        out.append(head + bytes(tpl))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["tun", "tap"])
+def test_a_flood_of_new_flows_from_one_host_is_bounded_the_same_on_both_paths(mode: str) -> None:
+    """A host over its mapping rate (defaults: 1000/s, burst 4000) gets twice that rate (a second's
+    worth of burst) of flow-opening packets through to the full path; the native side drops the
+    rest where they were read, without calling Python, the Python side in the engine: the same
+    packets out, the same counters, and the other host's new flow goes through on both."""
+    py, nat = make_side(mode, False, "python"), make_side(mode, False, "native")
+    sides = [py, nat]
+    try:
+        if mode == "tap":
+            for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("lan", LAN_HOSTS[1], "10.0.0.1"),
+                                        ("wan", GW, WAN_IP)):
+                for s in sides:
+                    s.feed(iface, arp_in(host, target))
+        calls = [0]
+        port = nat.dp.ports["lan"]
+        handle = port.handle
+
+        def counted(pkt: bytes | bytearray, now: float) -> None:
+            calls[0] += 1
+            handle(pkt, now)
+
+        port.handle = counted  # type: ignore[method-assign]
+        n = 7000
+        sent = 0
+        for f in _flood(nat, mode, LAN_HOSTS[0], 10000, n):
+            a, b = py.feed("lan", f), nat.feed("lan", f)
+            assert a == b
+            sent += len(a)
+        assert sent == 4000  # the mapping bucket's burst
+        cp, cn = counters(py), counters(nat)
+        assert cp == cn
+        assert cn["drop_host_rate_limit"] == 1 + 2000 and cn["drop_host_slowpath_limit"] == n - 4000 - 2001
+        assert calls[0] == 4000 + 2001  # what the cache dropped never reached Python
+        top = nat.dp.engine.host_limits()["top_offenders"]
+        assert top[0]["host"] == LAN_HOSTS[0] and top[0]["reasons"]["host_slowpath_limit"] == n - 6001
+        other = _flood(nat, mode, LAN_HOSTS[1], 20000, 1)[0]
+        a, b = py.feed("lan", other), nat.feed("lan", other)
+        assert a == b and len(a) == 1
+        # a second and a half later the hold is over on both sides: the host opens flows again
+        for s in sides:
+            s.clock[0] += 1.5
+            s.dp.engine.expire(s.clock[0])
+        f = _flood(nat, mode, LAN_HOSTS[0], 30000, 1)[0]
+        a, b = py.feed("lan", f), nat.feed("lan", f)
+        assert a == b and len(a) == 1
+    finally:
+        for s in sides:
+            s.close()
+
+
+def test_a_reader_thread_drops_a_flooding_host_s_misses_without_waking_python() -> None:
+    """The same with reader threads (the data plane's way): the thread drops the flood's packets
+    beyond the budget; every packet either reached Python or was dropped and counted."""
+    s = make_side("tun", False, "native", real_clock=True, threads=True)
+    try:
+        calls = [0]
+        port = s.dp.ports["lan"]
+        handle = port.handle
+
+        def counted(pkt: bytes | bytearray, now: float) -> None:
+            calls[0] += 1
+            handle(pkt, now)
+
+        port.handle = counted  # type: ignore[method-assign]
+        assert s.dp.cache.efd is not None
+        n = 12000
+        frames = _flood(s, "tun", LAN_HOSTS[0], 10000, n)
+        out: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + 30
+        i = 0
+        while time.monotonic() < deadline:
+            while i < n:
+                try:
+                    s.wires["lan"].send(frames[i])
+                except BlockingIOError:
+                    break
+                i += 1
+            if select.select([s.dp.cache.efd], [], [], 0.05)[0]:
+                s.dp.native.service()
+            out += s.collect()
+            if i == n and not select.select([s.dp.cache.efd], [], [], 0.2)[0]:
+                break
+        assert i == n
+        s.dp.sync_native()
+        c = counters(s)
+        policed = c.get("drop_host_slowpath_limit", 0)
+        assert policed > 1000, c
+        assert calls[0] + policed == n, (calls[0], policed)
+        assert len(out) == c["sessions"] and len(out) >= 4000
+    finally:
+        s.close()

@@ -88,6 +88,78 @@ def test_rate_of_new_mappings_is_a_token_bucket() -> None:
     assert eng.process("lan", udp(H3, SRV, 4000, 53), 10.5)
 
 
+def test_a_host_over_its_rate_reaches_the_full_path_at_a_bounded_rate() -> None:
+    """Once the rate limit refuses a host, its flow-opening packets reach the full path at twice
+    its mapping rate (a second's worth of burst) for as long as it stays over: the rest are
+    dropped before it, cheaply. Its established flows, its other packets and the other hosts
+    are untouched, and the hold ends a second after its last refusal."""
+    eng = Engine(make_cfg())
+    mu = eng.nat.mutes
+    assert (mu.rate, mu.burst) == (2000.0, 2000.0)
+    tpl, _ = sprayer(H2, SRV)
+    assert eng.process("lan", udp(H2, SRV, 7000, 53), 10.0)  # an established flow (one token)
+    assert eng.process("lan", bytes(tcp(H2, SRV, 7001, 80, "S")), 10.0)  # (another)
+    got = sum(1 for i in range(24000) if eng.process("lan", spray(tpl, 10000 + i), 10.0))
+    c = eng.counters  # (a copy)
+    assert got == 3998  # the bucket's burst, less the two flows above
+    assert c["drop_host_rate_limit"] == 1 + 2000  # the first refusal, then the budget's burst
+    assert c["drop_host_slowpath_limit"] == 24000 - 3998 - 2001
+    assert list(mu.hosts) == [0x0A000002]
+    # the host's established flows go on; packets that open nothing are not held back
+    assert eng.process("lan", udp(H2, SRV, 7000, 53), 10.0)
+    assert eng.process("lan", bytes(tcp(H2, SRV, 7001, 80, "A")), 10.0)
+    before = eng.counters["drop_host_slowpath_limit"]
+    assert before == c["drop_host_slowpath_limit"]
+    eng.process("lan", bytes(tcp(H2, SRV, 7002, 80, "A")), 10.0)  # no session: the full path says
+    assert eng.counters["drop_host_slowpath_limit"] == before
+    # another host is not held
+    assert eng.process("lan", udp(H3, SRV, 4000, 53), 10.0)
+    top = eng.host_limits(10.0)["top_offenders"]
+    assert top[0]["host"] == H2 and top[0]["reasons"]["host_slowpath_limit"] == before
+    assert eng.host_limits(10.0)["hosts_over_rate"] == 1
+    assert eng.tables()["limit_hosts_over_rate"] == (1, 64)
+    # half a second on: 1000 more for the full path, of which the mapping bucket's 500 are new flows
+    got = sum(1 for i in range(3000) if eng.process("lan", spray(tpl, 40000 + i), 10.5))
+    c = eng.counters
+    assert got == 500 and c["drop_host_slowpath_limit"] == before + 2000
+    assert c["drop_host_rate_limit"] == 2001 + 1 + 500  # (the lone ACK above wanted a mapping too)
+    # a second after its last refusal the hold is over: the host opens flows at its rate again
+    eng.expire(11.6)
+    assert mu.hosts == {} and eng.host_limits(11.6)["hosts_over_rate"] == 0
+    got = sum(1 for i in range(100) if eng.process("lan", spray(tpl, 50000 + i), 11.6))
+    assert got == 100
+
+
+def test_the_bound_on_a_host_over_its_rate_is_a_setting() -> None:
+    eng = Engine(make_cfg("[limits]\nhost_slowpath_rate = 0\n"))
+    tpl, _ = sprayer(H2, SRV)
+    got = sum(1 for i in range(6000) if eng.process("lan", spray(tpl, 10000 + i), 10.0))
+    assert got == 4000 and eng.counters["drop_host_rate_limit"] == 2000
+    assert "drop_host_slowpath_limit" not in eng.counters and eng.nat.mutes.hosts == {}
+    eng = Engine(make_cfg("[limits]\nhost_slowpath_rate = 100\n"))
+    assert (eng.nat.mutes.rate, eng.nat.mutes.burst) == (100.0, 100.0)
+    got = sum(1 for i in range(6000) if eng.process("lan", spray(tpl, 10000 + i), 10.0))
+    assert got == 4000 and eng.counters["drop_host_rate_limit"] == 101
+    assert eng.counters["drop_host_slowpath_limit"] == 6000 - 4000 - 101
+
+
+def test_what_opens_a_flow() -> None:
+    """The packets the bound applies to: those that would make a new mapping."""
+    from scapy.all import ICMP, IP
+
+    from masqd.engine.limits import opener_src
+
+    h2 = 0x0A000002
+    assert opener_src(udp(H2, SRV, 1, 53)) == h2
+    assert opener_src(bytes(tcp(H2, SRV, 1, 80, "S"))) == h2
+    assert opener_src(bytes(IP(src=H2, dst=SRV) / ICMP(type=8))) == h2
+    for p in (bytes(tcp(H2, SRV, 1, 80, "SA")), bytes(tcp(H2, SRV, 1, 80, "A")), bytes(tcp(H2, SRV, 1, 80, "R")),
+              bytes(IP(src=H2, dst=SRV) / ICMP(type=0)), bytes(IP(src=H2, dst=SRV, proto=50) / (b"e" * 16)),
+              bytes(IP(src=H2, dst=SRV, flags="MF") / UDP() / (b"f" * 16)),
+              bytes(IP(src=H2, dst=SRV, frag=8) / (b"f" * 16)), bytes(tcp(H2, SRV, 1, 80, "S"))[:33], b"\x45" * 10):
+        assert opener_src(p) is None, p
+
+
 @pytest.mark.conformance("RFC 6888 REQ-5")
 def test_entries_per_host_are_limited_and_others_keep_their_share() -> None:
     eng = Engine(make_cfg("[limits]\nhost_max_entries = 300\n"))

@@ -3,18 +3,17 @@
 The lab (TAP mode), the real masqd with its default configuration. For 6 s lan2
 sends UDP from random source ports to random addresses of 198.18.0.0/15 at
 50 000 packets/s (bench/labkit.py's flood: every packet a new flow, bounded in
-count and time; more new flows per second than masqd's Python path takes
-today, about 20 000, so masqd is saturated), while lan3 pings srv1 every 50 ms
-and sends srv1 4 MiB over TCP. lan3's transfer must arrive whole (sha256
-checked by srv1) and its pings must keep being answered, with a generous bound
-on their loss: the flood shares masqd's LAN device queue with them, so what
-masqd cannot read is lost for both (on the masqd of this test's writing, 25-40 %
-of lan3's pings; at the full rate of one sending process, 120 000 packets/s on
-the build machine, 80-95 %: bench/flood.py shows that). masqd must have read a good part of the
-flood and still answer on its control socket. Where masqd has per-host limits (a
-configuration key naming a host limit, issue 18), the flooding host must have
-hit them (``drop_host_*`` in ``masqd stats``). bench/flood.py is the measuring
-version of this scenario.
+count and time; far over the default mapping rate of 1 000 a second, and more
+than masqd's Python path could refuse one by one, about 20 000 a second), while
+lan3 pings srv1 every 50 ms and sends srv1 4 MiB over TCP. lan2 is held to its
+mapping rate and, once over it, its flow-opening packets beyond twice that rate
+are dropped by the flow cache's reader thread where they are read
+(``drop_host_slowpath_limit``), so masqd reads nearly the whole flood and lan3
+keeps its service: its transfer arrives whole (sha256 checked by srv1) and its
+pings are answered (bench/flood.py measures the same at the sender's full rate:
+about 0.4 % of lan3's pings lost, against 37 % before the flow cache dropped
+the flood's misses itself). masqd must still answer on its control socket.
+bench/flood.py is the measuring version of this scenario.
 """
 
 from __future__ import annotations
@@ -64,15 +63,22 @@ def test_a_flooding_host_leaves_room_for_another_hosts_tcp_and_pings(own_lab: Ca
             stop_process(ping)
         stop_process(srv)
     after = st["counters"]
-    read = int(after.get("rx_lan_udp_packets", 0)) - int(before.get("rx_lan_udp_packets", 0))
-    print(f"flood {sent}, masqd read {read}; lan3 transfer {transfer}, pings {pings}")  # shown with -s
-    # the flood ran for the whole window, at a rate that is a flood, and masqd read a good part of it
+
+    def delta(k: str) -> int:
+        return int(after.get(k, 0)) - int(before.get(k, 0))
+
+    policed = delta("drop_host_slowpath_limit")
+    read = delta("rx_lan_udp_packets") + policed  # through the engine, or dropped before it
+    print(f"flood {sent}, masqd read {read} ({policed} dropped before the engine); lan3 transfer {transfer}, "
+          f"pings {pings}")  # shown with -s
+    # the flood ran for the whole window, at a rate that is a flood, and masqd read nearly all of it
     assert sent.get("seconds", 0) >= FLOOD_SECONDS * 0.9 and sent["sent"] >= FLOOD_SECONDS * FLOOD_RATE * 0.5, sent
-    assert read >= 10_000, (read, sent)
+    assert read >= 0.8 * sent["sent"], (read, sent)
+    # lan2 was held to its mapping rate, and most of its flood never reached the engine
+    assert delta("drop_host_rate_limit") > 0 and policed >= 0.5 * sent["sent"], (policed, sent)
     # lan3: the transfer arrived whole, and pings were answered meanwhile
     assert rc == 0 and transfer["ok"] and transfer["bytes"] == TRANSFER, transfer
-    assert pings["sent"] >= 60 and pings["received"] >= 10 and pings["loss_pct"] < 90.0, (pings, pout[-300:])
+    assert pings["sent"] >= 60 and pings["loss_pct"] < 15.0, (pings, pout[-300:])
     assert m.proc.poll() is None and st["entries"] > 0
-    key = labkit.host_limits_key()
-    if key is not None:  # per-host limits exist (issue 18): the flooding host met them
-        assert labkit.host_limit_drops(after), (key, {k: v for k, v in after.items() if k.startswith("drop_")})
+    top = st["host_limits"]["top_offenders"]
+    assert top[0]["host"] == LAN2 and top[0]["reasons"].get("host_slowpath_limit"), top
