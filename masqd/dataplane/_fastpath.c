@@ -469,8 +469,8 @@ static int police(FlowCache *self, int in, const uint8_t *buf, ssize_t r, double
     if (r < hl + sh + 20)
         return 0;
     const uint8_t *f = buf + hl;
-    if (sh && (f[12] != 8 || f[13] != 0))
-        return 0;
+    if (sh && (f[12] != 8 || f[13] != 0 || memcmp(f, pt->mac, 6) != 0))
+        return 0; /* (a frame for another host is the L2 host's to drop) */
     const uint8_t *p = f + sh;
     ssize_t n = r - hl - sh;
     int ihl = (p[0] & 15) << 2;
