@@ -661,7 +661,7 @@ static int drain_fd(FlowCache *self, int i, int fd, long budget, double now, lon
         }
         if (pt->vnet && r > 1 && self->buf[1] != 0) { /* bulk TCP: no coalescing for a while */
             *super = 1;
-            *last_super = now;
+            __atomic_store(last_super, &now, __ATOMIC_RELAXED); /* (read by the last_super getter) */
         }
         if (!self->bypass && forward(self, i, self->buf, r, now)) {
             (*passed)++;
@@ -778,7 +778,7 @@ static void w_drain(worker_t *w, int i, long budget, double now, long *passed, i
         }
         if (fc->ports[i].vnet && r > 1 && w->buf[1] != 0) { /* bulk TCP: no coalescing for a while */
             *super = 1;
-            w->last_super = now;
+            __atomic_store(&w->last_super, &now, __ATOMIC_RELAXED);
         }
         if (!__atomic_load_n(&fc->bypass, __ATOMIC_RELAXED) && forward(fc, i, w->buf, r, now))
             (*passed)++;
@@ -1121,6 +1121,20 @@ static PyObject *FlowCache_idle(FlowCache *self, PyObject *Py_UNUSED(ignored))
 static PyObject *FlowCache_get_queue(FlowCache *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromLong(self->miss_q);
+}
+
+/* when a super-packet was last read (the drain's clock), by any reader: bulk TCP */
+static PyObject *FlowCache_get_last_super(FlowCache *self, void *Py_UNUSED(closure))
+{
+    double t;
+    __atomic_load(&self->last_super, &t, __ATOMIC_RELAXED);
+    for (int i = 0; i < self->nw; i++) {
+        double u;
+        __atomic_load(&self->w[i].last_super, &u, __ATOMIC_RELAXED);
+        if (u > t)
+            t = u;
+    }
+    return PyFloat_FromDouble(t);
 }
 
 static PyObject *FlowCache_get_workers(FlowCache *self, void *Py_UNUSED(closure))
@@ -1677,6 +1691,8 @@ static PyGetSetDef FlowCache_getset[] = {
     {"passed", (getter)FlowCache_get_passed, NULL, "packets passed on (natively or through Python) since creation",
      NULL},
     {"workers", (getter)FlowCache_get_workers, NULL, "reader threads running", NULL},
+    {"last_super", (getter)FlowCache_get_last_super, NULL,
+     "when a super-packet (TSO/USO) was last read, by any reader (the drain's clock; 0: never)", NULL},
     {"queue", (getter)FlowCache_get_queue, NULL,
      "the queue of the packet the miss handler is given now (0 outside one): Python writes what "
      "follows from it on the same queue of the other device, so tun's flow table keeps the flow's "

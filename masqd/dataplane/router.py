@@ -218,7 +218,11 @@ class Dataplane:
         """napi = "adaptive": hand the packet count to the switch every ``NAPI_TICK``."""
         if not self._started or self.loop is None:
             return
-        self.napi_switch.tick(self.npkts + (self.native.passed if self.native is not None else 0), self.loop)
+        last_super = self.last_super
+        if self.native is not None:
+            last_super = max(last_super, self.native.last_super)
+        self.napi_switch.tick(self.npkts + (self.native.passed if self.native is not None else 0), self.loop,
+                              bulk=time.monotonic() - last_super < NAPI_TICK)
         self._timers["napi"] = self.loop.call_later(NAPI_TICK, self._napi_tick)
 
     def _set_coalesce(self) -> None:
