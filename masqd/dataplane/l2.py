@@ -4,7 +4,9 @@ Sans-IO like the engine: ``rx(frame, now)`` returns the IPv4 packet to route
 (or None) and queues any frames to send in ``out``; ``header(nexthop, pkt,
 now)`` returns the Ethernet header to put in front of an outgoing packet, or
 None when the next hop is still being resolved (the packet then waits in a
-bounded per-neighbour queue). A multicast next hop (224.0.0.0/4: the PCP/NAT-PMP
+bounded per-neighbour queue). ``aging(now)`` says when a neighbour has aged
+past ``reachable`` (a header cached outside, skipping ``lookup``, must then be
+dropped so that its next use re-confirms it). A multicast next hop (224.0.0.0/4: the PCP/NAT-PMP
 announcements to 224.0.0.1) needs no resolution: its MAC is 01:00:5e and the
 address's low 23 bits (RFC 1112 section 6.4). ``tick(now)`` retransmits ARP requests and,
 when resolution fails, moves the waiting packets to ``unreachable`` so the
@@ -34,7 +36,7 @@ INCOMPLETE, REACHABLE, STALE = 0, 1, 2
 
 
 class Neighbour:
-    __slots__ = ("ip", "mac", "hdr", "state", "confirmed", "probes", "next_probe", "queue")
+    __slots__ = ("ip", "mac", "hdr", "state", "confirmed", "aged", "probes", "next_probe", "queue")
 
     def __init__(self, ip: int) -> None:
         self.ip = ip
@@ -42,6 +44,7 @@ class Neighbour:
         self.hdr = b""
         self.state = INCOMPLETE
         self.confirmed = 0.0
+        self.aged = -1.0  # the confirmation whose age ``aging`` reported (-1: none)
         self.probes = 0
         self.next_probe = 0.0
         # packets waiting for the MAC, each with its virtio-net header (b"" when it has no offload work)
@@ -87,6 +90,7 @@ class EthernetHost:
         self.neigh: dict[int, Neighbour] = {}
         self.probing: dict[int, Neighbour] = {}  # INCOMPLETE and STALE entries
         self.version = 0  # bumped when a known MAC changes or an entry goes: header caches drop
+        self.next_aging = float("inf")  # no REACHABLE entry passes ``reachable`` before this
         self.out: list[bytes] = []  # frames to write
         self.unreachable: list[tuple[int, bytes | bytearray]] = []  # (next hop, packet) that failed
         self.out_offload: list[tuple[bytes, bytes]] = []  # (virtio-net header, frame) released from queues
@@ -183,6 +187,8 @@ class EthernetHost:
             self.version += 1
         n.state = REACHABLE
         n.confirmed = now
+        if now + self.reachable < self.next_aging:
+            self.next_aging = now + self.reachable
         n.probes = 0
         self.probing.pop(n.ip, None)
         if n.queue:
@@ -258,6 +264,27 @@ class EthernetHost:
         _bump(self.counters, f"arp_{self.iface}_requests")
         n.probes += 1
         n.next_probe = now + self.retrans
+
+    def aging(self, now: float) -> bool:
+        """Whether a REACHABLE neighbour has passed ``reachable`` since its confirmation (each
+        confirmation reported once). Its next use (``lookup``) makes it STALE and probes it; a
+        header cached elsewhere (the data plane's flow cache) skips ``lookup``, so its holder
+        drops it when this says so."""
+        if now < self.next_aging:
+            return False
+        due = False
+        nxt = float("inf")
+        for n in self.neigh.values():
+            if n.state != REACHABLE or n.aged == n.confirmed:
+                continue
+            t = n.confirmed + self.reachable
+            if now > t:
+                n.aged = n.confirmed
+                due = True
+            elif t < nxt:
+                nxt = t
+        self.next_aging = nxt
+        return due
 
     def tick(self, now: float) -> None:
         """Retransmit ARP requests; give up on silent neighbours."""

@@ -479,13 +479,19 @@ class Dataplane:
         if not self._started or self.loop is None:
             return
         now = self.clock()
-        self.cache.stale()  # neighbours age: every cached flow goes through Python again
+        # a neighbour aged past its reachable time: the cached flows and headers that use it skip
+        # lookup(), so they go through Python again (its next use makes it STALE and probes it)
+        aged = [port for port in self.ports.values() if port.l2 is not None and port.l2.aging(now)]
+        if aged:
+            bump(self.counters, "dp_neighbour_aging_flushes")
+            self.cache.stale()
         for port in self.ports.values():
             l2 = port.l2
             if l2 is None:
                 continue
             l2.tick(now)
-            port.hcache.clear()
+            if port in aged:
+                port.hcache.clear()
             if l2.out or l2.out_offload:
                 port.flush_l2()
             if l2.unreachable:

@@ -100,6 +100,19 @@ def test_stale_entry_keeps_working_while_reconfirmed() -> None:
     assert Ether(probe).dst == PEER  # unicast re-confirmation
 
 
+def test_aging_says_once_when_a_confirmed_neighbour_passes_its_reachable_time() -> None:
+    """What the data plane drops its cached headers (and flows) on: not every tick, only when a
+    neighbour it may be using has aged, once per confirmation."""
+    h = host(reachable=10.0)
+    h.rx(arp(1, PEER_IP, MY_IP), 0.0)
+    assert not h.aging(5.0)
+    assert h.aging(10.5)
+    assert not h.aging(11.0) and not h.aging(100.0)  # reported once
+    h.rx(arp(1, PEER_IP, MY_IP), 20.0)  # confirmed again
+    assert not h.aging(29.0)
+    assert h.aging(30.5)
+
+
 def test_frames_not_for_us_and_non_ipv4_are_counted() -> None:
     h = host()
     other = bytes(Ether(src=PEER, dst="02:00:00:00:00:99") / IP(dst=MY_IP) / UDP())

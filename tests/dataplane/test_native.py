@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import ARP, Ether
 
 from masqd.config import loads
 from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
@@ -251,6 +251,49 @@ def test_a_ping_goes_native_both_ways_once_established(mode: str) -> None:
         assert s.dp.all_counters()["fastpath_native_packets"] >= 8
         c = s.dp.engine.counters
         assert c["tx_wan_icmp_packets"] == 6 and c["tx_lan_icmp_packets"] == 6
+    finally:
+        s.close()
+
+
+def test_cached_flows_stay_cached_across_neighbour_ticks_until_a_neighbour_ages() -> None:
+    """TAP: the neighbour tick used to empty the flow cache four times a second (every flow's
+    next packet through Python: the p99 of the added RTT). It now does so only when a neighbour
+    passes its reachable time (60 s), so that its next use re-confirms it (a unicast probe)."""
+    s = make_side("tap", False, "native")
+    try:
+        for iface, host, target in (("lan", LAN_HOSTS[0], "10.0.0.1"), ("wan", GW, WAN_IP)):
+            s.feed(iface, arp_in(host, target))
+        macs = {side: s.mac(side) for side in ("lan", "wan")}
+
+        def ping(seq: int) -> None:
+            req = IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / ICMP(type=8, id=778, seq=seq) / (b"p" * 56)
+            outs = s.feed("lan", bytes(Ether(src=mac_of(LAN_HOSTS[0]), dst=macs["lan"], type=0x0800) / req))
+            q = IP([o for i, o in outs if i == "wan"][0][14:])
+            rep = IP(src=REMOTES[0], dst=WAN_IP) / ICMP(type=0, id=q[ICMP].id, seq=seq) / (b"p" * 56)
+            outs = s.feed("wan", bytes(Ether(src=mac_of(GW), dst=macs["wan"], type=0x0800) / rep))
+            assert [IP(o[14:])[ICMP].seq for i, o in outs if i == "lan"] == [seq]
+
+        for seq in range(3):
+            ping(seq)
+        fc = s.dp.native
+        assert len(fc) == 2  # both directions cached
+        native = s.dp.all_counters()["fastpath_native_packets"]
+        for _ in range(8):  # two seconds of neighbour ticks
+            s.clock[0] += 0.25
+            s.dp._l2_tick()
+        assert len(fc) == 2
+        ping(3)
+        assert s.dp.all_counters()["fastpath_native_packets"] == native + 2  # still native, both ways
+        assert "dp_neighbour_aging_flushes" not in s.dp.counters
+        # a minute on, the gateway has aged: the cache lets go, the next packet re-confirms it
+        s.clock[0] += 60.0
+        s.dp._l2_tick()
+        assert len(fc) == 0 and s.dp.counters["dp_neighbour_aging_flushes"] == 1
+        ping(4)
+        s.clock[0] += 0.25
+        s.dp._l2_tick()
+        probes = [Ether(f) for i, f in s.collect() if i == "wan" and Ether(f).type == 0x0806]
+        assert probes and probes[0].dst == mac_of(GW) and probes[0][ARP].pdst == GW  # unicast, as Linux
     finally:
         s.close()
 
