@@ -459,7 +459,7 @@ static double monotonic_now(void)
 
 /* 1: a frame read on port `in` is a flow-opening packet of a LAN host over its mapping rate and
  * beyond its budget: drop it (counted). The same reading and arithmetic as
- * masqd.engine.limits.opener_src and take(). */
+ * masqd.engine.limits.opener_src and Bucket.take. */
 static int police(FlowCache *self, int in, const uint8_t *buf, ssize_t r, double now)
 {
     if (in != 0 || __atomic_load_n(&self->nmutes, __ATOMIC_ACQUIRE) == 0)
@@ -1431,6 +1431,19 @@ done:
 }
 
 /* (token, dir, proto, packets, bytes, last) of every entry that forwarded since the last call */
+/* Append a new reference (NULL: a failed build) to the list `out`; on failure `out` is released
+ * too and -1 returned, with the exception set. */
+static int append_new(PyObject *out, PyObject *item)
+{
+    if (item == NULL || PyList_Append(out, item) < 0) {
+        Py_XDECREF(item);
+        Py_DECREF(out);
+        return -1;
+    }
+    Py_DECREF(item);
+    return 0;
+}
+
 static PyObject *collect(FlowCache *self)
 {
     PyObject *out = PyList_New(0);
@@ -1446,14 +1459,9 @@ static PyObject *collect(FlowCache *self)
         uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
         double last;
         __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
-        PyObject *t = Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
-                                    (unsigned long long)by, last, (unsigned long long)sg);
-        if (t == NULL || PyList_Append(out, t) < 0) {
-            Py_XDECREF(t);
-            Py_DECREF(out);
+        if (append_new(out, Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
+                                          (unsigned long long)by, last, (unsigned long long)sg)) < 0)
             return NULL;
-        }
-        Py_DECREF(t);
     }
     return out;
 }
@@ -1537,13 +1545,9 @@ static PyObject *FlowCache_take_policed(FlowCache *self, PyObject *Py_UNUSED(ign
         }
     pthread_spin_unlock(&self->mlock);
     for (int i = 0; i < k; i++) {
-        PyObject *t = Py_BuildValue("(y#K)", (const char *)&ips[i], (Py_ssize_t)4, (unsigned long long)drops[i]);
-        if (t == NULL || PyList_Append(out, t) < 0) {
-            Py_XDECREF(t);
-            Py_DECREF(out);
+        if (append_new(out, Py_BuildValue("(y#K)", (const char *)&ips[i], (Py_ssize_t)4,
+                                          (unsigned long long)drops[i])) < 0)
             return NULL;
-        }
-        Py_DECREF(t);
     }
     return out;
 }

@@ -41,14 +41,14 @@ from masqd.engine.forward import Forwarders
 from masqd.engine.fullpath import RESET_KEYS_MAX, FullPath
 from masqd.engine.helpers import HELPERS, Helper
 from masqd.engine.icmp import IcmpErrors
-from masqd.engine.limits import MAX_MUTED, HostLimits, opener_src
+from masqd.engine.limits import MAX_MUTED, HostLimits
 from masqd.engine.nat import Lease, PortPool, Session, acct_row
 from masqd.engine.pcp import PcpServer
 from masqd.engine.routing import LAN, WAN, Routes
 from masqd.engine.table import FLUSH, NatTable, state_name
 from masqd.wire import pcp as pcpwire
 from masqd.wire import vnet
-from masqd.wire.ipv4 import ICMP, PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
+from masqd.wire.ipv4 import PROTO_NAMES, TCP, UDP, Malformed, ip_str, set_ip_checksum
 
 _pack_H = struct.Struct("!H").pack_into
 
@@ -297,32 +297,13 @@ class Engine:
                 return []
             if r is not None:
                 return r
-            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self._policed(data, now):
+            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self.nat.hold_back(data, now):
                 return []
             out: list[tuple[str, bytes]] = []
             self._slow(iface, data, now, out)
             return out
         except Exception as exc:  # never let one packet take the router down
             return self._refused(exc)
-
-    def _policed(self, data: bytes, now: float) -> bool:
-        """A flow-opening packet of a LAN host over its mapping rate and its budget of them for the
-        full path: dropped here, counted (:class:`~masqd.engine.limits.Mutes`)."""
-        src = opener_src(data)
-        if src is None:
-            return False
-        # (a packet of a session that the fast path did not take, a short one say, is not held back)
-        proto = data[9]
-        ihl = (data[0] & 15) << 2
-        if proto == ICMP:
-            if data[12:20] + data[ihl + 4: ihl + 6] + b"\0\0" in self.nat.out[ICMP]:
-                return False
-        elif data[12:20] + data[ihl: ihl + 4] in self.nat.out[proto]:
-            return False
-        if self.nat.mutes.admit(src, now):
-            return False
-        self.nat.policed(src, 1, now)
-        return True
 
     @property
     def mute_serial(self) -> int:
@@ -400,7 +381,7 @@ class Engine:
                 if seg:
                     self._count_segments(iface, proto, r[0][0], n, seg, gsz)
                 return [(r[0][0], r[0][1], vh)]
-            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self._policed(data, now):
+            if self.police_openers and iface == LAN and self.nat.mutes.hosts and self.nat.hold_back(data, now):
                 return []
             # The full path works on ordinary packets: finish the checksum here (what the
             # kernel would do for a device without offload) and, for a super-packet, make it

@@ -54,21 +54,40 @@ class HostLimits:
     punt_rate: float = 0.0  # while over ``rate``: flow-opening packets per second for the full path
 
 
-def take(bucket: list[float], rate: float, burst: float, now: float) -> bool:
-    """One token from ``bucket`` ([tokens, last]) refilled at ``rate`` up to ``burst``; False
-    when it is empty. (The C flow cache's police() does the same arithmetic.)"""
-    if now > bucket[1]:  # (a clock that steps back refills nothing and takes nothing away)
-        t = bucket[0] + (now - bucket[1]) * rate
-        bucket[1] = now
-    else:
-        t = bucket[0]
-    if t > burst:
-        t = burst
-    if t < 1.0:
-        bucket[0] = t
-        return False
-    bucket[0] = t - 1.0
-    return True
+class Bucket:
+    """A token bucket: ``take`` one token, refilled at ``rate`` up to ``burst``. (The C flow
+    cache's police() does the same arithmetic.)"""
+
+    __slots__ = ("tokens", "last")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.tokens = tokens
+        self.last = now
+
+    def take(self, rate: float, burst: float, now: float) -> bool:
+        """One token; False when the bucket is empty."""
+        if now > self.last:  # (a clock that steps back refills nothing and takes nothing away)
+            t = self.tokens + (now - self.last) * rate
+            self.last = now
+        else:
+            t = self.tokens
+        if t > burst:
+            t = burst
+        if t < 1.0:
+            self.tokens = t
+            return False
+        self.tokens = t - 1.0
+        return True
+
+
+class _Hold(Bucket):
+    """A host over its mapping rate: until when, and its budget of flow-opening packets."""
+
+    __slots__ = ("until",)
+
+    def __init__(self, until: float, tokens: float, now: float) -> None:
+        super().__init__(tokens, now)
+        self.until = until
 
 
 def opener_src(pkt: bytes | bytearray) -> int | None:
@@ -99,7 +118,7 @@ class Mutes:
     ``rows`` again."""
 
     def __init__(self) -> None:
-        self.hosts: dict[int, list[float]] = {}  # LAN host -> [until, tokens, last]
+        self.hosts: dict[int, _Hold] = {}
         self.rate = 0.0
         self.burst = 1.0
         self.serial = 0
@@ -124,25 +143,20 @@ class Mutes:
                 self.prune(now)
                 if len(self.hosts) >= MAX_MUTED:
                     return
-            self.hosts[ip] = [until, self.burst, now]
+            self.hosts[ip] = _Hold(until, self.burst, now)
             self.serial += 1
-        elif until - m[0] >= MUTE_HOLD / 4:  # (the cache reads the rows again at most so often)
-            m[0] = until
+        elif until - m.until >= MUTE_HOLD / 4:  # (the cache reads the rows again at most so often)
+            m.until = until
             self.serial += 1
 
     def admit(self, ip: int, now: float) -> bool:
         """Whether a flow-opening packet of ``ip`` may go on to the full path."""
         m = self.hosts.get(ip)
-        if m is None or now >= m[0]:
-            return True
-        b = [m[1], m[2]]
-        ok = take(b, self.rate, self.burst, now)
-        m[1], m[2] = b
-        return ok
+        return m is None or now >= m.until or m.take(self.rate, self.burst, now)
 
     def prune(self, now: float) -> None:
         """Forget the hosts whose hold is over."""
-        gone = [ip for ip, m in self.hosts.items() if now >= m[0]]
+        gone = [ip for ip, m in self.hosts.items() if now >= m.until]
         for ip in gone:
             del self.hosts[ip]
         if gone:
@@ -150,38 +164,26 @@ class Mutes:
 
     def rows(self) -> list[tuple[bytes, float, float, float]]:
         """(address, until, rate, burst) of every held host, for the flow cache."""
-        return [(ip.to_bytes(4, "big"), m[0], self.rate, self.burst) for ip, m in self.hosts.items()]
+        return [(ip.to_bytes(4, "big"), m.until, self.rate, self.burst) for ip, m in self.hosts.items()]
+
+    def over(self, now: float) -> int:
+        """How many hosts are held now."""
+        return sum(1 for m in self.hosts.values() if now < m.until)
 
 
-class Host:
-    """The table's counts for one LAN host (see the module docstring)."""
+class Host(Bucket):
+    """The table's counts for one LAN host (see the module docstring); its bucket is that of its
+    new mappings."""
 
-    __slots__ = ("sessions", "ports", "tokens", "last")
+    __slots__ = ("sessions", "ports")
 
     def __init__(self, tokens: float, now: float) -> None:
+        super().__init__(tokens, now)
         self.sessions = 0
         self.ports = [0, 0, 0]  # TCP, UDP, ICMP
-        self.tokens = tokens
-        self.last = now
 
     def idle(self) -> bool:
         return not self.sessions and not any(self.ports)
-
-    def take_token(self, limits: HostLimits, now: float) -> bool:
-        """One new mapping from the bucket; False when it is empty."""
-        if now > self.last:  # (a clock that steps back refills nothing and takes nothing away)
-            t = self.tokens + (now - self.last) * limits.rate
-            self.last = now
-        else:
-            t = self.tokens
-        burst = limits.burst
-        if t > burst:
-            t = burst
-        if t < 1.0:
-            self.tokens = t
-            return False
-        self.tokens = t - 1.0
-        return True
 
 
 class _Offender:

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from masqd.engine.expiry import TimerWheel
-from masqd.engine.limits import PORT_INDEX, Host, HostLimits, Mutes, Offenders
+from masqd.engine.limits import PORT_INDEX, Host, HostLimits, Mutes, Offenders, opener_src
 from masqd.engine.nat import (
     ICMP,
     S_REPLIED,
@@ -234,6 +234,25 @@ class NatTable:
         if n:
             self.ctr.event("warning", "host_limit", host=ip_str(ip), reason=reason, limit=limit, drops=n)
 
+    def hold_back(self, pkt: bytes, now: float) -> bool:
+        """Whether a LAN packet that missed the fast path is a flow-opening packet of a host over
+        its mapping rate and beyond its budget (:class:`~masqd.engine.limits.Mutes`): then it is
+        counted here, and the caller drops it. A packet of an existing session (one the fast
+        path did not take, a short one say) is never held back."""
+        src = opener_src(pkt)
+        if src is None:
+            return False
+        proto = pkt[9]
+        ihl = (pkt[0] & 15) << 2
+        if proto == ICMP:  # (the identifier is the port: the out key of an echo)
+            key = pkt[12:20] + pkt[ihl + 4: ihl + 6] + b"\0\0"
+        else:
+            key = pkt[12:20] + pkt[ihl: ihl + 4]
+        if key in self.out[proto] or self.mutes.admit(src, now):
+            return False
+        self.policed(src, 1, now)
+        return True
+
     def policed(self, ip: int, n: int, now: float) -> None:
         """``n`` flow-opening packets of ``ip`` were dropped before the full path: the host is over
         its mapping rate and its budget of them (:class:`~masqd.engine.limits.Mutes`)."""
@@ -260,7 +279,7 @@ class NatTable:
         if lim.max_entries and h.sessions >= lim.max_entries:
             self._refuse(lan_ip, "host_entries_limit", lim.max_entries, now)
             return None
-        if lim.rate and not h.take_token(lim, now):
+        if lim.rate and not h.take(lim.rate, lim.burst, now):
             self._refuse(lan_ip, "host_rate_limit", lim.rate, now)
             return None
         m = Mapping(proto, lan_ip, lan_port, self.wan_ip, 0, self.wan_ip_b)
@@ -494,7 +513,7 @@ class NatTable:
                        "port_quarantine": lim.quarantine, "half_open_per_server": lim.half_open,
                        "host_slowpath_rate": self.mutes.rate},
             "hosts": len(self.hosts),
-            "hosts_over_rate": sum(1 for m in self.mutes.hosts.values() if now < m[0]),
+            "hosts_over_rate": self.mutes.over(now),
             "ports_in_quarantine": sum(1 for q in self.pool.quarantined if q.live),
             "top_offenders": self.offenders.top(now),
         }

@@ -919,6 +919,20 @@ def _flood(side: Side, mode: str, src: str, first: int, n: int) -> list[bytes]:
     return out
 
 
+def _count_handled(side: Side) -> list[int]:
+    """Count the LAN packets the data plane hands to its Python handler (``[n]``, kept up to date)."""
+    calls = [0]
+    port = side.dp.ports["lan"]
+    handle = port.handle
+
+    def counted(pkt: bytes | bytearray, now: float) -> None:
+        calls[0] += 1
+        handle(pkt, now)
+
+    port.handle = counted  # type: ignore[method-assign]
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["tun", "tap"])
 def test_a_flood_of_new_flows_from_one_host_is_bounded_the_same_on_both_paths(mode: str) -> None:
     """A host over its mapping rate (defaults: 1000/s, burst 4000) gets twice that rate (a second's
@@ -933,15 +947,7 @@ def test_a_flood_of_new_flows_from_one_host_is_bounded_the_same_on_both_paths(mo
                                         ("wan", GW, WAN_IP)):
                 for s in sides:
                     s.feed(iface, arp_in(host, target))
-        calls = [0]
-        port = nat.dp.ports["lan"]
-        handle = port.handle
-
-        def counted(pkt: bytes | bytearray, now: float) -> None:
-            calls[0] += 1
-            handle(pkt, now)
-
-        port.handle = counted  # type: ignore[method-assign]
+        calls = _count_handled(nat)
         n = 7000
         sent = 0
         for f in _flood(nat, mode, LAN_HOSTS[0], 10000, n):
@@ -975,15 +981,7 @@ def test_a_reader_thread_drops_a_flooding_host_s_misses_without_waking_python() 
     beyond the budget; every packet either reached Python or was dropped and counted."""
     s = make_side("tun", False, "native", real_clock=True, threads=True)
     try:
-        calls = [0]
-        port = s.dp.ports["lan"]
-        handle = port.handle
-
-        def counted(pkt: bytes | bytearray, now: float) -> None:
-            calls[0] += 1
-            handle(pkt, now)
-
-        port.handle = counted  # type: ignore[method-assign]
+        calls = _count_handled(s)
         assert s.dp.cache.efd is not None
         n = 12000
         frames = _flood(s, "tun", LAN_HOSTS[0], 10000, n)
