@@ -110,7 +110,7 @@ class StateSaver:
         self.busy = False
 
     def document(self) -> bytes:
-        self.dp.sync_native()
+        self.dp.sync_native(hold=False)  # (it reads the engine)
         return statefile.encode(enginestate.document(self.dp.engine, self.dp.clock()))
 
     def write(self, data: bytes, t0: float) -> dict[str, Any]:

@@ -47,8 +47,10 @@
  *   Everything that changes the cache (add, clear) or may change the engine's
  *   decisions runs inside one: service() around the miss handlers; hold() ...
  *   release() around whatever Python does after Dataplane.sync_native (expiry,
- *   neighbour ticks, ops' reads and changes: the data plane calls sync_native
- *   first and releases at the end of that loop iteration).
+ *   ops' changes: the data plane calls sync_native first and releases at the end
+ *   of that loop iteration, or when the change is done; a read of the engine
+ *   folds in a section of its own and holds nothing). take_sections() gives the
+ *   sections' count and length: the time the threads stood still.
  * - Leaving the outermost section, the main thread compares the engine's
  *   epoch and each neighbour table's version with those the cache was taught
  *   under and empties the cache (through on_stale, which folds the counts
@@ -191,6 +193,10 @@ typedef struct FlowCache {
     int excl_want;     /* futex word: the main thread wants (or holds) every thread's mutex */
     int excl_depth;    /* main thread only: nesting of exclusive sections */
     int held;          /* hold() took one that release() gives back */
+    double excl_t0;    /* when the outermost exclusive section began */
+    /* exclusive sections since take_sections: how many, their time, the longest, those over 1 ms */
+    uint64_t excl_n, excl_slow;
+    double excl_total, excl_max;
     int traffic;       /* a thread passed packets on since the main thread last looked (atomic) */
     int want_traffic;  /* on_traffic is set: the threads report traffic (atomic) */
     int miss_q;        /* the queue of the packet the miss handler has now (its writes go there) */
@@ -714,6 +720,7 @@ static void excl_enter(FlowCache *self)
     if (self->excl_depth++ > 0 || self->nw == 0)
         return;
     __atomic_store_n(&self->excl_want, 1, __ATOMIC_SEQ_CST);
+    self->excl_t0 = monotonic_now(); /* from the moment the threads are asked to stop */
     for (int i = 0; i < self->nw; i++)
         pthread_mutex_lock(&self->w[i].mu);
 }
@@ -732,6 +739,13 @@ static int excl_leave(FlowCache *self)
         pthread_mutex_unlock(&self->w[i].mu);
     __atomic_store_n(&self->excl_want, 0, __ATOMIC_SEQ_CST);
     futex_wake(&self->excl_want);
+    double took = monotonic_now() - self->excl_t0;
+    self->excl_n++;
+    self->excl_total += took;
+    if (took > self->excl_max)
+        self->excl_max = took;
+    if (took > 1e-3)
+        self->excl_slow++;
     return rc;
 }
 
@@ -1505,6 +1519,19 @@ static PyObject *FlowCache_take_errors(FlowCache *self, PyObject *Py_UNUSED(igno
     return Py_BuildValue("(KKKK)", a, b, c, d);
 }
 
+/* take_sections() -> (sections, seconds, longest, over 1 ms): the exclusive sections (the time
+ * the reader threads stood still) since the last call; main thread only. */
+static PyObject *FlowCache_take_sections(FlowCache *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *r = Py_BuildValue("(KddK)", (unsigned long long)self->excl_n, self->excl_total, self->excl_max,
+                                (unsigned long long)self->excl_slow);
+    if (r != NULL) {
+        self->excl_n = self->excl_slow = 0;
+        self->excl_total = self->excl_max = 0.0;
+    }
+    return r;
+}
+
 /* set_policer(on_mutes or None): the hosts over their mapping rate (see the header comment). */
 static PyObject *FlowCache_set_policer(FlowCache *self, PyObject *cb)
 {
@@ -1685,6 +1712,8 @@ static PyMethodDef FlowCache_methods[] = {
      "sync() -> [(token, dir, proto, packets, bytes, last, segments)]: counts since the last sync "
      "(a super-packet is one packet and its segments)."},
     {"clear", (PyCFunction)FlowCache_clear, METH_NOARGS, "clear() -> like sync(), then forget every flow."},
+    {"take_sections", (PyCFunction)FlowCache_take_sections, METH_NOARGS,
+     "take_sections() -> (sections, seconds, longest, over 1 ms): the reader threads' stops since the last call."},
     {"take_errors", (PyCFunction)FlowCache_take_errors, METH_NOARGS,
      "take_errors() -> (LAN write errors, WAN write errors, refused additions, coalescing rounds) since "
      "the last call."},

@@ -29,7 +29,10 @@ Design decisions:
   (see the header comment of _fastpath.c): ``sync`` and ``stale`` hold the
   threads (``FlowCache.hold``) until the end of the current loop iteration, so
   whatever the caller then does to the engine is done while no thread forwards,
-  and the cache empties itself before they go on if a decision could change.
+  and the cache empties itself before they go on if a decision could change;
+  ``sync(hold=False)`` is for a caller that only reads. Each section's length
+  is counted (``take_sections``: ``dp_reader_stops`` and its time): it is
+  latency every packet in flight meanwhile takes.
 - The engine's budget for the flow-opening packets of hosts over their mapping
   rate (``masqd.engine.limits.Mutes``) is applied by the cache to its misses
   (``set_policer``): a flood of new flows from one host is dropped in the reader
@@ -66,6 +69,7 @@ class NativeCache:
         self.fc: Any = None
         self.efd: int | None = None  # reader threads run: their eventfd (the loop calls fc.service)
         self.loop: Any = None
+        self.longest_stop = 0.0  # seconds: the reader threads' longest stop so far (folded by sync)
 
     def possible(self) -> bool:
         """Whether the cache can run at all here: two ports, an engine with an epoch to watch."""
@@ -182,13 +186,17 @@ class NativeCache:
         if self.fc is not None:
             self.fc.set_capture(tap)
 
-    def sync(self, clear: bool = False) -> None:
+    def sync(self, clear: bool = False, hold: bool = True) -> None:
         """Fold what the flow cache counted into the engine (sessions' expiry, firewall hits,
-        packet counters) and into the data plane's counters; ``clear``: forget its flows too."""
+        packet counters) and into the data plane's counters; ``clear``: forget its flows too.
+        ``hold``: the reader threads stay stopped until the end of this loop iteration, for a
+        caller that changes the engine next; a caller that only reads passes False (the fold
+        itself is one short exclusive section)."""
         fc = self.fc
         if fc is None:
             return
-        self.hold()  # what the caller does next to the engine is done while no thread forwards
+        if hold:
+            self.hold()  # what the caller does next to the engine is done while no thread forwards
         self._fold(fc.clear() if clear else fc.sync())
         policed = fc.take_policed()
         if policed:
@@ -206,6 +214,13 @@ class NativeCache:
             bump(self.counters, "dp_wan_write_errors", wan_err)
         if full:
             bump(self.counters, "fastpath_native_full", full)
+        stops, seconds, longest, slow = fc.take_sections()
+        if stops:  # how long the reader threads stood still for Python (misses, holds)
+            bump(self.counters, "dp_reader_stops", stops)
+            bump(self.counters, "dp_reader_stopped_us", round(seconds * 1e6))
+            if slow:
+                bump(self.counters, "dp_reader_stops_over_1ms", slow)
+            self.longest_stop = max(self.longest_stop, longest)
 
     def _fold(self, rows: list[tuple[Any, ...]]) -> None:
         total = self.engine.count_fast(rows)

@@ -281,10 +281,11 @@ class Dataplane:
         if self.native is not None:
             self._register_readers()
 
-    def sync_native(self, clear: bool = False) -> None:
+    def sync_native(self, clear: bool = False, hold: bool = True) -> None:
         """Fold what the flow cache counted into the engine (sessions' expiry, firewall hits,
-        packet counters) and into the data plane's counters; ``clear``: forget its flows too."""
-        self.cache.sync(clear)
+        packet counters) and into the data plane's counters; ``clear``: forget its flows too.
+        ``hold=False`` for a caller that only reads: the reader threads go on at once."""
+        self.cache.sync(clear, hold)
 
     def _set_keep_warm(self) -> None:
         """Start, retune or stop the keep-warm shadow for ``cfg.dataplane.keep_warm``."""
@@ -438,6 +439,7 @@ class Dataplane:
             self.sync_native()  # the flow cache's counts refresh the sessions' expiry
             if self.active:  # a standby's entries go when the active says so
                 self.engine.expire(self.clock())
+            self.cache.release()  # done with the engine: the reader threads go on now
         except Exception:  # noqa: BLE001
             bump(self.counters, "dp_expire_errors")
             log.exception("engine.expire failed")
@@ -554,7 +556,7 @@ class Dataplane:
 
     def all_counters(self) -> dict[str, int]:
         """Engine counters plus the data plane's own (the flow cache's counts folded in first)."""
-        self.sync_native()
+        self.sync_native(hold=False)
         out = dict(getattr(self.engine, "counters", {}) or {})
         for k, v in self.counters.items():
             out[k] = out.get(k, 0) + v
@@ -563,7 +565,7 @@ class Dataplane:
     def snapshot(self) -> dict[str, Any]:
         """Table, counters and neighbours: what ``SIGUSR1`` dumps."""
         now = self.clock()
-        self.sync_native()
+        self.sync_native(hold=False)
         try:
             table = list(self.engine.table(now))
         except Exception as exc:  # noqa: BLE001
@@ -582,4 +584,5 @@ class Dataplane:
             "coalesce": self.coalesce,
             "queues": {side: len(p.fds) for side, p in self.ports.items()},
             "reader_threads": self.native.workers if self.native is not None else 0,
+            "reader_longest_stop_ms": round(self.cache.longest_stop * 1e3, 3),
         }

@@ -112,7 +112,7 @@ class Ops:
         set_wan_address: Callable[[ipaddress.IPv4Interface], None] | None = None,
         extra_counters: Callable[[], Mapping[str, int]] | None = None,
         extra_gauges: Callable[[], Mapping[str, int]] | None = None,
-        sync: Callable[[], None] | None = None,
+        sync: Callable[..., None] | None = None,
         install_signal_handlers: bool = True,
         control_socket: str | None = None,
         metrics_listen: str | None = None,
@@ -133,7 +133,7 @@ class Ops:
         self._sync = sync
         self.wanwatch_counters: dict[str, int] = {}
         self.wanwatch: WanWatcher | None = None
-        self.collector = MasqdCollector(self.synced_engine, self.counters, self._extra_counters)
+        self.collector = MasqdCollector(self.read_engine, self.counters, self._extra_counters)
         self.registry = make_registry(self.collector)
         self.metrics: MetricsServer | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -154,9 +154,16 @@ class Ops:
         self._stopping = False
 
     def synced_engine(self) -> Any:
-        """The engine, with what the data plane counted outside it folded in."""
+        """The engine, with what the data plane counted outside it folded in, for a caller that
+        changes it next (the data plane's reader threads wait until this loop iteration ends)."""
         if self._sync is not None:
             self._sync()
+        return self.engine
+
+    def read_engine(self) -> Any:
+        """The same for a caller that only reads it: the reader threads go on at once."""
+        if self._sync is not None:
+            self._sync(hold=False)
         return self.engine
 
     # ------------------------------------------------------------------ life cycle
@@ -375,9 +382,9 @@ class Ops:
             raise RequestError("table: 'filter' must be a string")
         f = parse_filter(flt or "")
         if req.get("count") and not f:
-            self.synced_engine()
+            self.read_engine()
             return {"count": self._entry_count()}
-        entries = list(self.synced_engine().table(self.now()))
+        entries = list(self.read_engine().table(self.now()))
         if f:
             entries = [e for e in entries if entry_matches(e, f)]
         return {"count": len(entries)} if req.get("count") else entries
@@ -423,14 +430,14 @@ class Ops:
         return n + (len(fw.entries(now)) if fw is not None else 0) + (len(pcp.entries(now)) if pcp is not None else 0)
 
     def _all_counters(self) -> dict[str, int]:
-        out = dict(getattr(self.synced_engine(), "counters", {}) or {})
+        out = dict(getattr(self.read_engine(), "counters", {}) or {})
         if self._extra is not None:
             for k, v in self._extra().items():
                 out[k] = out.get(k, 0) + v
         return out
 
     def _h_rules(self, req: dict[str, Any]) -> Any:
-        rows = rule_rows(self.synced_engine(), self.now())
+        rows = rule_rows(self.read_engine(), self.now())
         if rows is None:
             return [{"chain": "", "num": i + 1, "rule": line, "pkts": None, "bytes": None}
                     for i, line in enumerate(x for x in self.cfg.firewall.rules.splitlines() if x.strip())]

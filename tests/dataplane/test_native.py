@@ -454,11 +454,13 @@ def test_while_a_capture_runs_every_packet_goes_through_python() -> None:
         native = s.dp.all_counters()["fastpath_native_packets"]
         assert native == 2 and tap.seen == []
         tap.active = True
+        s.dp._capture_tick()  # (the data plane looks every CAPTURE_TICK)
         for _ in range(4):
             assert len(s.feed("lan", flow)) == 1
         assert s.dp.all_counters()["fastpath_native_packets"] == native
         assert [i for i, _ in tap.seen] == ["lan", "wan"] * 4  # each packet in and out
         tap.active = False
+        s.dp._capture_tick()
         assert len(s.feed("lan", flow)) == 1
         assert s.dp.all_counters()["fastpath_native_packets"] == native + 1 and len(tap.seen) == 8
     finally:
@@ -1007,5 +1009,49 @@ def test_a_reader_thread_drops_a_flooding_host_s_misses_without_waking_python() 
         assert policed > 1000, c
         assert calls[0] + policed == n, (calls[0], policed)
         assert len(out) == c["sessions"] and len(out) >= 4000
+    finally:
+        s.close()
+
+
+def _forwarded_within(s: Side, seconds: float) -> list[tuple[str, bytes]]:
+    """What the reader threads write within ``seconds``, the loop not run meanwhile."""
+    out: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + seconds
+    while not out and time.monotonic() < deadline:
+        time.sleep(0.005)
+        out = s.collect()
+    return out
+
+
+def test_reads_of_the_engine_leave_the_reader_threads_running_and_their_stops_are_counted() -> None:
+    """A read (counters, the table, the state file) folds the cache's counts without stopping the
+    reader threads past the fold; a caller that changes the engine next stops them until the loop
+    iteration ends, and expiry only until it is done. The stops are counted and timed: each one
+    delays every packet in flight (docs/dataplane.md)."""
+    s = make_side("tun", False, "native", real_clock=True, threads=True)
+    try:
+        flow = bytes(IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for _ in range(2):  # the session, then the cache taught: the next ones go native
+            assert [i for i, _ in s.feed("lan", flow)] == ["wan"]
+        base = s.dp.all_counters()
+        for read in (s.dp.all_counters, s.dp.snapshot, lambda: s.dp.sync_native(hold=False)):
+            read()
+            s.wires["lan"].send(flow)
+            assert [i for i, _ in _forwarded_within(s, 5)] == ["wan"]  # the loop did not run
+        s.dp.sync_native()  # before a change: stopped until the end of this loop iteration
+        s.wires["lan"].send(flow)
+        assert _forwarded_within(s, 0.3) == []
+        s.dp.cache.release()  # (what the loop does at the end of the iteration)
+        assert [i for i, _ in _forwarded_within(s, 5)] == ["wan"]
+        s.dp._expire()  # expiry stops them only while it runs
+        s.wires["lan"].send(flow)
+        assert [i for i, _ in _forwarded_within(s, 5)] == ["wan"]
+        c = s.dp.all_counters()
+        assert c["fastpath_native_packets"] - base.get("fastpath_native_packets", 0) == 5
+        stops = c["dp_reader_stops"] - base.get("dp_reader_stops", 0)
+        assert 5 <= stops <= 20, stops  # the folds, the hold, the expiry (and nothing left held)
+        assert c["dp_reader_stopped_us"] - base.get("dp_reader_stopped_us", 0) >= 300_000
+        assert c["dp_reader_stops_over_1ms"] - base.get("dp_reader_stops_over_1ms", 0) >= 1
+        assert s.dp.snapshot()["reader_longest_stop_ms"] >= 300
     finally:
         s.close()
