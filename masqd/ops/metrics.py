@@ -38,7 +38,8 @@ class Rule:
     """``pattern`` (full match on an engine counter name) -> family + labels.
 
     Label values come from the pattern's named groups, and ``fixed`` adds
-    constant labels. ``kind`` is "counter" or "gauge".
+    constant labels. ``kind`` is "counter" or "gauge". ``scale`` turns the
+    engine's unit into the family's base unit (microseconds into seconds).
     """
 
     pattern: re.Pattern[str]
@@ -47,6 +48,7 @@ class Rule:
     labels: tuple[str, ...]
     kind: str = "counter"
     fixed: tuple[tuple[str, str], ...] = ()
+    scale: float = 1.0
 
 
 def _r(
@@ -56,8 +58,9 @@ def _r(
     labels: tuple[str, ...] = (),
     kind: str = "counter",
     fixed: tuple[tuple[str, str], ...] = (),
+    scale: float = 1.0,
 ) -> Rule:
-    return Rule(re.compile(pattern), family, doc, labels + tuple(k for k, _ in fixed), kind, fixed)
+    return Rule(re.compile(pattern), family, doc, labels + tuple(k for k, _ in fixed), kind, fixed, scale)
 
 
 _IF = r"(?P<interface>lan|wan)"
@@ -165,6 +168,12 @@ COUNTER_RULES: tuple[Rule, ...] = (
        ("event",)),
     _r(r"state_(?P<event>[a-z0-9_]+)", "masqd_state_events",
        "State file events: saves, entries restored, files and entries refused (by reason).", ("event",)),
+    _r(r"dp_reader_stops", "masqd_dataplane_reader_stops",
+       "Times the reader threads were stopped for the engine (a section: expiry, a miss, a reload).", ()),
+    _r(r"dp_reader_stops_over_1ms", "masqd_dataplane_reader_stops_over_1ms",
+       "Reader-thread stops that lasted over 1 ms (every packet in flight waited that long).", ()),
+    _r(r"dp_reader_stopped_us", "masqd_dataplane_reader_stopped_seconds",
+       "Time the reader threads spent stopped for the engine.", (), scale=1e-6),
     _r(rf"dp_{_IF}_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
        "Data-plane events by interface (write errors, ARP, ...).", ("interface", "event")),
     _r(r"dp_(?P<event>[a-z0-9_]+)", "masqd_dataplane_events",
@@ -341,7 +350,7 @@ class MasqdCollector:
                     continue
                 if rule.family == "masqd_masq_entries":
                     seen_entries = True
-                add(rule.family, rule.doc, labels, float(value), rule.kind)
+                add(rule.family, rule.doc, labels, float(value) * rule.scale, rule.kind)
             gauges = _as_int_map(getattr(engine, "gauges", None))
             for name, value in sorted(gauges.items()):
                 rule, labels = classify(name)
@@ -351,7 +360,7 @@ class MasqdCollector:
                 else:
                     if rule.family == "masqd_masq_entries":
                         seen_entries = True
-                    add(rule.family, rule.doc, labels, float(value), "gauge")
+                    add(rule.family, rule.doc, labels, float(value) * rule.scale, "gauge")
             if not seen_entries:
                 sess = counters.get("sessions")
                 summary = _entry_summary(engine, int(sess) if isinstance(sess, (int, float)) else None)

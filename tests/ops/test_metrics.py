@@ -87,6 +87,19 @@ def test_scrape_values_follow_engine_counters() -> None:
     assert ("masqd_masq_entries", (("protocol", "tcp"), ("state", "established"))) not in s
 
 
+def test_reader_stops_have_their_own_families_and_their_time_is_in_seconds() -> None:
+    """The data plane counts its stops in microseconds; Prometheus gets seconds, in families of their own."""
+    dp = {"dp_reader_stops": 40, "dp_reader_stopped_us": 2_500_000, "dp_reader_stops_over_1ms": 3,
+          "dp_coalesce_rounds": 7}
+    reg = make_registry(MasqdCollector(lambda: FakeEngine(), OpsCounters(), extra_counters=lambda: dp))
+    s = samples(generate_latest(reg).decode())
+    assert s[("masqd_dataplane_reader_stops_total", ())] == 40
+    assert s[("masqd_dataplane_reader_stopped_seconds_total", ())] == pytest.approx(2.5)
+    assert s[("masqd_dataplane_reader_stops_over_1ms_total", ())] == 3
+    assert s[("masqd_dataplane_events_total", (("event", "coalesce_rounds"), ("interface", "all")))] == 7
+    assert not [k for k in s if k[0] == "masqd_dataplane_events_total" and "reader" in dict(k[1]).get("event", "")]
+
+
 def test_ops_counters_exported() -> None:
     ops = OpsCounters()
     ops.reloads_ok = 3
