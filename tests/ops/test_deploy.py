@@ -66,7 +66,9 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     # every SPEC 7 metric area has a panel
     for needed in ("masqd_packets_total", "masqd_bytes_total", "masqd_drops_total", "masqd_masq_entries",
                    "masqd_port_pool_used_ports", "masqd_esp_events_total", "masqd_pptp_calls_total",
-                   "masqd_reloads_total", "masqd_wan_address_changes_total"):
+                   "masqd_reloads_total", "masqd_wan_address_changes_total",
+                   # the reader threads' stops (docs/dataplane.md)
+                   "masqd_dataplane_reader_stops_total", "masqd_dataplane_reader_stopped_seconds_total"):
         assert needed in refs, needed
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
