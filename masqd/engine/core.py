@@ -89,6 +89,7 @@ class Engine:
         # the budget of flow-opening packets of hosts over their mapping rate is applied here
         # (False while the data plane's flow cache applies it to its misses, before Python)
         self.police_openers = True
+        self._due: list[Session] = []  # timed-out sessions an expiry with a budget left for later
         self.helpers: list[Helper] = [cls(self, cfg) for cls in HELPERS]
         self._apply(cfg, first=True)
 
@@ -429,11 +430,26 @@ class Engine:
         return self.fast.entry(iface, packet)
 
     # ------------------------------------------------------------------ expiry
-    def expire(self, now: float) -> None:
-        """Remove what timed out."""
+    def expire(self, now: float, budget: int | None = None) -> bool:
+        """Remove what timed out: at most ``budget`` sessions in this call (None: all of them).
+
+        Returns whether timed-out sessions are left for another call. The data plane calls
+        again in its next loop iteration, so that a mass expiry (a flood's sessions timing out
+        in the same second: about 7 µs each) never stops the packets in flight for seconds.
+        A session left for later that gets a packet meanwhile stays (filed again)."""
         t = self.nat
-        for s in t.due(now):
+        due = self._due
+        if not due:
+            due = self._due = t.due(now)
+        if budget is None or budget >= len(due):
+            batch, self._due = due, []
+        else:
+            batch = due[-budget:]
+            del due[-budget:]
+        for s in batch:
             if s.dead:  # filed twice (its timeout was shortened): already gone
+                continue
+            if t.refreshed(s, now):
                 continue
             reason = t.expire_reason(s)
             self.event("debug", "entry_expired", proto=PROTO_NAMES.get(s.m.proto, s.m.proto),
@@ -447,6 +463,9 @@ class Engine:
         self.forwarders.expire(now)
         self.pcp.expire(now)
         self.full.expire_resets(now)
+        if self._due:
+            self.count("expiry_deferred")
+        return bool(self._due)
 
     # ------------------------------------------------------ packets of our own
     def start(self, now: float) -> list[tuple[str, bytes]]:

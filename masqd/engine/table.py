@@ -504,6 +504,15 @@ class NatTable:
                     self._forget_idle(q.host, h)
         return self.wheel.due(now, _is_dead, _deadline)  # type: ignore[no-any-return]
 
+    def refreshed(self, s: Session, now: float) -> bool:
+        """Whether ``s``, handed out by ``due`` and not yet removed, got a packet or a hold since
+        ``due`` saw it: then it is filed again under its new deadline and stays."""
+        d = _deadline(s)
+        if d <= now:
+            return False
+        self.wheel.add(s, d)
+        return True
+
     def host_rows(self, now: float) -> dict[str, Any]:
         """The per-host limits in force and the top offenders, for ``masqd stats``."""
         lim = self.limits

@@ -1055,3 +1055,52 @@ def test_reads_of_the_engine_leave_the_reader_threads_running_and_their_stops_ar
         assert s.dp.snapshot()["reader_longest_stop_ms"] >= 300
     finally:
         s.close()
+
+
+def test_a_mass_expiry_goes_in_slices_and_packets_are_served_in_between(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed-out sessions go ``EXPIRE_SLICE`` at a time, the rest in the next loop iterations:
+    between two slices the loop serves the packets waiting (and the reader threads, released
+    after each slice, forward), so a flood's sessions timing out together do not stop every
+    packet in flight for seconds (about 7 µs a session). A removal moves the engine's epoch and
+    empties the cache, so the live flow's next packet is a miss that the loop serves."""
+    from masqd.dataplane import router
+    monkeypatch.setattr(router, "EXPIRE_SLICE", 10)  # (the setting under test: 30 sessions, 3 slices)
+    s = make_side("tun", False, "native")
+    try:
+        for i in range(30):
+            p = bytes(IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / UDP(sport=5000 + i, dport=53) / b"q")
+            assert [i for i, _ in s.feed("lan", p)] == ["wan"]
+        t0 = s.clock[0]
+        timeout = max(r["expires_in"] for r in s.dp.engine.table(t0))
+        s.clock[0] = t0 + timeout - 1
+        live = bytes(IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / UDP(sport=4000, dport=53) / (b"q" * 32))
+        for _ in range(2):  # the session, then the cache taught: the next ones go native
+            assert [i for i, _ in s.feed("lan", live)] == ["wan"]
+        s.clock[0] = t0 + timeout + 1  # the 30 are due, the live one is not
+        base = s.dp.all_counters()
+        out_before: list[bool] = []  # at each slice: has the live packet gone out already?
+        expire = s.dp.engine.expire
+
+        def slice_(now: float, budget: int | None = None) -> bool:
+            out_before.append(bool(select.select([s.wires["wan"]], [], [], 0)[0]))
+            return expire(now, budget)
+
+        monkeypatch.setattr(s.dp.engine, "expire", slice_)
+        s.dp._expire()
+        assert s.dp.all_counters()["sessions"] == 21
+        assert "expire_more" in s.dp._timers
+        s.wires["lan"].send(live)  # a miss now: the reader thread hands it to the loop
+        time.sleep(0.2)
+        assert s.dp.loop is not None
+        for _ in range(10):
+            s.dp.loop.run_until_complete(asyncio.sleep(0))
+        c = s.dp.all_counters()
+        assert c["sessions"] == 1 and c["expired"] - base.get("expired", 0) == 30
+        assert "expire_more" not in s.dp._timers and "expire" in s.dp._timers
+        assert c["expiry_deferred"] - base.get("expiry_deferred", 0) == 2
+        assert [r["lan"].rsplit(":", 1)[1] for r in s.dp.engine.table(s.clock[0])] == ["4000"]
+        assert out_before == [False, True, True]  # served between the first slice and the second
+        assert [i for i, _ in s.collect()] == ["wan"]
+    finally:
+        s.close()

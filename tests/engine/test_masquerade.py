@@ -206,6 +206,26 @@ def test_expiry_with_a_large_clock_jump(eng: Engine) -> None:
     assert eng.counters["sessions"] == 0
 
 
+def test_a_mass_expiry_goes_in_slices_and_a_session_refreshed_meanwhile_stays(eng: Engine) -> None:
+    """With a budget, one call removes at most that many timed-out sessions and says more are
+    left (the data plane calls again in its next loop iteration); a session that gets a packet
+    before its turn comes is filed again, not removed."""
+    for i in range(50):
+        one(eng.process("lan", udp(H2, SRV, 4000 + i, 53), 0.0), "wan")
+    late = 400.0  # past every one's timeout
+    assert eng.expire(late, 20) is True
+    assert eng.counters["sessions"] == 30 and eng.counters["expired"] == 20
+    left = [int(r["lan"].rsplit(":", 1)[1]) for r in eng.table(late)]
+    assert len(left) == 30
+    one(eng.process("lan", udp(H2, SRV, left[0], 53), late), "wan")  # its turn has not come yet
+    assert eng.expire(late + 1, 20) is True
+    assert eng.expire(late + 1, 20) is False
+    assert eng.counters["sessions"] == 1 and eng.counters["expired"] == 49
+    assert [r["lan"] for r in eng.table(late + 1)] == [f"{H2}:{left[0]}"]
+    assert eng.expire(late + 1000) is False  # no budget: everything due, at once
+    assert eng.counters["sessions"] == 0
+
+
 def _inbound_after_outbound(filtering: str, src: str, sport: int) -> list:
     eng = Engine(make_cfg(f'[masquerade]\ninbound_filtering = "{filtering}"\n'))
     p = one(eng.process("lan", udp(H2, SRV, 4000, 53), 0.0), "wan")
