@@ -55,7 +55,10 @@
  *   epoch and each neighbour table's version with those the cache was taught
  *   under and empties the cache (through on_stale, which folds the counts
  *   first) if one moved, before any thread reads again; service() also looks
- *   before the misses and after each one, as on_readable does.
+ *   before the misses and after each one, as on_readable does. At the same
+ *   points, sessions the engine removed (engine.gone not empty) leave the cache
+ *   one by one (on_gone calls forget with the keys taught for them), the other
+ *   flows staying.
  * - The entries' counters are atomic (two threads may forward one flow when the
  *   kernel moves it between queues); sync/clear take them in a section.
  * - Hosts over their mapping rate (set_policer): the engine lists them, each with
@@ -174,6 +177,7 @@ typedef struct FlowCache {
     PyObject *watch[3];
     long seen[3];
     PyObject *on_stale; /* called (no arguments) when it changed: Python folds and clears */
+    PyObject *on_gone;  /* called (no arguments) when engine.gone lists sessions: Python forgets them */
     double pause;      /* coalesce: seconds between rounds under load (0: off) */
     long min_busy;     /* a wake-up that passes on this many packets is "under load" */
     double hold;       /* and the rounds stop after this long */
@@ -586,6 +590,20 @@ static int load_mutes(FlowCache *self)
 static int check_stale(FlowCache *self)
 {
     int changed = 0;
+    if (self->on_gone != NULL && self->watch[0] != NULL) { /* (even empty: the list must not grow) */
+        /* sessions the engine removed: only their entries go (forget), the other flows stay */
+        PyObject *g = PyObject_GetAttrString(self->watch[0], "gone");
+        if (g == NULL)
+            return -1;
+        int any = PyList_Check(g) && PyList_GET_SIZE(g) > 0;
+        Py_DECREF(g);
+        if (any) {
+            PyObject *r = PyObject_CallNoArgs(self->on_gone);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+        }
+    }
     for (int i = 0; i < 3; i++) {
         if (self->watch[i] == NULL)
             continue;
@@ -1499,6 +1517,105 @@ static void drop_all(FlowCache *self)
     self->n = 0;
 }
 
+/* Remove one entry (main thread, in an exclusive section or with no threads): its slot by
+ * backward-shift deletion, so that no probe run is cut; the last entry moves into its place. */
+static void drop_entry(FlowCache *self, entry_t *e)
+{
+    uint32_t idx = (uint32_t)(e - self->entries);
+    uint32_t i = e->slot, j = i;
+    self->slots[i] = 0;
+    for (;;) {
+        j = (j + 1) & (NSLOTS - 1);
+        uint32_t v = self->slots[j];
+        if (!v)
+            break;
+        entry_t *x = &self->entries[v - 1];
+        uint32_t h = slot_of(x->k0, x->k1);
+        /* x stays where it is if its home slot h lies cyclically in (i, j] */
+        int stays = i <= j ? (h > i && h <= j) : (h > i || h <= j);
+        if (!stays) {
+            self->slots[i] = v;
+            x->slot = i;
+            self->slots[j] = 0;
+            i = j;
+        }
+    }
+    PyObject *token = e->token;
+    e->token = NULL;
+    uint32_t last = self->n - 1;
+    if (idx != last) {
+        *e = self->entries[last];
+        self->slots[e->slot] = idx + 1;
+    }
+    self->entries[last].token = NULL;
+    self->n = last;
+    Py_XDECREF(token);
+}
+
+/* forget([(dir, proto, key, token)]) -> the counts of the entries dropped, as sync gives them: the
+ * entries of those keys that still hold that token leave the cache (a session removed). */
+static PyObject *FlowCache_forget(FlowCache *self, PyObject *rows)
+{
+    if (!PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "forget: a list of (dir, proto, key, token)");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    excl_enter(self);
+    for (Py_ssize_t r = 0; r < PyList_GET_SIZE(rows); r++) {
+        int dir, proto;
+        Py_buffer key;
+        PyObject *token;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(rows, r), "iiy*O", &dir, &proto, &key, &token)) {
+            Py_CLEAR(out);
+            break;
+        }
+        if (key.len != 12 || dir < 0 || dir > 1) {
+            PyBuffer_Release(&key);
+            PyErr_SetString(PyExc_ValueError, "forget: bad key");
+            Py_CLEAR(out);
+            break;
+        }
+        uint64_t k0, k1;
+        make_key((const uint8_t *)key.buf, dir, proto, &k0, &k1);
+        PyBuffer_Release(&key);
+        entry_t *e = lookup(self, k0, k1);
+        if (e == NULL || e->token != token)
+            continue; /* gone already, or the key is another session's now */
+        uint64_t pk = __atomic_exchange_n(&e->pkts, 0, __ATOMIC_RELAXED);
+        if (pk) {
+            uint64_t sg = __atomic_exchange_n(&e->segs, 0, __ATOMIC_RELAXED);
+            uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
+            double last;
+            __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
+            if (append_new(out, Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
+                                              (unsigned long long)by, last, (unsigned long long)sg)) < 0) {
+                out = NULL;
+                break;
+            }
+        }
+        drop_entry(self, e);
+    }
+    if (excl_leave(self) < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
+/* set_gone(on_gone or None): see check_stale. */
+static PyObject *FlowCache_set_gone(FlowCache *self, PyObject *cb)
+{
+    if (cb != Py_None && !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "set_gone: a callable or None");
+        return NULL;
+    }
+    PyObject *o = cb == Py_None ? NULL : cb;
+    Py_XINCREF(o);
+    Py_XSETREF(self->on_gone, o);
+    Py_RETURN_NONE;
+}
+
 static PyObject *FlowCache_clear(FlowCache *self, PyObject *Py_UNUSED(ignored))
 {
     excl_enter(self);
@@ -1599,6 +1716,7 @@ static int FlowCache_traverse(FlowCache *self, visitproc visit, void *arg)
     for (int i = 0; i < 3; i++)
         Py_VISIT(self->watch[i]);
     Py_VISIT(self->on_stale);
+    Py_VISIT(self->on_gone);
     Py_VISIT(self->on_mutes);
     Py_VISIT(self->on_traffic);
     Py_VISIT(self->capture);
@@ -1615,6 +1733,7 @@ static int FlowCache_tp_clear(FlowCache *self)
     for (int i = 0; i < 3; i++)
         Py_CLEAR(self->watch[i]);
     Py_CLEAR(self->on_stale);
+    Py_CLEAR(self->on_gone);
     Py_CLEAR(self->on_mutes);
     self->nmutes = 0;
     Py_CLEAR(self->on_traffic);
@@ -1704,6 +1823,12 @@ static PyMethodDef FlowCache_methods[] = {
      "set_policer(on_mutes or None): on_mutes() -> [(address, until, rate, burst)], the LAN hosts over "
      "their mapping rate, read again whenever engine.mute_serial moves; their flow-opening misses beyond "
      "the budget are dropped (take_policed)."},
+    {"forget", (PyCFunction)FlowCache_forget, METH_O,
+     "forget([(dir, proto, key, token)]) -> [(token, dir, proto, packets, bytes, last, segments)]: the "
+     "entries of those keys that still hold that token leave the cache; their counts since the last sync."},
+    {"set_gone", (PyCFunction)FlowCache_set_gone, METH_O,
+     "set_gone(on_gone or None): called when engine.gone lists sessions the engine removed (on_gone "
+     "forgets their entries); checked where engine.epoch is."},
     {"take_policed", (PyCFunction)FlowCache_take_policed, METH_NOARGS,
      "take_policed() -> [(address bytes, packets dropped)] since the last call."},
     {"take_supers", (PyCFunction)FlowCache_take_supers, METH_NOARGS,

@@ -18,7 +18,10 @@ Design decisions:
   hits, packet counters) into the engine before anyone reads or changes it.
 - The cache empties itself (through ``stale``, which folds its counts first)
   whenever a cached decision could be void: the engine's epoch moved (a
-  session removed or rebound, a new config) or a neighbour table changed.
+  session rebound, a new config) or a neighbour table changed. A session the
+  engine removes (expired, closed, replaced, dropped early) voids its own
+  flows only: the engine lists it in ``gone`` and the cache forgets the keys
+  it was taught for it (``forget_gone``), the other flows staying cached.
 - Reader threads (``threads`` at start; the data plane asks for them when its
   clock is the monotonic clock the C code reads): one per device queue, each
   reading queue q of both devices and forwarding the flows the cache knows
@@ -50,6 +53,7 @@ from typing import Any
 
 from masqd.dataplane.port import Port, bump
 from masqd.dataplane.tuning import COALESCE_HOLD, COALESCE_MIN
+from masqd.engine.nat import Session
 
 try:
     from masqd.dataplane import _fastpath  # type: ignore[attr-defined]
@@ -57,6 +61,9 @@ except ImportError:  # installed without a C compiler: the Python fast path only
     _fastpath = None
 
 log = logging.getLogger("masqd.dataplane")
+
+# sessions removed at once beyond which the cache empties rather than forgets them one by one
+FORGET_MAX = 4096
 
 
 class NativeCache:
@@ -70,6 +77,8 @@ class NativeCache:
         self.efd: int | None = None  # reader threads run: their eventfd (the loop calls fc.service)
         self.loop: Any = None
         self.longest_stop = 0.0  # seconds: the reader threads' longest stop so far (folded by sync)
+        # the keys taught for each session, to forget them when the engine removes it (forget_gone)
+        self.taught: dict[Any, set[tuple[int, int, bytes]]] = {}
 
     def possible(self) -> bool:
         """Whether the cache can run at all here: two ports, an engine with an epoch to watch."""
@@ -94,9 +103,16 @@ class NativeCache:
             fc.set_miss(idx, port.native_miss)
             port.native, port.native_idx = fc, idx
         # the cache empties itself (through stale, which folds its counts) whenever a
-        # cached decision could be void: the engine's epoch moved (a session removed or
-        # rebound, a new config) or a neighbour table changed (TAP)
+        # cached decision could be void: the engine's epoch moved (a session rebound, a new
+        # config) or a neighbour table changed (TAP)
         fc.set_watch(self.engine, self.ports["lan"].l2, self.ports["wan"].l2, self.stale)
+        nat = getattr(self.engine, "nat", None)
+        if nat is not None and hasattr(nat, "gone"):
+            # a removed session (expired, closed, replaced, dropped early) voids its own flows
+            # only: the engine lists it in gone instead of moving the epoch, the cache forgets them
+            self.taught = {}
+            nat.gone = []
+            fc.set_gone(self.forget_gone)
         if hasattr(self.engine, "mute_rows"):
             # the hosts over their mapping rate: the cache drops their flow-opening misses beyond
             # the budget before Python, the engine no longer applies it
@@ -137,6 +153,11 @@ class NativeCache:
             self.efd = None
         self.sync(clear=True)
         fc.set_policer(None)
+        fc.set_gone(None)
+        nat = getattr(self.engine, "nat", None)
+        if nat is not None and getattr(nat, "gone", None) is not None:
+            nat.gone = None
+            nat.epoch += 1  # (nobody forgets them now: any cache still there empties itself)
         if hasattr(self.engine, "police_openers"):
             self.engine.police_openers = True
         self.fc = None
@@ -170,7 +191,32 @@ class NativeCache:
         """Forget every cached flow (their counts folded first)."""
         if self.fc is not None:
             self.hold()
+            self.taught.clear()
             self._fold(self.fc.clear())
+
+    def forget_gone(self) -> None:
+        """The sessions the engine removed leave the cache (their counts folded), the other flows
+        stay; many at once (a flush, an address change): the cache empties instead."""
+        nat = self.engine.nat
+        gone = nat.gone
+        if not gone:
+            return
+        nat.gone = []
+        fc = self.fc
+        if fc is None:
+            return
+        if len(gone) > FORGET_MAX:
+            self.stale()
+            return
+        rows: list[tuple[int, int, bytes, Session]] = []
+        taught = self.taught
+        for s in gone:
+            keys = taught.pop(s, None)
+            if keys:
+                rows.extend((d, p, k, s) for d, p, k in keys)
+        if rows:
+            self._fold(fc.forget(rows))
+            bump(self.counters, "dp_cache_forgotten", len(rows))
 
     def set_traffic(self, traffic: Callable[[float], None] | None) -> None:
         """keep_warm needs to hear of traffic the flow cache forwarded without Python."""
@@ -197,6 +243,8 @@ class NativeCache:
             return
         if hold:
             self.hold()  # what the caller does next to the engine is done while no thread forwards
+        if clear:
+            self.taught.clear()
         self._fold(fc.clear() if clear else fc.sync())
         policed = fc.take_policed()
         if policed:
@@ -246,7 +294,13 @@ class NativeCache:
             if hdr is None:
                 return
         try:
-            self.fc.add(*entry, hdr)
+            added = self.fc.add(*entry, hdr)
         except RuntimeError:  # the key was another session's, with counts: fold them first
             self.sync()
-            self.fc.add(*entry, hdr)
+            added = self.fc.add(*entry, hdr)
+        if added:  # (any token: a helper's entries go when its removal moves the epoch, which clears this)
+            keys = self.taught.get(entry[3])
+            if keys is None:
+                self.taught[entry[3]] = {(d, entry[1], key)}
+            else:
+                keys.add((d, entry[1], key))  # (a flow taught again: the same key, once)

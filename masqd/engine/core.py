@@ -178,6 +178,11 @@ class Engine:
         return self.nat.wan_ip_b
 
     @property
+    def gone(self) -> list[Session] | None:
+        """Sessions removed since the flow cache last looked (see ``NatTable.gone``)."""
+        return self.nat.gone
+
+    @property
     def epoch(self) -> int:
         """Moves whenever a decision cached outside the engine could be void (see ``NatTable``)."""
         return self.nat.epoch

@@ -26,8 +26,11 @@ restart that keeps the table keeps the epoch going.
 
 Subscribers are plain callables, run synchronously: they must only record (append
 to a queue); nothing here does I/O. ``epoch`` moves whenever a decision cached
-outside the engine could have become void (a session removed or rebound, a new
-configuration): the data plane's flow cache watches it.
+outside the engine could have become void (a session rebound, a new
+configuration, a session removed when nobody watches ``gone``): the data
+plane's flow cache watches it. While the cache watches ``gone`` (a list), a
+removed session is put there instead, and the cache forgets that session's
+flows only.
 
 Limits (``[limits]``, docs/limits.md) are enforced here, where entries are made:
 per LAN host (:mod:`masqd.engine.limits`) its sessions, the WAN ports it holds
@@ -151,6 +154,9 @@ class NatTable:
         self.wheel = TimerWheel()
         self.nsessions = 0
         self.epoch = 0
+        # sessions removed since the data plane's flow cache last looked (None: no cache watches):
+        # their cached flows go, where a moved epoch empties the whole cache
+        self.gone: list[Session] | None = None
         self.wan_ip = 0
         self.wan_ip_b = b"\0\0\0\0"
         self._subs: list[Subscriber] = []
@@ -414,7 +420,10 @@ class NatTable:
         if s.dead:
             return
         s.dead = True
-        self.epoch += 1
+        if self.gone is None or s.helper is not None:
+            self.epoch += 1  # every cached decision void (a helper's flows may hang on this one)
+        else:
+            self.gone.append(s)  # only its own cached flows are void: the data plane forgets them
         m = s.m
         out_t, in_t = self.out[m.proto], self.inb[m.proto]
         k = s.out_key

@@ -252,7 +252,7 @@ def event(sides: list[Side], r: random.Random, step: int, flush_ip: str = LAN_HO
 def counters(s: Side) -> dict[str, int]:
     """Every counter but the flow cache's own (which only the native side has: its packets, its
     reader threads' stops)."""
-    return {k: v for k, v in s.dp.all_counters().items() if not k.startswith(("fastpath_", "dp_reader_"))}
+    return {k: v for k, v in s.dp.all_counters().items() if not k.startswith(("fastpath_", "dp_reader_", "dp_cache_"))}
 
 
 def rows(s: Side, now: float, real_clock: bool = False) -> list[dict[str, Any]]:

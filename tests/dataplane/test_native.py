@@ -354,6 +354,51 @@ def test_flow_cache_fills_up_and_says_so() -> None:
             s.close()
 
 
+def test_flow_cache_forgets_entries_one_by_one_and_finds_every_other_one_after() -> None:
+    """forget drops the entries of the keys given that still hold the token given (their counts
+    returned), out of a full table where probe runs are long; every entry left is still found
+    (adding it again changes nothing) and a forgotten key can be taught again."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        for x in (a, b, c, d):
+            x.setblocking(False)
+        fc = _fastpath.FlowCache()
+        fc.set_port(0, a.fileno(), False, False, b"")
+        fc.set_port(1, c.fileno(), False, False, b"")
+        n = _fastpath.MAX_ENTRIES
+        keys = [struct.pack("!IIHH", i, 7, 1, 2) for i in range(n)]
+        tokens = [object() for _ in range(n)]
+        for k, t in zip(keys, tokens, strict=True):
+            assert fc.add(0, 17, k, t, bytes(4), 9, 0, 0, 1500, b"") is True
+        assert len(fc) == n
+        b.send(bytes(IP(src="0.0.0.5", dst="0.0.0.7", ttl=9) / UDP(sport=1, dport=2) / (b"x" * 20)))
+        assert fc.drain(0, 10, 5.0)[:2] == (1, 1)  # key 5 forwarded one packet
+        r = random.Random(7)
+        gone = set(r.sample(range(n), n // 2)) | {5}
+        wrong = r.sample(sorted(set(range(n)) - gone), 100)  # right key, another token: kept
+        rows = [(0, 17, keys[i], tokens[i]) for i in sorted(gone)] + [(0, 17, keys[i], object()) for i in wrong]
+        counts = fc.forget(rows)
+        assert [(c[0], c[3]) for c in counts] == [(tokens[5], 1)]  # the counts of what it dropped
+        assert len(fc) == n - len(gone)
+        for i in range(n):  # every entry left is found where it is: teaching it again adds nothing
+            if i not in gone:
+                assert fc.add(0, 17, keys[i], tokens[i], bytes(4), 9, 0, 0, 1500, b"") is True
+        assert len(fc) == n - len(gone)
+        assert fc.forget([(0, 17, keys[5], tokens[5])]) == [] and len(fc) == n - len(gone)  # gone already
+        for i in sorted(gone)[:10]:
+            assert fc.add(0, 17, keys[i], tokens[i], bytes(4), 9, 0, 0, 1500, b"") is True
+        assert len(fc) == n - len(gone) + 10
+        with pytest.raises(ValueError):
+            fc.forget([(0, 17, bytes(11), tokens[0])])
+        with pytest.raises(TypeError):
+            fc.forget("not a list")
+        assert len(fc) == n - len(gone) + 10
+    finally:
+        for x in (a, b, c, d):
+            x.close()
+
+
 @pytest.mark.parametrize("fastpath,real_clock,threads", [("native", True, True), ("native", True, False),
                                                          ("native", False, False), ("python", True, False)],
                          ids=["rounds-in-threads", "rounds-in-the-cache", "rounds-in-python", "python"])
@@ -1102,5 +1147,45 @@ def test_a_mass_expiry_goes_in_slices_and_packets_are_served_in_between(
         assert [r["lan"].rsplit(":", 1)[1] for r in s.dp.engine.table(s.clock[0])] == ["4000"]
         assert out_before == [False, True, True]  # served between the first slice and the second
         assert [i for i, _ in s.collect()] == ["wan"]
+    finally:
+        s.close()
+
+
+def test_a_removed_session_leaves_the_cache_and_the_other_flows_stay_cached() -> None:
+    """A session the engine removes (here: expired) voids its own cached flows only: the cache
+    forgets them, its counts folded, and every other flow stays native. (Any removal used to
+    empty the whole cache: each flow's next packet through Python after every expiry tick that
+    removed anything, every replacement of a session, every early drop of a full table.)"""
+    s = make_side("tun", False, "native")
+    try:
+        fc = s.dp.native
+
+        def udp(sport: int) -> bytes:  # (shorter than 40 bytes: Python's)
+            return bytes(IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / UDP(sport=sport, dport=53) / (b"q" * 32))
+
+        for sport in (4000, 4001):
+            for _ in range(2):  # the session, then the cache taught
+                assert [i for i, _ in s.feed("lan", udp(sport))] == ["wan"]
+        assert len(fc) == 2
+        t0 = s.clock[0]
+        timeout = max(r["expires_in"] for r in s.dp.engine.table(t0))
+        s.clock[0] = t0 + timeout - 1
+        assert [i for i, _ in s.feed("lan", udp(4001))] == ["wan"]  # 4001 lives on, natively
+        s.clock[0] = t0 + timeout + 1
+        s.dp._expire()  # 4000 goes
+        c = s.dp.all_counters()
+        assert c["sessions"] == 1 and c["expired"] == 1
+        native = c["fastpath_native_packets"]
+        out = s.feed("lan", udp(4001))
+        assert [i for i, _ in out] == ["wan"]
+        assert len(fc) == 1  # 4000's entry forgotten, 4001's kept ...
+        c = s.dp.all_counters()
+        assert c["fastpath_native_packets"] == native + 1  # ... and it forwarded this one
+        assert c["dp_cache_forgotten"] == 1
+        out = s.feed("lan", udp(4000))  # a new session for the forgotten flow, through Python
+        assert [i for i, _ in out] == ["wan"] and IP(out[0][1]).src == WAN_IP
+        c = s.dp.all_counters()
+        assert c["sessions"] == 2 and c["fastpath_native_packets"] == native + 1
+        assert c["rx_lan_udp_packets"] == 7  # every packet counted once, through either path
     finally:
         s.close()
