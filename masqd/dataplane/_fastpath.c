@@ -1476,25 +1476,30 @@ static int append_new(PyObject *out, PyObject *item)
     return 0;
 }
 
+/* Append e's counts since the last take, as sync gives them, and zero them (nothing when it
+ * forwarded nothing); -1 as append_new (`out` released). Under an exclusive section: no thread
+ * adds to them meanwhile. */
+static int take_counts(PyObject *out, entry_t *e)
+{
+    if (!__atomic_load_n(&e->pkts, __ATOMIC_RELAXED))
+        return 0;
+    uint64_t pk = __atomic_exchange_n(&e->pkts, 0, __ATOMIC_RELAXED);
+    uint64_t sg = __atomic_exchange_n(&e->segs, 0, __ATOMIC_RELAXED);
+    uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
+    double last;
+    __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
+    return append_new(out, Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
+                                         (unsigned long long)by, last, (unsigned long long)sg));
+}
+
 static PyObject *collect(FlowCache *self)
 {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    for (uint32_t i = 0; i < self->n; i++) {
-        entry_t *e = &self->entries[i];
-        if (!__atomic_load_n(&e->pkts, __ATOMIC_RELAXED))
-            continue;
-        /* (under an exclusive section: no thread adds to them meanwhile) */
-        uint64_t pk = __atomic_exchange_n(&e->pkts, 0, __ATOMIC_RELAXED);
-        uint64_t sg = __atomic_exchange_n(&e->segs, 0, __ATOMIC_RELAXED);
-        uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
-        double last;
-        __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
-        if (append_new(out, Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
-                                          (unsigned long long)by, last, (unsigned long long)sg)) < 0)
+    for (uint32_t i = 0; i < self->n; i++)
+        if (take_counts(out, &self->entries[i]) < 0)
             return NULL;
-    }
     return out;
 }
 
@@ -1584,17 +1589,9 @@ static PyObject *FlowCache_forget(FlowCache *self, PyObject *rows)
         entry_t *e = lookup(self, k0, k1);
         if (e == NULL || e->token != token)
             continue; /* gone already, or the key is another session's now */
-        uint64_t pk = __atomic_exchange_n(&e->pkts, 0, __ATOMIC_RELAXED);
-        if (pk) {
-            uint64_t sg = __atomic_exchange_n(&e->segs, 0, __ATOMIC_RELAXED);
-            uint64_t by = __atomic_exchange_n(&e->bytes, 0, __ATOMIC_RELAXED);
-            double last;
-            __atomic_load(&e->last, &last, __ATOMIC_RELAXED);
-            if (append_new(out, Py_BuildValue("(OiiKKdK)", e->token, e->dir, e->proto, (unsigned long long)pk,
-                                              (unsigned long long)by, last, (unsigned long long)sg)) < 0) {
-                out = NULL;
-                break;
-            }
+        if (take_counts(out, e) < 0) {
+            out = NULL;
+            break;
         }
         drop_entry(self, e);
     }
