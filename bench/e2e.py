@@ -31,7 +31,7 @@ lan2's default route. Workloads (bounded: ``--seconds`` each):
 
 Usage (root): ``.venv/bin/python bench/e2e.py [--seconds 5] [--udp-pps 50000] [--mode tap|tun]
 [--rps auto|off|MASK] [--napi off|threaded|adaptive] [--keep-warm S] [--coalesce S] [--fastpath native|python]
-[--queues N] [--no-offload] [--no-search] [--runs N] [--json] [--record FILE [--label TEXT]] [--plot FILE.svg]``
+[--queues N] [--no-offload] [--floor] [--no-search] [--runs N] [--json] [--record FILE [--label TEXT]] [--plot FILE.svg]``
 (with ``--json``, one object per run and line, each with the date, the command line and the machine;
 ``--record`` adds the runs to a results file for docs/benchmark.md, see ``bench/record.py``;
 ``--plot`` draws the runs with matplotlib, the bench extra: ``bench/e2e.py --plot F.svg --from
@@ -57,6 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.floor import FLOOR_LAN, Floor  # noqa: E402
 from bench.record import record, stamp  # noqa: E402
 from masqd.lab import FW_LAN, FW_WAN, KFW_LAN, SRV1, Lab, MasqdProcess, stop_process  # noqa: E402
 
@@ -143,24 +144,25 @@ def trial(lab: Lab, gen: str, proto: str, rate: float, seconds: float) -> dict[s
             "pps": got / dur, "offered_pps": n / dur}
 
 
-def fixed_rate(lab: Lab, gen: str, proto: str, rate: float, seconds: float, m: MasqdProcess | None
+def fixed_rate(lab: Lab, gen: str, proto: str, rate: float, seconds: float, pid: int | None
                ) -> dict[str, float]:
     """A send at ``rate`` with the CPU it cost: the machine's kernel time (less what the same span
-    of idle just before took) per delivered packet, and for masqd its process's user and system
-    time per packet (its user time added to the kernel time: the like-with-like total)."""
+    of idle just before took) per delivered packet, and for a router process (masqd, the floor
+    relay: ``pid``) its user and system time per packet (its user time added to the kernel time:
+    the like-with-like total)."""
     k0, _ = proc_stat()
     time.sleep(1.0)
     k1, _ = proc_stat()
     idle_rate = k1 - k0  # kernel seconds per second with no traffic (other work on the machine)
-    t0 = proc_times(m.pid) if m is not None else (0.0, 0.0)
+    t0 = proc_times(pid) if pid is not None else (0.0, 0.0)
     s0, w0 = proc_stat()[0], time.monotonic()
     r = trial(lab, gen, proto, rate, seconds)
     s1, w1 = proc_stat()[0], time.monotonic()
-    t1 = proc_times(m.pid) if m is not None else (0.0, 0.0)
+    t1 = proc_times(pid) if pid is not None else (0.0, 0.0)
     got = r["received"] or float("nan")
     ksys = max(0.0, (s1 - s0) - idle_rate * (w1 - w0))
     r["sys_us_per_pkt"] = ksys / got * 1e6
-    if m is not None:
+    if pid is not None:
         r["proc_user_us_per_pkt"] = (t1[0] - t0[0]) / got * 1e6
         r["proc_sys_us_per_pkt"] = (t1[1] - t0[1]) / got * 1e6
         r["total_us_per_pkt"] = r["sys_us_per_pkt"] + r["proc_user_us_per_pkt"]
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res[f"tcp4_{name}_gbps"] = tcp_gbps(lab, 4, args.seconds)
             if name == "masqd":
                 vpn = vpn_setup(lab, gen, 3600)
-            mm = m if name == "masqd" else None
+            mm = m.pid if name == "masqd" else None
             for proto in WORKLOADS:
                 trial(lab, gen, proto, 2000, 0.2)  # the flow's first packets: session and cache
                 if name == "masqd" and proto == "udp":
@@ -327,6 +329,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     mr = max_rate(lab, gen, proto, args.search_from, args.trial, args.trials)
                     res[f"{proto}_max_{name}_pps"] = mr["max_pps"]
                     res[f"{proto}_max_{name}_trials"] = mr["trials"]
+        if args.floor:
+            floor_run(lab, gen, args, res)
         rtt_blocks(lab, m, args.pings, res)
         derive(res)
         res["masqd_errors"] = {k: v for k, v in m.snapshot()["counters"].items()
@@ -345,6 +349,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def floor_run(lab: Lab, gen: str, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """``--floor``: TCP 1 and 4 streams and the small UDP packets (fixed rate, search) through
+    the TUN/TAP floor relay (bench/floor.py), its process's CPU per packet measured as masqd's."""
+    fl = Floor(lab)
+    try:
+        fl.start()
+        lab.use_gateway("lan2", FLOOR_LAN)
+        lab.exec("lan2", ["ping", "-c", "2", "-i", "0.2", "-W", "2", SRV1])
+        fl.napi(False)  # as masqd's adaptive NAPI under bulk TCP
+        res["tcp1_floor_gbps"] = tcp_gbps(lab, 1, args.seconds)
+        res["tcp4_floor_gbps"] = tcp_gbps(lab, 4, args.seconds)
+        fl.napi(True)  # ... and under small packets
+        trial(lab, gen, "udp", 2000, 0.2)
+        f = fixed_rate(lab, gen, "udp", args.udp_pps, args.seconds, fl.pid)
+        for k in ("offered_pps", "pps", "loss_pct", "sys_us_per_pkt", "total_us_per_pkt"):
+            res[f"udp_small_floor_{k}"] = f[k]
+        res["udp_small_floor_user_us_per_pkt"] = f["proc_user_us_per_pkt"]
+        res["udp_small_floor_cpu_us_per_pkt"] = f["proc_user_us_per_pkt"] + f["proc_sys_us_per_pkt"]
+        if args.search:
+            mr = max_rate(lab, gen, "udp", args.search_from, args.trial, args.trials)
+            res["udp_max_floor_pps"] = mr["max_pps"]
+            res["udp_max_floor_trials"] = mr["trials"]
+    finally:
+        lab.use_gateway("lan2", FW_LAN)
+        res["floor_relay"] = fl.stop()
+
+
 def derive(res: dict[str, Any]) -> None:
     """The ratios the performance goals are stated in."""
     def q(a: str, b: str) -> float:
@@ -361,6 +392,12 @@ def derive(res: dict[str, Any]) -> None:
     for proto in ("esp", "gre"):  # VPN paths against plain UDP through masqd: rate and CPU
         res[f"{proto}_max_vs_udp"] = q(f"{proto}_max_masqd_pps", "udp_max_masqd_pps")
         res[f"{proto}_cpu_vs_udp"] = q(f"{proto}_masqd_total_us_per_pkt", "udp_small_masqd_total_us_per_pkt")
+    if "tcp1_floor_gbps" in res:  # --floor: the TUN/TAP floor against the kernel, masqd against the floor
+        for t in ("tcp1", "tcp4"):
+            res[f"{t}_floor_ratio"] = q(f"{t}_floor_gbps", f"{t}_kernel_gbps")
+            res[f"{t}_masqd_vs_floor"] = q(f"{t}_masqd_gbps", f"{t}_floor_gbps")
+        res["udp_small_masqd_over_floor_us"] = res["udp_small_cpu_us_per_pkt"] - res["udp_small_floor_cpu_us_per_pkt"]
+        res["udp_max_floor_ratio"] = q("udp_max_floor_pps", "udp_max_kernel_pps")
 
 
 def rtt_blocks(lab: Lab, m: MasqdProcess, pings: int, res: dict[str, Any]) -> None:
@@ -452,6 +489,15 @@ def table(r: dict[str, Any]) -> str:
     out.append("masqd through ESP / GRE against UDP: max rate " + ", ".join(
         f"{p} {r.get(f'{p}_max_vs_udp', float('nan')):.2f}" for p in ("esp", "gre")) + "; CPU/pkt " + ", ".join(
         f"{p} {r.get(f'{p}_cpu_vs_udp', float('nan')):.2f}" for p in ("esp", "gre")))
+    if "tcp1_floor_gbps" in r:
+        out.append(f"TUN/TAP floor (bench/tapfloor.c: read, new MACs, write): TCP 1 stream {r['tcp1_floor_gbps']:.3f} "
+                   f"Gbit/s ({r['tcp1_floor_ratio']:.2f} of the kernel; masqd {r['tcp1_masqd_vs_floor']:.2f} of it), "
+                   f"TCP 4 {r['tcp4_floor_gbps']:.3f} ({r['tcp4_floor_ratio']:.2f}; masqd "
+                   f"{r['tcp4_masqd_vs_floor']:.2f}); own CPU per small UDP packet "
+                   f"{r['udp_small_floor_cpu_us_per_pkt']:.2f} us (user {r['udp_small_floor_user_us_per_pkt']:.2f}; "
+                   f"masqd {r['udp_small_masqd_over_floor_us']:+.2f} us over it), loss "
+                   f"{r['udp_small_floor_loss_pct']:.2f} %, max at <0.1% loss "
+                   f"{r.get('udp_max_floor_pps', float('nan')):.0f} pps")
     if r.get("masqd_errors"):
         out.append(f"masqd error counters: {r['masqd_errors']}")
     return "\n".join(out)
@@ -476,6 +522,9 @@ def main() -> int:
                    help="masqd's dataplane.keep_warm (0 = off, the default)")
     p.add_argument("--queues", type=int, help="masqd's dataplane.queues (default 0: one per CPU)")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="run masqd with offload = false")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the TUN/TAP floor: bench/tapfloor.c, a relay that only reads and writes "
+                        "frames on devices opened as masqd's (TCP and small UDP; bench/floor.py)")
     p.add_argument("--no-search", dest="search", action="store_false",
                    help="skip the search for the highest loss-free small-packet rates")
     p.add_argument("--search-from", type=float, default=100000.0, help="the search's first offered rate (pps)")
@@ -539,7 +588,9 @@ SUMMARY_KEYS = ("tcp1_masqd_gbps", "tcp1_kernel_gbps", "tcp1_ratio", "tcp4_masqd
                 "tcp4_ratio", "udp_small_cpu_us_per_pkt", "udp_small_masqd_total_us_per_pkt",
                 "udp_small_kernel_total_us_per_pkt", "udp_small_cpu_vs_kernel", "udp_max_masqd_pps",
                 "udp_max_kernel_pps", "udp_max_ratio", "esp_max_vs_udp", "gre_max_vs_udp", "esp_cpu_vs_udp",
-                "gre_cpu_vs_udp", "rtt_added_median_ms", "rtt_added_p99_ms", "loadavg", "steal_pct")
+                "gre_cpu_vs_udp", "rtt_added_median_ms", "rtt_added_p99_ms", "loadavg", "steal_pct",
+                "tcp1_floor_ratio", "tcp1_masqd_vs_floor", "tcp4_floor_ratio", "tcp4_masqd_vs_floor",
+                "udp_small_floor_cpu_us_per_pkt", "udp_small_masqd_over_floor_us", "udp_max_floor_ratio")
 
 
 def summary(results: list[dict[str, Any]]) -> str:
