@@ -81,6 +81,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -420,8 +421,6 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
     }
 
     uint8_t vh[VH];
-    struct iovec iov[3];
-    int k = 0;
     if (op->vnet) {
         if (partial || gso) { /* the header as read, its offsets moved to the output's framing */
             int d = (op->tap ? 14 : 0) - sh;
@@ -441,16 +440,37 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         } else {
             memset(vh, 0, VH);
         }
-        iov[k].iov_base = vh;
-        iov[k++].iov_len = VH;
     }
-    if (op->tap) {
-        iov[k].iov_base = e->l2;
-        iov[k++].iov_len = 14;
+    /* The output's headers (virtio-net, Ethernet) go in front of the packet, in the read buffer,
+     * when there is room (the input had headers as long: TAP to TAP, TUN to TUN): one plain write
+     * of one contiguous buffer. Otherwise (TUN to TAP) a writev of the pieces. The buffer is the
+     * packet's own from here on (this packet no longer goes to Python). */
+    ptrdiff_t head = (op->vnet ? VH : 0) + (op->tap ? 14 : 0);
+    int wfd = op->fds[cur_q % op->nq];
+    ssize_t wrote;
+    if (p - buf >= head) {
+        uint8_t *w = p - head;
+        if (op->vnet)
+            memcpy(w, vh, VH);
+        if (op->tap)
+            memcpy(w + (op->vnet ? VH : 0), e->l2, 14);
+        wrote = write(wfd, w, (size_t)(head + n));
+    } else {
+        struct iovec iov[3];
+        int k = 0;
+        if (op->vnet) {
+            iov[k].iov_base = vh;
+            iov[k++].iov_len = VH;
+        }
+        if (op->tap) {
+            iov[k].iov_base = e->l2;
+            iov[k++].iov_len = 14;
+        }
+        iov[k].iov_base = p;
+        iov[k++].iov_len = (size_t)n;
+        wrote = writev(wfd, iov, k);
     }
-    iov[k].iov_base = p;
-    iov[k++].iov_len = (size_t)n;
-    if (writev(op->fds[cur_q % op->nq], iov, k) < 0)
+    if (wrote < 0)
         __atomic_fetch_add(&op->write_errors, 1, __ATOMIC_RELAXED);
     /* (two reader threads may forward packets of one flow: the kernel moved it between queues) */
     __atomic_fetch_add(&e->pkts, 1, __ATOMIC_RELAXED);

@@ -39,11 +39,19 @@ RULES = ('rules = """\nipchains -A forward -p udp -s 10.0.0.0/8 -d 0/0 53 -j MAS
          'ipchains -A forward -j MASQ\nipchains -A output -p tcp -j ACCEPT\n"""\n')
 
 
+def side_modes(mode: str) -> dict[str, str]:
+    """``tun``, ``tap`` or ``LAN/WAN`` (``tun/tap``): each side's mode."""
+    lan, _, wan = mode.partition("/")
+    return {"lan": lan, "wan": wan or lan}
+
+
 def config(mode: str, offload: bool, fastpath: str, extra: str = "", rules: str = RULES, wan_mtu: int = 1400) -> str:
-    """The two sides' configuration: ``rules`` is the [firewall] section's body, ``extra`` more sections."""
+    """The two sides' configuration: ``rules`` is the [firewall] section's body, ``extra`` more sections.
+    ``mode``: tun, tap, or the two sides' apart (``tun/tap``: LAN TUN, WAN TAP)."""
     off = "" if offload else "offload = false\n"
-    return (f'[lan]\nname = "l"\nmode = "{mode}"\naddress = "10.0.0.1/8"\nmtu = 1500\n{off}'
-            f'[wan]\nname = "w"\nmode = "{mode}"\naddress = "{WAN_IP}/24"\ngateway = "{GW}"\nmtu = {wan_mtu}\n{off}'
+    m = side_modes(mode)
+    return (f'[lan]\nname = "l"\nmode = "{m["lan"]}"\naddress = "10.0.0.1/8"\nmtu = 1500\n{off}'
+            f'[wan]\nname = "w"\nmode = "{m["wan"]}"\naddress = "{WAN_IP}/24"\ngateway = "{GW}"\nmtu = {wan_mtu}\n{off}'
             f'[dataplane]\nfastpath = "{fastpath}"\n[firewall]\n{rules}{extra}')
 
 
@@ -126,7 +134,7 @@ class Side:
 
 def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False,
               make_config: Callable[..., str] = config, queues: int = 1, threads: bool = True) -> Side:
-    """A data plane in ``mode`` (tun/tap) with or without virtio-net headers, "native" or "python";
+    """A data plane in ``mode`` (tun, tap, or LAN/WAN apart: ``tun/tap``) with or without virtio-net headers, "native" or "python";
     its clock is ``Side.clock[0]`` (moved by the test) unless ``real_clock`` (the monotonic clock:
     with the native fast path, reader threads, one per queue, unless ``threads`` is False: then the
     cache's on_readable is the loop's reader). ``queues``: socket pairs per device
@@ -149,11 +157,11 @@ def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False,
             socks += [a, b]
             ends.append((a, b))
         a, b = ends[0]
-        dev = Device(icfg.name, mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
+        dev = Device(icfg.name, side_modes(mode)[side], icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
                      fds=[x.fileno() for x, _ in ends])
         qwires[side] = [y for _, y in ends]
         l2 = None
-        if mode == "tap":
+        if side_modes(mode)[side] == "tap":
             l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
                               icfg.address.network.prefixlen, dp.counters)
         dp.add_port(Port(side, dev, l2, dp.counters))
