@@ -107,11 +107,11 @@ class NativeCache:
         # config) or a neighbour table changed (TAP)
         fc.set_watch(self.engine, self.ports["lan"].l2, self.ports["wan"].l2, self.stale)
         nat = getattr(self.engine, "nat", None)
-        if nat is not None and hasattr(nat, "gone"):
+        if nat is not None and hasattr(nat, "watch_gone"):
             # a removed session (expired, closed, replaced, dropped early) voids its own flows
             # only: the engine lists it in gone instead of moving the epoch, the cache forgets them
             self.taught = {}
-            nat.gone = []
+            nat.watch_gone()
             fc.set_gone(self.forget_gone)
         if hasattr(self.engine, "mute_rows"):
             # the hosts over their mapping rate: the cache drops their flow-opening misses beyond
@@ -155,9 +155,8 @@ class NativeCache:
         fc.set_policer(None)
         fc.set_gone(None)
         nat = getattr(self.engine, "nat", None)
-        if nat is not None and getattr(nat, "gone", None) is not None:
-            nat.gone = None
-            nat.epoch += 1  # (nobody forgets them now: any cache still there empties itself)
+        if nat is not None and hasattr(nat, "unwatch_gone"):
+            nat.unwatch_gone()
         if hasattr(self.engine, "police_openers"):
             self.engine.police_openers = True
         self.fc = None
@@ -197,11 +196,9 @@ class NativeCache:
     def forget_gone(self) -> None:
         """The sessions the engine removed leave the cache (their counts folded), the other flows
         stay; many at once (a flush, an address change): the cache empties instead."""
-        nat = self.engine.nat
-        gone = nat.gone
+        gone = self.engine.nat.take_gone()
         if not gone:
             return
-        nat.gone = []
         fc = self.fc
         if fc is None:
             return

@@ -416,6 +416,26 @@ class NatTable:
         else:
             self.half_open.pop(m, None)
 
+    def watch_gone(self) -> None:
+        """A flow cache forgets removed sessions one by one from now on: ``remove`` lists them in
+        ``gone`` (a session with a helper still moves the epoch)."""
+        self.gone = []
+
+    def unwatch_gone(self) -> None:
+        """No cache forgets them any more: the epoch moves, so that a cache still there empties
+        itself of those listed and not yet forgotten; ``remove`` moves the epoch again."""
+        if self.gone is not None:
+            self.gone = None
+            self.epoch += 1
+
+    def take_gone(self) -> list[Session]:
+        """The sessions removed since the last call (the list starts again empty)."""
+        gone = self.gone
+        if not gone:
+            return []
+        self.gone = []
+        return gone
+
     def remove(self, s: Session, reason: str) -> None:
         if s.dead:
             return
