@@ -4,8 +4,8 @@
  * bench/e2e.py --floor runs it beside masqd and the kernel, on devices opened exactly as masqd
  * opens its own (virtio-net header, offloads, IFF_NAPI, one queue per CPU; bench/floor.py), with
  * masqd's reader loop shape: one thread per queue pair polls both, drains each up to BATCH
- * frames, and under load sleeps PAUSE and drains again (dataplane.coalesce) for at most HOLD
- * before it polls again. What this process costs per packet is what the device interface costs:
+ * frames, and under load sleeps PAUSE and drains again (dataplane.coalesce, with masqd's 1 µs
+ * timer slack) for at most HOLD before it polls again. What this process costs per packet is what the device interface costs:
  * one read and one write per frame (a super-packet counts as one). masqd cannot cost less.
  *
  * usage: tapfloor PAUSE_US HOLD_US LAN_SRC LAN_DST WAN_SRC WAN_DST LANFD WANFD [LANFD WANFD ...]
@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -150,6 +151,9 @@ int main(int argc, char **argv)
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    /* as masqd with coalescing on: a 1 µs timer slack (threads inherit it), so a pause is PAUSE */
+    if (pause_s > 0)
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
     for (int q = 0; q < nq; q++)
         if (pthread_create(&pairs[q].th, NULL, run, &pairs[q]) != 0) {
             fprintf(stderr, "%s: pthread_create failed\n", argv[0]);

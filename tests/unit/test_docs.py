@@ -43,7 +43,8 @@ record_mod = load("bench_record", ROOT / "bench" / "record.py")
 def test_generated_blocks_are_what_the_committed_inputs_give() -> None:
     pages = gen.render_pages(ROOT)
     blocks = {m.group(2) for now, _new in pages.values() for m in gen.BLOCK.finditer(now)}
-    assert blocks == {"e2e", "e2e-goals", "engine", "conformance"}, "a generated block went missing from docs/"
+    assert blocks == {"e2e", "e2e-goals", "e2e-floor", "engine", "conformance"}, \
+        "a generated block went missing from docs/"
     stale = {str(p.relative_to(ROOT)): gen.differing_blocks(now, new)
              for p, (now, new) in pages.items() if now != new}
     assert not stale, f"generated blocks edited by hand or inputs changed: {stale}; run scripts/gen-docs"
@@ -146,6 +147,26 @@ def test_a_hand_edited_block_is_found_and_only_the_blocks_are_rewritten(tmp_path
     # ranges over the two runs: TCP 9.0 - 10.8 of 12.0 (ratio 0.75 - 0.90); NaN left out
     assert "| 2 | 9.0 - 10.8 / 12.0 (0.75 - 0.90) | 11.0 / 13.0 | 2.50 | +0.070 ms (+0.20) | 0.0 % (100 %) |" in row
     assert "Test CPU, 2 cores, kernel 6.1.0, Python 3.11.2; source: measured." in text
+
+
+def test_the_floor_block_has_a_row_only_for_files_measured_with_the_floor(tmp_path: Path) -> None:
+    """e2e-floor: medians (min - max) of the floor's figures beside masqd's, for results files whose
+    runs have them (bench/e2e.py --floor); a file without them has no row there."""
+    floor = {"tcp1_floor_ratio": 0.85, "tcp1_ratio": 0.80, "tcp1_masqd_vs_floor": 0.94,
+             "udp_small_floor_cpu_us_per_pkt": 2.3, "udp_small_cpu_us_per_pkt": 3.1,
+             "udp_small_masqd_over_floor_us": 0.8}
+    root = _tree(tmp_path, [RUN, RUN], {"R1:test_a": "passed"})
+    assert "No results file" in gen.render_e2e_floor(root)
+    (root / "bench" / "results" / "b.json").write_text(json.dumps(
+        {"bench": "e2e", "label": "with the floor", "source": "measured", "command": "bench/e2e.py --floor",
+         "date": "2026-12-02T10:00:00+00:00", "machine": {"cores": 2},
+         "runs": [floor, {**floor, "tcp1_floor_ratio": 0.95, "udp_small_masqd_over_floor_us": 0.6},
+                  {**floor, "tcp1_floor_ratio": 0.75, "udp_small_masqd_over_floor_us": 1.0}]}), encoding="utf-8")
+    rows = [line for line in gen.render_e2e_floor(root).splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and "with the floor" in rows[0] and "defaults, TAP" not in rows[0]
+    assert "| 3 | 0.85 (0.75 - 0.95) | 0.80 (0.80 - 0.80) | 0.94 (0.94 - 0.94) | – | – | 2.30 (2.30 - 2.30) |" \
+        in rows[0]
+    assert "| +0.80 (+0.60 - +1.00) |" in rows[0]
 
 
 def test_conformance_rows_say_when_no_test_passes(tmp_path: Path) -> None:
