@@ -1,4 +1,5 @@
-"""Draws bench/e2e.py's runs: one panel per kind of figure, bars per workload, masqd beside the kernel.
+"""Draws bench/e2e.py's runs: one panel per kind of figure, bars per workload, masqd beside the kernel
+(and the TUN/TAP floor, for runs made with ``--floor``).
 
 Used by ``bench/e2e.py --plot FILE.svg`` (after its runs, or ``--from RESULTS.json`` for a
 recorded file). Each bar is the median over the runs, its error bar the range (min - max).
@@ -43,18 +44,24 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
 
     panels = [(t, [b for b in bars if _values(runs, b[1]) or _values(runs, b[2])]) for t, bars in PANELS]
     panels = [(t, bars) for t, bars in panels if bars]
+    # the TUN/TAP floor (bench/e2e.py --floor) as a third bar where the runs have it: masqd's key
+    # with "floor" for "masqd"
+    series = [("masqd", "#2b6cb0"), ("kernel", "#a0aec0")]
+    if any(_values(runs, km.replace("masqd", "floor")) for _t, bars in panels for _l, km, _k in bars):
+        series.append(("TUN/TAP floor", "#dd6b20"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (ptitle, bars) in zip(axes[0], panels, strict=True):
-        width = 0.38
-        for j, (who, color) in enumerate((("masqd", "#2b6cb0"), ("kernel", "#a0aec0"))):
+        width = 0.76 / len(series)
+        for j, (who, color) in enumerate(series):
             med, lo, hi = [], [], []
             for _label, km, kk in bars:
-                v = _values(runs, km if who == "masqd" else kk) or [float("nan")]
+                key = {"masqd": km, "kernel": kk}.get(who, km.replace("masqd", "floor"))
+                v = _values(runs, key) or [float("nan")]
                 m = statistics.median(v)
                 med.append(m)
                 lo.append(m - min(v))
                 hi.append(max(v) - m)
-            xs = [i + (j - 0.5) * width for i in range(len(bars))]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(bars))]
             ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=who, color=color)
         ax.set_xticks(range(len(bars)), [b[0] for b in bars])
         ax.set_title(ptitle, fontsize=10)
