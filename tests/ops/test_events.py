@@ -286,6 +286,9 @@ def test_a_slow_listener_is_dropped_the_others_get_everything(tmp_path: Path) ->
         eng = ops.engine
         for k in range(n_conn // 100):  # in slices, so the loop writes to the sockets in between
             in_loop(loop, lambda k=k: [connect(eng, 1024 + k * 100 + i) for i in range(100)])
+            # the fast one keeps up: it has read each slice before the next (a reader thread starved
+            # by a loaded machine would otherwise fall 200 events behind and be dropped too)
+            wait_for(lambda k=k: len(fast) >= 2 * 100 * (k + 1), 30)
         t.join(30)
         ts.join(30)
         assert len(fast) == 2 * n_conn and all(json.loads(x)["event"] in ("new", "update") for x in fast)
