@@ -123,11 +123,12 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 class HA:
-    """See the module docstring. ``set_active(bool)`` switches the data plane; ``open_alive()``
-    opens the readiness device (returns something with ``close()``)."""
+    """See the module docstring. ``set_active(bool)`` switches the data plane; ``sync(hold=...)``
+    folds the flow cache's counts into the engine (``hold=False``: for a read, the reader threads
+    go on at once); ``open_alive()`` opens the readiness device (returns something with ``close()``)."""
 
     def __init__(self, engine: Any, cfg: Any, key: bytes, *, clock: Callable[[], float],
-                 set_active: Callable[[bool], None], sync: Callable[[], None], log: Any,
+                 set_active: Callable[[bool], None], sync: Callable[..., None], log: Any,
                  open_alive: Callable[[str], Any] | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
@@ -326,7 +327,9 @@ class HA:
         now = self.clock()
         if self.bulk_wanted and not self.bulk_out:
             self.bulk_wanted = False
-            self._sync()
+            # (only a read of the engine: the data plane's reader threads go on forwarding while
+            # the records are made; a resync of a large table takes a while)
+            self._sync(hold=False)
             recs = enginestate.export(self.engine, now)
             self.bulk_id += 1
             self.bulk_out = [b'{"id":%d,"recs":%s}' % (self.bulk_id, c)

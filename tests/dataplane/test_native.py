@@ -1116,6 +1116,49 @@ def test_reads_of_the_engine_leave_the_reader_threads_running_and_their_stops_ar
         s.close()
 
 
+def test_an_ha_resync_leaves_the_reader_threads_running() -> None:
+    """The active of an HA pair making a full resync for its peer (a restarted standby) only reads
+    the engine: the reader threads go on forwarding while the records are made, where they used
+    to stay stopped until the end of that loop iteration (the whole export of a large table).
+    Becoming active changes the engine (its timers re-armed): that stops them, as before."""
+    from masqd.ops import ha as hamod
+
+    class Quiet:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    class Wire:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendto(self, data: bytes, addr: Any) -> None:
+            self.sent.append(data)
+
+    s = make_side("tun", False, "native", real_clock=True, threads=True)
+    try:
+        flow = bytes(IP(src=LAN_HOSTS[0], dst=REMOTES[0]) / UDP(sport=4100, dport=53) / (b"q" * 32))
+        for _ in range(2):  # the session, then the cache taught
+            assert [i for i, _ in s.feed("lan", flow)] == ["wan"]
+        cfg = loads(config("tun", False, "native")
+                    + '\n[ha]\nenabled = false\nlisten = "10.254.0.1:7017"\npeer = "10.254.0.2:7017"\n')
+        wire = Wire()
+        h = hamod.HA(s.dp.engine, cfg, b"k" * 32, clock=time.monotonic, set_active=lambda on: None,
+                     sync=s.dp.sync_native, log=Quiet())
+        h.transport = wire  # type: ignore[assignment]
+        h.set_role("active", "test")  # a change of the engine: the threads wait for the loop
+        s.wires["lan"].send(flow)
+        assert _forwarded_within(s, 0.3) == []
+        s.dp.cache.release()  # (what the loop does at the end of the iteration)
+        assert [i for i, _ in _forwarded_within(s, 5)] == ["wan"]
+        h.bulk_wanted = True  # the peer's HELLO asked for a full resync
+        h.tick()
+        assert any(b'"recs"' in d for d in wire.sent)  # the records went out...
+        s.wires["lan"].send(flow)
+        assert [i for i, _ in _forwarded_within(s, 5)] == ["wan"]  # ... and the threads forward, no loop run
+    finally:
+        s.close()
+
+
 def test_a_mass_expiry_goes_in_slices_and_packets_are_served_in_between(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Timed-out sessions go ``EXPIRE_SLICE`` at a time, the rest in the next loop iterations:

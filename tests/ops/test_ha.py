@@ -62,7 +62,7 @@ class Node:
         self.active: list[bool] = []
         self.log = Log()
         self.ha = hamod.HA(self.eng, cfg, key, clock=lambda: self.now, set_active=self.active.append,
-                           sync=lambda: None, log=self.log)
+                           sync=lambda hold=True: None, log=self.log)
         self.wire = Wire()
         self.ha.transport = self.wire  # type: ignore[assignment]
         self.addr = me
