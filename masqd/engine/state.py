@@ -237,8 +237,20 @@ def restore_session(eng: Engine, rec: dict[str, Any], now: float, left: float) -
 
 def export(eng: Engine, now: float) -> list[dict[str, Any]]:
     """Every entry as a record: leases, then sessions (helpers' records refer to them)."""
-    out: list[dict[str, Any]] = [lease_record(ls, now) for ls in eng.nat.leases.values()]
+    out = export_leases(eng, now)
     out.extend(session_record(s, now) for s in eng.nat)
+    out.extend(export_helpers(eng, now))
+    return out
+
+
+def export_leases(eng: Engine, now: float) -> list[dict[str, Any]]:
+    """The first part of :func:`export` (for one made in parts: leases, sessions, helpers)."""
+    return [lease_record(ls, now) for ls in eng.nat.leases.values()]
+
+
+def export_helpers(eng: Engine, now: float) -> list[dict[str, Any]]:
+    """The last part of :func:`export`: the helpers' records (after the sessions they refer to)."""
+    out: list[dict[str, Any]] = []
     for h in eng.helpers:
         out.extend(h.export(now))
     return out

@@ -24,7 +24,11 @@ follows). Every ``batch_interval`` the queue is turned into records
 resync (bulk) goes when the peer asks (its HELLO says it needs one: at start,
 after a gap); changes wait while a bulk is under way, so the bulk never
 undoes a later change; the standby applies the bulk, then removes every entry
-the bulk did not name.
+the bulk did not name. The active makes the bulk as it sends it, at most
+``BULK_RECS_PER_TICK`` sessions a batch interval (from the list of those there
+when it began; one removed before its turn is left out), so a large table
+does not hold the loop for all of it; the data plane's reader threads go on
+forwarding meanwhile.
 
 Messages: header (magic, version, type, flags, sender boot id, sequence
 number, configuration fingerprint, send time, body length), a JSON body,
@@ -69,6 +73,7 @@ MAX_BODY = MAX_DATAGRAM - HDR.size - MAC_LEN
 HELLO_INTERVAL = 0.5
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode  # one encoder, reused
 BULK_PER_TICK = 256  # datagrams of a bulk sent per batch interval
+BULK_RECS_PER_TICK = 4096  # sessions of a bulk made into records per batch interval, at most
 
 
 class Dropped(Exception):
@@ -150,6 +155,11 @@ class HA:
         self.queue: dict[Any, str] = {}  # entry -> its latest change ("u" or "d:<reason>"), in order
         self.bulk_wanted = False  # the peer asked for a full resync
         self.bulk_out: list[bytes] = []  # bodies of the bulk being sent
+        # the sessions of the bulk under way not yet made into records (None: all made; the
+        # bulk is made in parts, so that a large table does not hold the loop for all of it)
+        self.bulk_src: list[Any] | None = None
+        self.bulk_pos = 0
+        self.bulk_n = 0  # records made so far
         self.bulk_id = 0
         self.bulk_sent_at = -1e9
         # what we know of the peer
@@ -268,6 +278,7 @@ class HA:
                 enginestate.rearm(self.engine, self.clock())
                 self.queue.clear()
                 self.bulk_out = []
+                self.bulk_src = None
                 self.bulk_in = None
                 self._set_active(True)
             elif old == "active":
@@ -320,25 +331,53 @@ class HA:
             out.append(("[" + ",".join(cur) + "]").encode())
         return out
 
+    @property
+    def bulk_busy(self) -> bool:
+        """A bulk is under way: still being made or sent."""
+        return bool(self.bulk_out) or self.bulk_src is not None
+
+    def _bulk_add(self, recs: list[dict[str, Any]]) -> None:
+        self.bulk_out.extend(b'{"id":%d,"recs":%s}' % (self.bulk_id, c)
+                             for c in self._chunks([_encode(r) for r in recs]))
+        self.bulk_n += len(recs)
+
+    def _bulk_more(self, now: float) -> None:
+        """The next BULK_RECS_PER_TICK sessions of the bulk as records (those removed since it began
+        are left out: their removal is queued and follows the bulk, as every change since does);
+        after the last, the helpers' records and the end."""
+        src = self.bulk_src
+        assert src is not None
+        part = src[self.bulk_pos:self.bulk_pos + BULK_RECS_PER_TICK]
+        self.bulk_pos += len(part)
+        recs = [enginestate.session_record(s, now) for s in part if not s.dead]
+        if self.bulk_pos >= len(src):
+            recs.extend(enginestate.export_helpers(self.engine, now))
+            self.bulk_src = None
+        self._bulk_add(recs)
+        if self.bulk_src is None:
+            self.bulk_out.append(b'{"id":%d,"end":%d}' % (self.bulk_id, self.bulk_n))
+
     def tick(self) -> None:
-        """Send what is due: a bulk under way (a share of it), else the queued changes."""
+        """Send what is due: a bulk under way (a share of it, made as it goes), else the queued
+        changes."""
         if self.role != "active":
             return
         now = self.clock()
-        if self.bulk_wanted and not self.bulk_out:
+        if self.bulk_wanted and not self.bulk_busy:
             self.bulk_wanted = False
             # (only a read of the engine: the data plane's reader threads go on forwarding while
-            # the records are made; a resync of a large table takes a while)
+            # the records are made)
             self._sync(hold=False)
-            recs = enginestate.export(self.engine, now)
             self.bulk_id += 1
-            self.bulk_out = [b'{"id":%d,"recs":%s}' % (self.bulk_id, c)
-                             for c in self._chunks([_encode(r) for r in recs])]
-            self.bulk_out.append(b'{"id":%d,"end":%d}' % (self.bulk_id, len(recs)))
+            self.bulk_n = 0
+            self.bulk_src, self.bulk_pos = list(self.engine.nat), 0
+            self._bulk_add(enginestate.export_leases(self.engine, now))
             self.bulk_sent_at = time.monotonic()
             self.count("ha_resyncs_sent")
-            self.log.info("ha_bulk_sending", bulk=self.bulk_id, entries=len(recs))
-        if self.bulk_out:
+            self.log.info("ha_bulk_sending", bulk=self.bulk_id, entries=len(self.bulk_src))
+        if self.bulk_src is not None and len(self.bulk_out) < BULK_PER_TICK:
+            self._bulk_more(now)
+        if self.bulk_busy:
             n = min(BULK_PER_TICK, len(self.bulk_out))
             for body in self.bulk_out[:n]:
                 self._send(T_BULK_END if body.startswith(b'{"id":%d,"end"' % self.bulk_id) else T_BULK, body)
@@ -414,7 +453,7 @@ class HA:
             # a new bulk unless ours is still on its way (the peer has not seen it yet; after
             # a second it is taken as lost)
             seen = msg.get("bulk", 0)
-            if flags & F_NEED_BULK and self.role == "active" and not self.bulk_out \
+            if flags & F_NEED_BULK and self.role == "active" and not self.bulk_busy \
                     and (seen == self.bulk_id or time.monotonic() - self.bulk_sent_at > 1.0):
                 self.bulk_wanted = True
             return
