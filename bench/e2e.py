@@ -41,7 +41,6 @@ bench/results/NAME.json`` draws a results file without running anything)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -50,18 +49,17 @@ import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cbuild import compiled  # noqa: E402
 from bench.floor import FLOOR_LAN, Floor  # noqa: E402
 from bench.record import record, stamp  # noqa: E402
 from masqd.lab import FW_LAN, FW_WAN, KFW_LAN, SRV1, Lab, MasqdProcess, stop_process  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 SMALL = 64  # UDP payload of the small-packet workloads: 92-byte IPv4 packets for all three
 IP_PAYLOAD = {"udp": SMALL, "esp": SMALL + 8, "gre": SMALL + 8}
 ESP_SPI_OUT, ESP_SPI_IN = 0x6B000001, 0x6B000002
@@ -91,13 +89,7 @@ def tcp_gbps(lab: Lab, streams: int, seconds: float) -> float:
 
 def build_pktgen() -> str:
     """bench/pktgen.c compiled once per version of its source (in the temporary directory)."""
-    src = (HERE / "pktgen.c").read_bytes()
-    out = Path(tempfile.gettempdir()) / f"masqd-pktgen-{hashlib.sha256(src).hexdigest()[:12]}"
-    if not out.exists():
-        tmp = out.with_suffix(f".{os.getpid()}")
-        subprocess.run(["cc", "-O2", "-o", str(tmp), str(HERE / "pktgen.c")], check=True)
-        tmp.replace(out)
-    return str(out)
+    return compiled("pktgen.c")
 
 
 def steal_ticks() -> tuple[int, int]:

@@ -14,16 +14,14 @@ for the relay's addresses, and the relay writes to their MACs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
 import signal
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from bench.cbuild import compiled
 from masqd.config import LanInterface
 from masqd.dataplane.device import (
     OFFLOAD_ALL,
@@ -37,7 +35,6 @@ from masqd.dataplane.device import (
 from masqd.dataplane.tuning import COALESCE_HOLD
 from masqd.lab import LAN2, Lab
 
-HERE = Path(__file__).resolve().parent
 FLOOR_LAN = "10.0.0.253"  # the relay's addresses (only in the neighbour entries and routes)
 FLOOR_WAN = "203.0.113.202"
 PAUSE = 0.0005  # masqd's dataplane.coalesce default
@@ -45,13 +42,7 @@ PAUSE = 0.0005  # masqd's dataplane.coalesce default
 
 def build() -> str:
     """bench/tapfloor.c compiled once per version of its source (in the temporary directory)."""
-    src = (HERE / "tapfloor.c").read_bytes()
-    out = Path(tempfile.gettempdir()) / f"masqd-tapfloor-{hashlib.sha256(src).hexdigest()[:12]}"
-    if not out.exists():
-        tmp = out.with_suffix(f".{os.getpid()}")
-        subprocess.run(["cc", "-O2", "-pthread", "-o", str(tmp), str(HERE / "tapfloor.c")], check=True)
-        tmp.replace(out)
-    return str(out)
+    return compiled("tapfloor.c", "-pthread")
 
 
 def host_mac(lab: Lab, role: str, ifname: str = "eth0") -> str:
