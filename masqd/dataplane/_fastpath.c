@@ -442,7 +442,7 @@ static int forward(FlowCache *self, int in, uint8_t *buf, ssize_t r, double now)
         }
     }
     /* The output's headers (virtio-net, Ethernet) go in front of the packet, in the read buffer,
-     * when there is room (the input had headers as long: TAP to TAP, TUN to TUN): one plain write
+     * when there is room (the input's were as long or longer: TAP to TAP, TUN to TUN, TAP to TUN): one write
      * of one contiguous buffer. Otherwise (TUN to TAP) a writev of the pieces. The buffer is the
      * packet's own from here on (this packet no longer goes to Python). */
     ptrdiff_t head = (op->vnet ? VH : 0) + (op->tap ? 14 : 0);

@@ -371,10 +371,12 @@ class HA:
             self.bulk_id += 1
             self.bulk_n = 0
             self.bulk_src, self.bulk_pos = list(self.engine.nat), 0
-            self._bulk_add(enginestate.export_leases(self.engine, now))
+            leases = enginestate.export_leases(self.engine, now)
+            self._bulk_add(leases)
             self.bulk_sent_at = time.monotonic()
             self.count("ha_resyncs_sent")
-            self.log.info("ha_bulk_sending", bulk=self.bulk_id, entries=len(self.bulk_src))
+            # (the leases and sessions there now; the helpers' records come with the last part)
+            self.log.info("ha_bulk_sending", bulk=self.bulk_id, entries=len(leases) + len(self.bulk_src))
         if self.bulk_src is not None and len(self.bulk_out) < BULK_PER_TICK:
             self._bulk_more(now)
         if self.bulk_busy:

@@ -134,7 +134,8 @@ class Side:
 
 def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False,
               make_config: Callable[..., str] = config, queues: int = 1, threads: bool = True) -> Side:
-    """A data plane in ``mode`` (tun, tap, or LAN/WAN apart: ``tun/tap``) with or without virtio-net headers, "native" or "python";
+    """A data plane in ``mode`` (tun, tap, or LAN/WAN apart: ``tun/tap``; each device as its
+    configuration section says) with or without virtio-net headers, "native" or "python";
     its clock is ``Side.clock[0]`` (moved by the test) unless ``real_clock`` (the monotonic clock:
     with the native fast path, reader threads, one per queue, unless ``threads`` is False: then the
     cache's on_readable is the loop's reader). ``queues``: socket pairs per device
@@ -157,11 +158,11 @@ def make_side(mode: str, offload: bool, fastpath: str, real_clock: bool = False,
             socks += [a, b]
             ends.append((a, b))
         a, b = ends[0]
-        dev = Device(icfg.name, side_modes(mode)[side], icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
+        dev = Device(icfg.name, icfg.mode, icfg.mtu, None, False, a, fd=a.fileno(), vnet=offload,
                      fds=[x.fileno() for x, _ in ends])
         qwires[side] = [y for _, y in ends]
         l2 = None
-        if side_modes(mode)[side] == "tap":
+        if icfg.mode == "tap":
             l2 = EthernetHost(side, local_mac(icfg.name, str(icfg.address)), int(icfg.address.ip),
                               icfg.address.network.prefixlen, dp.counters)
         dp.add_port(Port(side, dev, l2, dp.counters))
